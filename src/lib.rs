@@ -1,0 +1,13 @@
+//! imagebuild-operator: builds a benchmark's container image fleet (one builder, one base per
+//! upstream image, one assembly per instance) as Kubernetes Jobs.
+//!
+//! Pure modules decide (`plan`, `schedule`, `template`, `instances` parsing); the few that
+//! hold a client apply. See `docs/architecture.md`.
+
+pub mod api;
+pub mod crd;
+pub mod instances;
+pub mod plan;
+pub mod schedule;
+pub mod template;
+pub mod validate;

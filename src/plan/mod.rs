@@ -1,0 +1,439 @@
+//! The build plan: instances -> one builder, one base per unique upstream image, one
+//! assembly per instance (and an optional post-assembly layer), each node with its final
+//! image reference, build arguments, dependencies and deterministic Job name. Pure code.
+
+mod names;
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+
+use oci_client::Reference;
+use regex::Regex;
+use serde::Serialize;
+
+pub use names::{MAX_NAME, is_dns1123_label, job_name};
+
+use crate::api::{BuildContext, ImageBuildRunSpec, PhaseSpec};
+use crate::instances::RawInstance;
+use crate::template::{Context, TemplateError, TemplateSet};
+use crate::validate::{self, SpecError};
+
+/// Index of a node in [`Plan::nodes`].
+pub type NodeId = usize;
+
+/// The four kinds of image a run builds.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    /// The shared builder image.
+    Builder,
+    /// One image per unique upstream image.
+    Base,
+    /// One image per instance.
+    Assembly,
+    /// The extra layer of matching instances.
+    PostAssembly,
+}
+
+impl Phase {
+    /// The name used in labels, manifests and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Builder => "builder",
+            Self::Base => "base",
+            Self::Assembly => "assembly",
+            Self::PostAssembly => "postAssembly",
+        }
+    }
+
+    /// The short form used in Job names.
+    pub fn abbrev(self) -> &'static str {
+        match self {
+            Self::Builder => "bld",
+            Self::Base => "base",
+            Self::Assembly => "asm",
+            Self::PostAssembly => "post",
+        }
+    }
+}
+
+/// One image to build.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    /// Which phase the image belongs to.
+    pub phase: Phase,
+    /// Instance id (assembly and post-assembly nodes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// The upstream image the node is built from (base, assembly, post-assembly).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_image: Option<String>,
+    /// The image reference pushed.
+    pub image: String,
+    /// Rendered build arguments.
+    pub build_args: BTreeMap<String, String>,
+    /// Rendered git revision, for git contexts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_revision: Option<String>,
+    /// Rendered cache reference, when the phase exports a cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ref: Option<String>,
+    /// The deterministic Job name.
+    pub job_name: String,
+    /// Nodes that must be built (or exist) first.
+    pub deps: Vec<NodeId>,
+}
+
+/// Every image of a run and the edges between them. Dependencies always come earlier in
+/// `nodes`, so plan order is a topological order.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The nodes: builder first, then bases, assemblies and post-assembly layers.
+    pub nodes: Vec<Node>,
+    /// For each node, the nodes that depend on it.
+    pub dependents: Vec<Vec<NodeId>>,
+}
+
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A spec value is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A template failed to parse or render.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// A rendered image reference is not a valid `registry/repository:tag`.
+    #[error("{field}: `{reference}` is not a valid image reference with a tag: {reason}{}", instance_suffix(.instance))]
+    InvalidReference {
+        /// The field the reference was rendered from.
+        field: String,
+        /// The instance (or upstream image) it was rendered for.
+        instance: Option<String>,
+        /// The rendered text.
+        reference: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// An instance has no upstream image from its source and there is no template.
+    #[error(
+        "instance {0} has no upstream image: set spec.instances.upstreamImage or give the image in the source"
+    )]
+    MissingUpstreamImage(String),
+    /// Two nodes would push the same image.
+    #[error(
+        "{field} renders `{image}` for both {first} and {second}: every image must be distinct"
+    )]
+    DuplicateImage {
+        /// The template field.
+        field: String,
+        /// The image both render.
+        image: String,
+        /// The first owner.
+        first: String,
+        /// The second owner.
+        second: String,
+    },
+}
+
+impl PlanError {
+    /// Short stable label for condition reasons and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Spec(_) => "InvalidSpec",
+            Self::Template(_) => "TemplateError",
+            Self::InvalidReference { .. } => "InvalidImageReference",
+            Self::MissingUpstreamImage(_) => "MissingUpstreamImage",
+            Self::DuplicateImage { .. } => "DuplicateImage",
+        }
+    }
+}
+
+fn instance_suffix(instance: &Option<String>) -> String {
+    instance
+        .as_ref()
+        .map(|i| format!(" (instance {i})"))
+        .unwrap_or_default()
+}
+
+/// The templated parts of one phase, borrowed from the spec.
+struct Fields<'a> {
+    prefix: &'static str,
+    image: &'a str,
+    build_args: &'a BTreeMap<String, String>,
+    cache_ref: Option<&'a str>,
+    context: &'a BuildContext,
+}
+
+impl<'a> Fields<'a> {
+    fn of(prefix: &'static str, phase: &'a PhaseSpec) -> Self {
+        Self {
+            prefix,
+            image: &phase.image,
+            build_args: &phase.build_args,
+            cache_ref: phase.cache_ref.as_deref(),
+            context: &phase.context,
+        }
+    }
+
+    fn add(&self, set: &mut TemplateSet) -> Result<(), TemplateError> {
+        set.add(&format!("{}.image", self.prefix), self.image)?;
+        for (key, value) in self.build_args {
+            set.add(&format!("{}.buildArgs.{key}", self.prefix), value)?;
+        }
+        if let Some(cache_ref) = self.cache_ref {
+            set.add(&format!("{}.cacheRef", self.prefix), cache_ref)?;
+        }
+        if let Some(git) = &self.context.git {
+            set.add(
+                &format!("{}.context.git.revision", self.prefix),
+                &git.revision,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn render(
+        &self,
+        set: &TemplateSet,
+        ctx: &Context,
+        owner: Option<&str>,
+    ) -> Result<Rendered, PlanError> {
+        let field = |name: &str| format!("{}.{name}", self.prefix);
+        let image = set.render(&field("image"), ctx, owner)?;
+        check_reference(&field("image"), &image, owner)?;
+        let mut build_args = BTreeMap::new();
+        for key in self.build_args.keys() {
+            build_args.insert(
+                key.clone(),
+                set.render(&field(&format!("buildArgs.{key}")), ctx, owner)?,
+            );
+        }
+        let cache_ref = match self.cache_ref {
+            Some(_) => Some(set.render(&field("cacheRef"), ctx, owner)?),
+            None => None,
+        };
+        let git_revision = match &self.context.git {
+            Some(_) => Some(set.render(&field("context.git.revision"), ctx, owner)?),
+            None => None,
+        };
+        Ok(Rendered {
+            image,
+            build_args,
+            cache_ref,
+            git_revision,
+        })
+    }
+}
+
+struct Rendered {
+    image: String,
+    build_args: BTreeMap<String, String>,
+    cache_ref: Option<String>,
+    git_revision: Option<String>,
+}
+
+fn check_reference(field: &str, reference: &str, owner: Option<&str>) -> Result<(), PlanError> {
+    let invalid = |reason: String| PlanError::InvalidReference {
+        field: field.to_string(),
+        instance: owner.map(str::to_string),
+        reference: reference.to_string(),
+        reason,
+    };
+    let parsed = Reference::from_str(reference).map_err(|e| invalid(e.to_string()))?;
+    if parsed.tag().is_none() || parsed.digest().is_some() {
+        return Err(invalid("a pushed image needs a tag and no digest".into()));
+    }
+    Ok(())
+}
+
+/// Builds the plan of run `run` for the selected `instances` (sorted, as `instances::select`
+/// returns them).
+pub fn build(
+    run: &str,
+    spec: &ImageBuildRunSpec,
+    instances: &[RawInstance],
+) -> Result<Plan, PlanError> {
+    validate::validate(spec)?;
+    let phases = [
+        Fields::of("spec.builder", &spec.builder),
+        Fields::of("spec.base", &spec.base),
+        Fields::of("spec.assembly", &spec.assembly),
+    ];
+    let post = spec.post_assembly.as_ref().map(|p| {
+        let fields = Fields {
+            prefix: "spec.postAssembly",
+            image: &p.image,
+            build_args: &p.build_args,
+            cache_ref: None,
+            context: &p.context,
+        };
+        (fields, p)
+    });
+    let mut set = TemplateSet::new();
+    for fields in phases.iter().chain(post.as_ref().map(|(f, _)| f)) {
+        fields.add(&mut set)?;
+    }
+    const UPSTREAM: &str = "spec.instances.upstreamImage";
+    if let Some(upstream) = &spec.instances.upstream_image {
+        set.add(UPSTREAM, upstream)?;
+    }
+    let vars = Context::from_vars(&spec.vars);
+    let mut nodes = Vec::with_capacity(2 * instances.len() + 1);
+
+    let builder = phases[0].render(&set, &vars, None)?;
+    nodes.push(node(
+        run,
+        Phase::Builder,
+        "builder",
+        None,
+        None,
+        builder,
+        vec![],
+    ));
+
+    // Upstream image of every instance, then one base per distinct upstream image.
+    let mut upstreams = Vec::with_capacity(instances.len());
+    for instance in instances {
+        let upstream = match (&instance.image, &spec.instances.upstream_image) {
+            (Some(image), _) => image.clone(),
+            (None, Some(_)) => {
+                let mut ctx = vars.clone();
+                ctx.set_instance(&instance.id, None);
+                set.render(UPSTREAM, &ctx, Some(&instance.id))?
+            }
+            (None, None) => return Err(PlanError::MissingUpstreamImage(instance.id.clone())),
+        };
+        check_reference(UPSTREAM, &upstream, Some(&instance.id))?;
+        upstreams.push(upstream);
+    }
+    let mut base_of: BTreeMap<&str, NodeId> = upstreams.iter().map(|u| (u.as_str(), 0)).collect();
+    let mut images = ImageOwners::default();
+    for (upstream, id) in base_of.iter_mut() {
+        let mut ctx = vars.clone();
+        ctx.set("upstreamImage", upstream);
+        ctx.set("customTag", &crate::template::custom_tag(upstream));
+        let rendered = phases[1].render(&set, &ctx, Some(upstream))?;
+        images.claim("spec.base.image", &rendered.image, upstream)?;
+        *id = nodes.len();
+        nodes.push(node(
+            run,
+            Phase::Base,
+            upstream,
+            None,
+            Some(upstream),
+            rendered,
+            vec![],
+        ));
+    }
+
+    let builder_image = nodes[0].image.clone();
+    let post_match = match &post {
+        Some((_, p)) => Some(Regex::new(&p.match_).map_err(|e| SpecError {
+            field: "spec.postAssembly.match".into(),
+            message: e.to_string(),
+        })?),
+        None => None,
+    };
+    let mut assemblies = Vec::with_capacity(instances.len());
+    for (instance, upstream) in instances.iter().zip(&upstreams) {
+        let base = base_of[upstream.as_str()];
+        let mut ctx = vars.clone();
+        ctx.set_instance(&instance.id, Some(upstream));
+        ctx.set_image("builder", &builder_image);
+        ctx.set_image("base", &nodes[base].image);
+        let rendered = phases[2].render(&set, &ctx, Some(&instance.id))?;
+        images.claim("spec.assembly.image", &rendered.image, &instance.id)?;
+        assemblies.push((nodes.len(), ctx));
+        let id = Some(instance.id.as_str());
+        nodes.push(node(
+            run,
+            Phase::Assembly,
+            &instance.id,
+            id,
+            Some(upstream),
+            rendered,
+            vec![0, base],
+        ));
+    }
+
+    if let (Some((fields, _)), Some(pattern)) = (&post, &post_match) {
+        for (assembly, mut ctx) in assemblies {
+            let (instance, upstream) = (
+                nodes[assembly].instance_id.clone(),
+                nodes[assembly].upstream_image.clone(),
+            );
+            let Some(instance) = instance.filter(|i| pattern.is_match(i)) else {
+                continue;
+            };
+            ctx.set_image("assembly", &nodes[assembly].image);
+            let rendered = fields.render(&set, &ctx, Some(&instance))?;
+            let id = Some(instance.as_str());
+            nodes.push(node(
+                run,
+                Phase::PostAssembly,
+                &instance,
+                id,
+                upstream.as_deref(),
+                rendered,
+                vec![assembly],
+            ));
+        }
+    }
+
+    let mut dependents = vec![Vec::new(); nodes.len()];
+    for (id, n) in nodes.iter().enumerate() {
+        for &dep in &n.deps {
+            dependents[dep].push(id);
+        }
+    }
+    Ok(Plan { nodes, dependents })
+}
+
+fn node(
+    run: &str,
+    phase: Phase,
+    key: &str,
+    instance_id: Option<&str>,
+    upstream_image: Option<&str>,
+    rendered: Rendered,
+    deps: Vec<NodeId>,
+) -> Node {
+    Node {
+        phase,
+        instance_id: instance_id.map(str::to_string),
+        upstream_image: upstream_image.map(str::to_string),
+        image: rendered.image,
+        build_args: rendered.build_args,
+        git_revision: rendered.git_revision,
+        cache_ref: rendered.cache_ref,
+        job_name: job_name(run, phase.abbrev(), &crate::template::custom_tag(key), key),
+        deps,
+    }
+}
+
+/// Which owner rendered each image so far, to reject two nodes pushing one tag.
+#[derive(Default)]
+struct ImageOwners(HashMap<String, String>);
+
+impl ImageOwners {
+    fn claim(&mut self, field: &str, image: &str, owner: &str) -> Result<(), PlanError> {
+        match self.0.insert(image.to_string(), owner.to_string()) {
+            Some(first) => Err(PlanError::DuplicateImage {
+                field: field.to_string(),
+                image: image.to_string(),
+                first,
+                second: owner.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Plan {
+    /// Number of nodes of `phase`.
+    pub fn count(&self, phase: Phase) -> usize {
+        self.nodes.iter().filter(|n| n.phase == phase).count()
+    }
+}

@@ -1,0 +1,181 @@
+//! Checks of a run's spec that the CRD schema cannot express (or that must also hold for
+//! specs read from a file, which never pass the API server), and the parsed settings.
+
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::api::{CacheMode, ImageBuildRunSpec, PhaseSpec};
+use crate::template::BUILTIN_VARIABLES;
+
+/// A spec value that is out of range or malformed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// The offending field, e.g. `spec.maxWorkers`.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The run's execution settings with durations parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Build Jobs in flight at once.
+    pub max_workers: u32,
+    /// Total attempts per image.
+    pub attempts: u32,
+    /// Wait before the second attempt.
+    pub backoff_initial: Duration,
+    /// Longest wait between attempts.
+    pub backoff_max: Duration,
+    /// Longest one build may run.
+    pub build_timeout: Duration,
+    /// Longest a pod may wait to be scheduled.
+    pub pending_timeout: Duration,
+    /// Longest the whole run may take.
+    pub run_timeout: Duration,
+}
+
+/// Validates everything in the spec that does not need the instance list.
+pub fn validate(spec: &ImageBuildRunSpec) -> Result<Settings, SpecError> {
+    if !(1..=1000).contains(&spec.max_workers) {
+        return Err(err(
+            "spec.maxWorkers",
+            format!("must be 1..1000, got {}", spec.max_workers),
+        ));
+    }
+    if !(1..=20).contains(&spec.retry.attempts) {
+        return Err(err(
+            "spec.retry.attempts",
+            format!("must be 1..20, got {}", spec.retry.attempts),
+        ));
+    }
+    let settings = Settings {
+        max_workers: spec.max_workers,
+        attempts: spec.retry.attempts,
+        backoff_initial: duration("spec.retry.backoff.initial", &spec.retry.backoff.initial)?,
+        backoff_max: duration("spec.retry.backoff.max", &spec.retry.backoff.max)?,
+        build_timeout: duration("spec.timeouts.build", &spec.timeouts.build)?,
+        pending_timeout: duration("spec.timeouts.pending", &spec.timeouts.pending)?,
+        run_timeout: duration("spec.timeouts.run", &spec.timeouts.run)?,
+    };
+    if settings.backoff_initial > settings.backoff_max {
+        return Err(err(
+            "spec.retry.backoff",
+            "initial must not be longer than max",
+        ));
+    }
+    for key in spec.vars.keys() {
+        if BUILTIN_VARIABLES.contains(&key.as_str()) {
+            return Err(err(
+                &format!("spec.vars.{key}"),
+                "shadows a built-in template variable",
+            ));
+        }
+        if !is_identifier(key) {
+            return Err(err(
+                &format!("spec.vars.{key}"),
+                "must be an identifier (letters, digits, _; not starting with a digit) so templates can name it",
+            ));
+        }
+    }
+    for (name, phase) in [
+        ("builder", &spec.builder),
+        ("base", &spec.base),
+        ("assembly", &spec.assembly),
+    ] {
+        phase_spec(name, phase)?;
+    }
+    if let Some(post) = &spec.post_assembly {
+        Regex::new(&post.match_).map_err(|e| {
+            err(
+                "spec.postAssembly.match",
+                format!("not a regular expression: {e}"),
+            )
+        })?;
+    }
+    if spec.instances.list.as_ref().is_some_and(Vec::is_empty) {
+        return Err(err(
+            "spec.instances.list",
+            "must name at least one instance",
+        ));
+    }
+    Ok(settings)
+}
+
+fn phase_spec(name: &str, phase: &PhaseSpec) -> Result<(), SpecError> {
+    let context = &phase.context;
+    let sources = [
+        context.git.is_some(),
+        context.config_map.is_some(),
+        context.inline.is_some(),
+    ];
+    if sources.iter().filter(|set| **set).count() != 1 {
+        return Err(err(
+            &format!("spec.{name}.context"),
+            "must set exactly one of git, configMap or inline",
+        ));
+    }
+    if phase.cache != CacheMode::Off && phase.cache_ref.is_none() {
+        return Err(err(
+            &format!("spec.{name}.cacheRef"),
+            "is required when cache is min or max",
+        ));
+    }
+    Ok(())
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration, SpecError> {
+    let parsed = humantime::parse_duration(text).map_err(|e| {
+        err(
+            field,
+            format!("`{text}` is not a duration like 30s, 15m or 1h30m: {e}"),
+        )
+    })?;
+    if parsed.is_zero() {
+        return Err(err(field, "must be longer than zero"));
+    }
+    Ok(parsed)
+}
+
+fn is_identifier(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_go_style() {
+        assert_eq!(duration("f", "1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(duration("f", "2000s").unwrap(), Duration::from_secs(2000));
+        let e = duration("spec.timeouts.run", "10 hours please").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("spec.timeouts.run: `10 hours please` is not a duration"),
+            "{e}"
+        );
+        assert!(duration("f", "0s").is_err());
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("sdkSha"));
+        assert!(is_identifier("_x1"));
+        assert!(!is_identifier("sdk-sha"));
+        assert!(!is_identifier("1x"));
+    }
+}
