@@ -5,6 +5,7 @@
 //! hold a client apply. See `docs/architecture.md`.
 
 pub mod api;
+pub mod cli;
 pub mod crd;
 pub mod instances;
 pub mod plan;

@@ -2,7 +2,10 @@
 //! instances. Parsing and selection are pure; fetching a ConfigMap or a Hugging Face
 //! dataset is the only IO. Upstream images are templated later, by `plan`.
 
+mod fetch;
 pub mod huggingface;
+
+pub use fetch::{fetch, from_file};
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -82,6 +82,7 @@ pub struct Node {
     /// The deterministic Job name.
     pub job_name: String,
     /// Nodes that must be built (or exist) first.
+    #[serde(skip)]
     pub deps: Vec<NodeId>,
 }
 

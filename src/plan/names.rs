@@ -25,7 +25,7 @@ pub fn job_name(run: &str, phase_abbrev: &str, slug: &str, key: &str) -> String 
     let run_part = truncate(&sanitize(run), RUN_PART_MAX);
     let prefix = format!("{run_part}-{phase_abbrev}");
     let room = MAX_NAME - prefix.len() - HASH_LEN - 2;
-    let slug = truncate(&sanitize(slug), room);
+    let slug = keep_tail(&sanitize(slug), room);
     let name = if slug.is_empty() {
         format!("{prefix}-{}", &hash[..HASH_LEN])
     } else {
@@ -54,6 +54,16 @@ fn truncate(text: &str, max: usize) -> String {
         .take(max)
         .collect::<String>()
         .trim_end_matches('-')
+        .to_string()
+}
+
+/// Keeps the end of `text`, where keys differ (`...django-11099`).
+fn keep_tail(text: &str, max: usize) -> String {
+    let skip = text.chars().count().saturating_sub(max);
+    text.chars()
+        .skip(skip)
+        .collect::<String>()
+        .trim_start_matches('-')
         .to_string()
 }
 

@@ -1,0 +1,133 @@
+//! The `plan` command: resolves a run's instances, builds its plan and prints it, as text
+//! for people or as JSON (every node) for tools.
+
+use std::path::{Path, PathBuf};
+
+use kube::ResourceExt;
+use serde::Serialize;
+
+use crate::api::ImageBuildRun;
+use crate::instances::{self, InstanceError};
+use crate::plan::{self, Phase, Plan, PlanError};
+
+/// Why the plan command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The run file could not be read or parsed.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The instance list could not be resolved.
+    #[error(transparent)]
+    Instances(#[from] InstanceError),
+    /// The plan could not be made.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+/// Output format of `plan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A summary for people.
+    Text,
+    /// Every node, as JSON.
+    Json,
+}
+
+/// Reads an ImageBuildRun from a YAML file.
+pub fn load_run(path: &Path) -> Result<ImageBuildRun, CliError> {
+    let fail = |message: String| CliError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    if value["kind"] != "ImageBuildRun" {
+        return Err(fail(format!(
+            "expected kind ImageBuildRun, got {}",
+            value["kind"]
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| fail(format!("not a valid ImageBuildRun: {e}")))
+}
+
+/// Resolves the instances of `run` (from `instances_file` when given) and builds its plan.
+pub async fn plan_run(
+    run: &ImageBuildRun,
+    instances_file: Option<&PathBuf>,
+) -> Result<Plan, CliError> {
+    let raw = match instances_file {
+        Some(path) => instances::from_file(path)?,
+        None => {
+            let client = kube::Client::try_default().await.ok();
+            let namespace = run.namespace().unwrap_or_else(|| "default".into());
+            instances::fetch(&run.spec.instances, &namespace, client.as_ref()).await?
+        }
+    };
+    let selected = instances::select(raw, &run.spec.instances)?;
+    Ok(plan::build(&run.name_any(), &run.spec, &selected)?)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonNode<'a> {
+    #[serde(flatten)]
+    node: &'a plan::Node,
+    dependencies: Vec<&'a str>,
+}
+
+/// Renders `plan` in `format`; text shows the first `show` nodes.
+pub fn render(run: &ImageBuildRun, plan: &Plan, format: Format, show: usize) -> String {
+    match format {
+        Format::Json => {
+            let nodes: Vec<JsonNode<'_>> = plan
+                .nodes
+                .iter()
+                .map(|node| JsonNode {
+                    node,
+                    dependencies: node
+                        .deps
+                        .iter()
+                        .map(|&d| plan.nodes[d].job_name.as_str())
+                        .collect(),
+                })
+                .collect();
+            let doc = serde_json::json!({ "run": run.name_any(), "nodes": nodes });
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        }
+        Format::Text => {
+            let mut out = format!(
+                "ImageBuildRun {}: maxWorkers {}\n",
+                run.name_any(),
+                run.spec.max_workers
+            );
+            for (label, phase) in [
+                ("builder", Phase::Builder),
+                ("bases", Phase::Base),
+                ("assemblies", Phase::Assembly),
+                ("post-assembly layers", Phase::PostAssembly),
+            ] {
+                out.push_str(&format!("  {:<21} {}\n", label, plan.count(phase)));
+            }
+            out.push_str(&format!(
+                "first {} of {} nodes:\n",
+                show.min(plan.nodes.len()),
+                plan.nodes.len()
+            ));
+            for node in plan.nodes.iter().take(show) {
+                out.push_str(&format!(
+                    "  {:<12} {:<63} {}\n",
+                    node.phase.as_str(),
+                    node.job_name,
+                    node.image
+                ));
+            }
+            out
+        }
+    }
+}
