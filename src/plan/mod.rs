@@ -3,17 +3,18 @@
 //! image reference, build arguments, dependencies and deterministic Job name. Pure code.
 
 mod names;
+mod render;
 
-use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
+use render::{Fields, ImageOwners, Rendered, check_reference};
 
-use oci_client::Reference;
+use std::collections::BTreeMap;
+
 use regex::Regex;
 use serde::Serialize;
 
 pub use names::{MAX_NAME, is_dns1123_label, job_name};
 
-use crate::api::{BuildContext, ImageBuildRunSpec, PhaseSpec};
+use crate::api::ImageBuildRunSpec;
 use crate::instances::RawInstance;
 use crate::template::{Context, TemplateError, TemplateSet};
 use crate::validate::{self, SpecError};
@@ -156,97 +157,6 @@ fn instance_suffix(instance: &Option<String>) -> String {
         .as_ref()
         .map(|i| format!(" (instance {i})"))
         .unwrap_or_default()
-}
-
-/// The templated parts of one phase, borrowed from the spec.
-struct Fields<'a> {
-    prefix: &'static str,
-    image: &'a str,
-    build_args: &'a BTreeMap<String, String>,
-    cache_ref: Option<&'a str>,
-    context: &'a BuildContext,
-}
-
-impl<'a> Fields<'a> {
-    fn of(prefix: &'static str, phase: &'a PhaseSpec) -> Self {
-        Self {
-            prefix,
-            image: &phase.image,
-            build_args: &phase.build_args,
-            cache_ref: phase.cache_ref.as_deref(),
-            context: &phase.context,
-        }
-    }
-
-    fn add(&self, set: &mut TemplateSet) -> Result<(), TemplateError> {
-        set.add(&format!("{}.image", self.prefix), self.image)?;
-        for (key, value) in self.build_args {
-            set.add(&format!("{}.buildArgs.{key}", self.prefix), value)?;
-        }
-        if let Some(cache_ref) = self.cache_ref {
-            set.add(&format!("{}.cacheRef", self.prefix), cache_ref)?;
-        }
-        if let Some(git) = &self.context.git {
-            set.add(
-                &format!("{}.context.git.revision", self.prefix),
-                &git.revision,
-            )?;
-        }
-        Ok(())
-    }
-
-    fn render(
-        &self,
-        set: &TemplateSet,
-        ctx: &Context,
-        owner: Option<&str>,
-    ) -> Result<Rendered, PlanError> {
-        let field = |name: &str| format!("{}.{name}", self.prefix);
-        let image = set.render(&field("image"), ctx, owner)?;
-        check_reference(&field("image"), &image, owner)?;
-        let mut build_args = BTreeMap::new();
-        for key in self.build_args.keys() {
-            build_args.insert(
-                key.clone(),
-                set.render(&field(&format!("buildArgs.{key}")), ctx, owner)?,
-            );
-        }
-        let cache_ref = match self.cache_ref {
-            Some(_) => Some(set.render(&field("cacheRef"), ctx, owner)?),
-            None => None,
-        };
-        let git_revision = match &self.context.git {
-            Some(_) => Some(set.render(&field("context.git.revision"), ctx, owner)?),
-            None => None,
-        };
-        Ok(Rendered {
-            image,
-            build_args,
-            cache_ref,
-            git_revision,
-        })
-    }
-}
-
-struct Rendered {
-    image: String,
-    build_args: BTreeMap<String, String>,
-    cache_ref: Option<String>,
-    git_revision: Option<String>,
-}
-
-fn check_reference(field: &str, reference: &str, owner: Option<&str>) -> Result<(), PlanError> {
-    let invalid = |reason: String| PlanError::InvalidReference {
-        field: field.to_string(),
-        instance: owner.map(str::to_string),
-        reference: reference.to_string(),
-        reason,
-    };
-    let parsed = Reference::from_str(reference).map_err(|e| invalid(e.to_string()))?;
-    if parsed.tag().is_none() || parsed.digest().is_some() {
-        return Err(invalid("a pushed image needs a tag and no digest".into()));
-    }
-    Ok(())
 }
 
 /// Builds the plan of run `run` for the selected `instances` (sorted, as `instances::select`
@@ -411,24 +321,6 @@ fn node(
         cache_ref: rendered.cache_ref,
         job_name: job_name(run, phase.abbrev(), &crate::template::custom_tag(key), key),
         deps,
-    }
-}
-
-/// Which owner rendered each image so far, to reject two nodes pushing one tag.
-#[derive(Default)]
-struct ImageOwners(HashMap<String, String>);
-
-impl ImageOwners {
-    fn claim(&mut self, field: &str, image: &str, owner: &str) -> Result<(), PlanError> {
-        match self.0.insert(image.to_string(), owner.to_string()) {
-            Some(first) => Err(PlanError::DuplicateImage {
-                field: field.to_string(),
-                image: image.to_string(),
-                first,
-                second: owner.to_string(),
-            }),
-            None => Ok(()),
-        }
     }
 }
 
