@@ -69,6 +69,9 @@ fn main() {
         "decisions",
         "us/decision"
     );
+    println!(
+        "(lower_bd: max of critical path and total work / workers; barrier: the scripts' builder -> all bases -> all assemblies schedule on the same durations, without failures)"
+    );
     for (n, workers, failure_rate) in [
         (500, 16, 0.0),
         (500, 16, 0.05),

@@ -64,7 +64,11 @@ pub async fn plan_run(
     let raw = match instances_file {
         Some(path) => instances::from_file(path)?,
         None => {
-            let client = kube::Client::try_default().await.ok();
+            // Only a ConfigMap source reads the cluster; the others must work without one.
+            let client = match run.spec.instances.config_map {
+                Some(_) => kube::Client::try_default().await.ok(),
+                None => None,
+            };
             let namespace = run.namespace().unwrap_or_else(|| "default".into());
             instances::fetch(&run.spec.instances, &namespace, client.as_ref()).await?
         }
