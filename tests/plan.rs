@@ -20,11 +20,11 @@ fn swebench_plan() -> (Vec<String>, plan::Plan) {
         .lines()
         .map(str::to_string)
         .collect();
-    let plan = tokio_test_block_on(plan_run(&run, Some(&PathBuf::from(IDS)))).unwrap();
+    let plan = block_on(plan_run(&run, Some(&PathBuf::from(IDS)))).unwrap();
     (ids, plan)
 }
 
-fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -122,7 +122,7 @@ fn post_assembly_layers_replace_the_assembly_in_place() {
 #[test]
 fn swegym_uses_its_own_upstream_rule() {
     let run = load_run("examples/swegym-run.yaml".as_ref()).unwrap();
-    let plan = tokio_test_block_on(plan_run(
+    let plan = block_on(plan_run(
         &run,
         Some(&PathBuf::from("examples/swegym-ids.txt")),
     ))
@@ -318,48 +318,45 @@ fn selection_errors_have_kinds() {
     ));
 }
 
+/// Runs `imagebuild-operator plan` with `args`.
+fn plan_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_imagebuild-operator"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn cli_exits_non_zero_with_a_clear_message() {
-    let exe = env!("CARGO_BIN_EXE_imagebuild-operator");
     let dir = std::env::temp_dir().join(format!("ibr-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ids = dir.join("ids.txt");
     std::fs::write(&ids, "django__django-11099\ndjango__django-11099\n").unwrap();
-    let out = Command::new(exe)
-        .args([
-            "plan",
-            "-f",
-            "examples/swebench-run.yaml",
-            "--instances-file",
-        ])
-        .arg(&ids)
-        .output()
-        .unwrap();
+    let out = plan_cli(&[
+        "-f",
+        "examples/swebench-run.yaml",
+        "--instances-file",
+        ids.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "error: duplicate instance ids: django__django-11099"
     );
 
-    let out = Command::new(exe)
-        .args(["plan", "-f", "Cargo.toml"])
-        .output()
-        .unwrap();
+    let out = plan_cli(&["-f", "Cargo.toml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: Cargo.toml: "));
 
-    let out = Command::new(exe)
-        .args([
-            "plan",
-            "-f",
-            "examples/swebench-run.yaml",
-            "--instances-file",
-            IDS,
-            "-o",
-            "json",
-        ])
-        .output()
-        .unwrap();
+    let out = plan_cli(&[
+        "-f",
+        "examples/swebench-run.yaml",
+        "--instances-file",
+        IDS,
+        "-o",
+        "json",
+    ]);
     assert!(out.status.success());
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let nodes = doc["nodes"].as_array().unwrap();
