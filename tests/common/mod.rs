@@ -1,6 +1,8 @@
 //! Shared fixtures for the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
+
 use imagebuild_operator::api::ImageBuildRunSpec;
 use imagebuild_operator::instances::RawInstance;
 use imagebuild_operator::plan::{self, Plan};

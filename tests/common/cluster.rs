@@ -1,0 +1,174 @@
+//! The environment started by `e2e/cluster up`: control plane, registries, Prometheus.
+//!
+//! Tests find it through the variables `e2e/cluster env` exports. A test that needs it and
+//! does not find it fails, saying how to start it: it never passes silently.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+
+/// Where the running environment is, read from the variables of `e2e/cluster env`.
+pub struct Env {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub registry: String,
+    pub auth_registry: String,
+    pub auth_user: String,
+    pub auth_password: String,
+    pub prometheus: String,
+    pub prometheus_targets: PathBuf,
+    pub metrics_addr: String,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: this test needs the local control plane, registries and \
+             Prometheus. Run the suite with `e2e/cluster test`, or start them with \
+             `e2e/cluster up` and then `eval \"$(e2e/cluster env)\"`."
+        )
+    })
+}
+
+impl Env {
+    pub fn get() -> Env {
+        let env = Env {
+            dir: var("IMAGEBUILD_E2E_DIR").into(),
+            bin: var("IMAGEBUILD_E2E_BIN").into(),
+            registry: var("IMAGEBUILD_REGISTRY"),
+            auth_registry: var("IMAGEBUILD_AUTH_REGISTRY"),
+            auth_user: var("IMAGEBUILD_AUTH_REGISTRY_USER"),
+            auth_password: var("IMAGEBUILD_AUTH_REGISTRY_PASSWORD"),
+            prometheus: var("IMAGEBUILD_PROMETHEUS"),
+            prometheus_targets: var("IMAGEBUILD_PROMETHEUS_TARGETS").into(),
+            metrics_addr: var("IMAGEBUILD_METRICS_ADDR"),
+        };
+        var("KUBECONFIG");
+        assert!(
+            env.dir.join("pids").is_dir(),
+            "IMAGEBUILD_E2E_DIR={} holds no running environment: run `e2e/cluster up`",
+            env.dir.display()
+        );
+        env
+    }
+
+    /// A client with the admin credentials of the environment's kubeconfig.
+    pub async fn client(&self) -> Client {
+        install_crypto_provider();
+        Client::try_default()
+            .await
+            .expect("kube client from KUBECONFIG (is `e2e/cluster up` running?)")
+    }
+
+    /// Prints the tail of every component's log if the test panics while it is alive.
+    pub fn logs_on_failure(&self) -> LogsOnFailure {
+        LogsOnFailure(self.dir.join("logs"))
+    }
+}
+
+/// rustls needs one process-wide crypto provider; the project uses ring.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+pub struct LogsOnFailure(PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log_tails(&self.0, 40);
+        }
+    }
+}
+
+fn print_log_tails(dir: &Path, lines: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = &all[all.len().saturating_sub(lines)..];
+        eprintln!("---- {} (last {} lines)", path.display(), tail.len());
+        for line in tail {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Polls `probe` every 200 ms until it returns `Some`, for at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A namespace of its own for one test, with its default ServiceAccount in place (pods
+/// are refused until the controller manager has made it).
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> TestNamespace {
+        let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"imagebuild.dev/e2e": "true"}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        eventually(
+            Duration::from_secs(60),
+            "the default ServiceAccount",
+            || {
+                let sas = sas.clone();
+                async move { sas.get_opt("default").await.ok().flatten() }
+            },
+        )
+        .await;
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Deletes the namespace (and so everything in it). Left in place when a test fails,
+    /// for a look with kubectl.
+    pub async fn delete(self) {
+        Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::background())
+            .await
+            .unwrap_or_else(|e| panic!("delete namespace {}: {e}", self.name));
+    }
+}
