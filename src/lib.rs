@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod crd;
 pub mod instances;
+pub mod job;
 pub mod plan;
 pub mod schedule;
 pub mod template;

@@ -433,3 +433,39 @@ async fn the_project_crd_is_served_with_its_status_subresource_and_cel_rules() {
     );
     ns.delete().await;
 }
+
+/// `KEY=value` of `e2e/versions.env`, the one file that pins the components.
+fn pinned(key: &str) -> String {
+    let text = std::fs::read_to_string("e2e/versions.env").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} is not pinned in e2e/versions.env"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_components_are_the_pinned_versions() {
+    let env = Env::get();
+    let client = env.client().await;
+    let server = client.apiserver_version().await.unwrap();
+    assert_eq!(server.git_version, pinned("KUBERNETES_VERSION"));
+
+    let run = |tool: &str, args: &[&str]| {
+        let out = std::process::Command::new(env.bin.join(tool))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(out.status.success(), "{tool} {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let kubectl: serde_json::Value =
+        serde_json::from_str(&run("kubectl", &["version", "--client", "-o", "json"])).unwrap();
+    assert_eq!(
+        kubectl["clientVersion"]["gitVersion"],
+        pinned("KUBERNETES_VERSION")
+    );
+    assert!(run("helm", &["version", "--short"]).starts_with(&pinned("HELM_VERSION")));
+    assert!(run("kwok", &["--version"]).contains(&pinned("KWOK_VERSION")));
+    assert!(run("etcd", &["--version"]).contains(pinned("ETCD_VERSION").trim_start_matches('v')));
+}

@@ -198,3 +198,21 @@ async fn prometheus_scrapes_a_target_and_answers_a_query() {
         env.metrics_addr
     );
 }
+
+#[test]
+fn promtool_accepts_the_environment_prometheus_config() {
+    let env = Env::get();
+    let config = env.dir.join("prometheus/prometheus.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&config)
+        .output()
+        .expect("promtool (Debian package prometheus) is installed by `e2e/cluster up`");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SUCCESS"), "{stdout}");
+}

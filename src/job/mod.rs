@@ -1,0 +1,245 @@
+//! The build Job of one plan node: BuildKit (rootless by default) running the dockerfile
+//! frontend behind a small wrapper that reports the result in the termination message.
+//! Pure code: `build_job` turns a node and its run into the Job object to create.
+
+mod buildctl;
+mod result;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub use buildctl::{CONTEXT_DIR, METADATA_FILE, PhaseBuild, WORK_DIR, buildctl_args};
+pub use result::{BuildReport, Outcome, classify_text, outcome};
+
+use crate::api::{ExecutorMode, ImageBuildRunSpec};
+use crate::plan::{Node, is_dns1123_label};
+
+/// The wrapper script the build container runs (`sh -c`).
+pub const WRAPPER: &str = include_str!("wrapper.sh");
+
+/// Value of `app.kubernetes.io/managed-by` on everything the operator creates.
+pub const MANAGER: &str = "imagebuild-operator";
+/// Label: the run a Job belongs to (its name, hashed when longer than a label value).
+pub const LABEL_RUN: &str = "imagebuild.dev/run";
+/// Label: the uid of the run a Job belongs to; what the operator selects on.
+pub const LABEL_RUN_UID: &str = "imagebuild.dev/run-uid";
+/// Label: the node's phase.
+pub const LABEL_PHASE: &str = "imagebuild.dev/phase";
+/// Label: a short hash of the node's instance (or upstream image, or `builder`).
+pub const LABEL_NODE: &str = "imagebuild.dev/node";
+/// Annotation: the instance id of assembly and post-assembly nodes.
+pub const ANNOTATION_INSTANCE: &str = "imagebuild.dev/instance-id";
+/// Annotation: the 1-based attempt number.
+pub const ANNOTATION_ATTEMPT: &str = "imagebuild.dev/attempt";
+/// Annotation: the image reference the Job pushes.
+pub const ANNOTATION_IMAGE: &str = "imagebuild.dev/image";
+
+/// Where a docker config JSON push Secret is mounted, read-only.
+const DOCKER_CONFIG_DIR: &str = "/home/user/.docker";
+
+/// The run-level inputs of a build Job.
+#[derive(Clone, Copy, Debug)]
+pub struct JobInputs<'a> {
+    /// The run's name.
+    pub run_name: &'a str,
+    /// The run's namespace, where its Jobs go.
+    pub namespace: &'a str,
+    /// The run's uid (owner reference, selector label).
+    pub run_uid: &'a str,
+    /// The run's spec.
+    pub spec: &'a ImageBuildRunSpec,
+    /// `timeouts.build`: the Job's active deadline.
+    pub build_timeout: Duration,
+}
+
+/// Why a node has no Job.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum JobError {
+    /// A post-assembly node of a spec without `postAssembly` (a plan/spec mismatch).
+    #[error("node {0} belongs to a phase the spec does not define")]
+    NoPhase(String),
+}
+
+/// A label value naming the run: the name itself when it fits (63 characters), else its
+/// head and a hash.
+pub fn run_label(run_name: &str) -> String {
+    if run_name.len() <= 63 && is_dns1123_label(run_name) {
+        return run_name.to_string();
+    }
+    let head: String = run_name.chars().take(52).collect();
+    let head = head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{head}-{}", &hex_sha256(run_name)[..10])
+}
+
+/// A short, stable hash of what a node is built for.
+pub fn node_label(node: &Node) -> String {
+    let key = node
+        .instance_id
+        .as_deref()
+        .or(node.upstream_image.as_deref())
+        .unwrap_or("builder");
+    hex_sha256(&format!("{}\0{key}", node.phase.as_str()))[..16].to_string()
+}
+
+fn hex_sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The Job that builds `node` (attempt `attempt`, 1-based). `pod_annotations` are added to
+/// the pod (e.g. the run's rendered `placement.podAnnotations`).
+pub fn build_job(
+    inputs: &JobInputs<'_>,
+    node: &Node,
+    attempt: u32,
+    pod_annotations: &BTreeMap<String, String>,
+) -> Result<Job, JobError> {
+    let spec = inputs.spec;
+    let build =
+        PhaseBuild::of(spec, node.phase).ok_or_else(|| JobError::NoPhase(node.job_name.clone()))?;
+    let labels = json!({
+        "app.kubernetes.io/managed-by": MANAGER,
+        "app.kubernetes.io/name": "imagebuild",
+        LABEL_RUN: run_label(inputs.run_name),
+        LABEL_RUN_UID: inputs.run_uid,
+        LABEL_PHASE: node.phase.as_str(),
+        LABEL_NODE: node_label(node),
+    });
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(ANNOTATION_ATTEMPT.into(), attempt.to_string().into());
+    annotations.insert(ANNOTATION_IMAGE.into(), node.image.clone().into());
+    if let Some(id) = &node.instance_id {
+        annotations.insert(ANNOTATION_INSTANCE.into(), id.clone().into());
+    }
+    let mut pod_ann = annotations.clone();
+    for (k, v) in pod_annotations {
+        pod_ann.insert(k.clone(), v.clone().into());
+    }
+
+    let rootless = spec.executor.mode == ExecutorMode::Rootless;
+    let mut command = vec![
+        "sh".to_string(),
+        "-c".into(),
+        WRAPPER.into(),
+        "imagebuild-build".into(),
+    ];
+    // Both BuildKit images (rootless and not) ship this script: it starts buildkitd for
+    // the one build and stops it after.
+    command.push("buildctl-daemonless.sh".into());
+    command.extend(buildctl_args(&build, node, spec.registry.insecure));
+
+    let mut env = vec![];
+    let mut mounts = vec![json!({"name": "work", "mountPath": WORK_DIR})];
+    let state_dir = if rootless {
+        "/home/user/.local/share/buildkit"
+    } else {
+        "/var/lib/buildkit"
+    };
+    mounts.push(json!({"name": "buildkit", "mountPath": state_dir}));
+    let mut volumes = vec![
+        json!({"name": "work", "emptyDir": {}}),
+        json!({"name": "buildkit", "emptyDir": {"sizeLimit": spec.placement.ephemeral_storage}}),
+    ];
+    if rootless {
+        // BuildKit's rootless mode cannot create its own process sandbox in a pod.
+        env.push(json!({"name": "BUILDKITD_FLAGS", "value": "--oci-worker-no-process-sandbox"}));
+    }
+    if let Some(inline) = &build.context.inline {
+        env.push(json!({"name": "IMAGEBUILD_DOCKERFILE", "value": inline}));
+    }
+    if let Some(cm) = &build.context.config_map {
+        mounts.push(json!({"name": "context", "mountPath": CONTEXT_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "context", "configMap": {
+            "name": cm.name, "items": [{"key": cm.key, "path": "Dockerfile"}]}}));
+    }
+    if let Some(secret) = &spec.registry.push_secret_ref {
+        env.push(json!({"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}));
+        mounts.push(
+            json!({"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": true}),
+        );
+        volumes.push(json!({"name": "docker-config", "secret": {
+            "secretName": secret.name,
+            "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}}));
+    }
+    let security = if rootless {
+        // What rootlesskit needs: its own user namespace, so no seccomp or AppArmor
+        // confinement, and a non-root user; nothing privileged.
+        json!({
+            "runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": true,
+            "seccompProfile": {"type": "Unconfined"},
+            "appArmorProfile": {"type": "Unconfined"},
+        })
+    } else {
+        json!({"privileged": true})
+    };
+    let placement = &spec.placement;
+    let mut pod_spec = json!({
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "containers": [{
+            "name": "build",
+            "image": spec.executor.image,
+            "command": command,
+            "env": env,
+            "resources": {
+                "requests": {
+                    "cpu": placement.cpu,
+                    "memory": placement.memory,
+                    "ephemeral-storage": placement.ephemeral_storage,
+                },
+                "limits": {
+                    "memory": placement.memory,
+                    "ephemeral-storage": placement.ephemeral_storage,
+                },
+            },
+            "securityContext": security,
+            "volumeMounts": mounts,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }],
+        "volumes": volumes,
+    });
+    if !placement.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(placement.node_selector);
+    }
+    if !placement.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(placement.tolerations);
+    }
+    if let Some(affinity) = &placement.affinity {
+        pod_spec["affinity"] = json!(affinity);
+    }
+    let job: Value = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": node.job_name,
+            "namespace": inputs.namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [{
+                "apiVersion": "imagebuild.dev/v1alpha1",
+                "kind": "ImageBuildRun",
+                "name": inputs.run_name,
+                "uid": inputs.run_uid,
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": {
+            // The operator decides retries: one pod per Job.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": inputs.build_timeout.as_secs().max(1),
+            "template": {
+                "metadata": {"labels": labels, "annotations": pod_ann},
+                "spec": pod_spec,
+            },
+        },
+    });
+    Ok(serde_json::from_value(job).expect("the Job object is well-formed"))
+}
