@@ -10,6 +10,7 @@ pub mod crd;
 pub mod instances;
 pub mod job;
 pub mod plan;
+pub mod registry;
 pub mod schedule;
 pub mod template;
 pub mod validate;

@@ -9,47 +9,11 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{Env, eventually, install_crypto_provider};
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use common::oci::{oci, pushed_digest, reference, tiny_image};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn oci() -> Client {
-    install_crypto_provider();
-    Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    })
-}
-
-/// A small image: one layer and a config, each with content unique to this call.
-fn tiny_image() -> (Vec<ImageLayer>, Config) {
-    let nonce = format!("{:016x}", rand::random::<u64>());
-    let layer = ImageLayer::oci_v1(format!("layer {nonce}").into_bytes(), None);
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}},"config":{{"Labels":{{"nonce":"{nonce}"}}}}}}"#,
-        layer.sha256_digest()
-    );
-    (vec![layer], Config::oci_v1(config.into_bytes(), None))
-}
-
-fn reference(registry: &str, repo: &str, tag: &str) -> Reference {
-    format!("{registry}/{repo}:{tag}").parse().unwrap()
-}
-
-/// `Docker-Content-Digest` of a pushed manifest, as the registry reports it.
-async fn pushed_digest(client: &Client, image: &Reference, auth: &RegistryAuth) -> String {
-    let (layers, config) = tiny_image();
-    let pushed = client
-        .push(image, &layers, config, auth, None)
-        .await
-        .unwrap();
-    let digest = pushed.manifest_url.rsplit('/').next().unwrap().to_string();
-    assert!(digest.starts_with("sha256:"), "{}", pushed.manifest_url);
-    digest
-}
 
 /// A 401, whichever request of the client's flow met it.
 fn unauthorized(err: &OciDistributionError) -> bool {

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod cluster;
+pub mod oci;
 
 use imagebuild_operator::api::ImageBuildRunSpec;
 use imagebuild_operator::instances::RawInstance;

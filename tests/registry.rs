@@ -1,0 +1,78 @@
+//! Retries of the registry check, against a stand-in registry that answers 503 or 429 as
+//! scripted (the real registries never do; everything else is tested against them in
+//! tests/e2e_registry.rs).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, Method, StatusCode};
+use imagebuild_operator::registry::{
+    Backoff, DockerConfig, Presence, RegistryChecker, RegistryError,
+};
+
+/// A registry whose manifest endpoint fails with `status` for the first `failures` HEAD
+/// requests, then answers with a digest. (After a failed HEAD the client tries a GET, which
+/// fails the same way.) Returns its address and the number of HEAD requests.
+async fn flaky_registry(status: StatusCode, failures: u32) -> (String, Arc<AtomicU32>) {
+    let heads = Arc::new(AtomicU32::new(0));
+    let seen = heads.clone();
+    let manifests = move |method: Method| {
+        let seen = seen.clone();
+        async move {
+            let n = if method == Method::HEAD {
+                seen.fetch_add(1, Ordering::SeqCst)
+            } else {
+                seen.load(Ordering::SeqCst) - 1
+            };
+            let mut headers = HeaderMap::new();
+            if n < failures {
+                return (status, headers);
+            }
+            headers.insert("Docker-Content-Digest", "sha256:1111".parse().unwrap());
+            (StatusCode::OK, headers)
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v2/", axum::routing::get(|| async { "{}" }))
+        .route("/v2/{repo}/manifests/{tag}", axum::routing::get(manifests));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr.to_string(), heads)
+}
+
+fn checker() -> RegistryChecker {
+    RegistryChecker::new(DockerConfig::default(), true, 2).with_backoff(Backoff {
+        attempts: 4,
+        initial: Duration::from_millis(20),
+    })
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_with_backoff() {
+    for status in [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let (addr, count) = flaky_registry(status, 2).await;
+        let got = checker().check(&format!("{addr}/repo:tag")).await;
+        assert_eq!(got, Ok(Presence::Exists("sha256:1111".into())), "{status}");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            3,
+            "{status}: two failures, then the answer"
+        );
+    }
+}
+
+#[tokio::test]
+async fn persistent_errors_end_as_unavailable_after_the_attempts() {
+    let (addr, count) = flaky_registry(StatusCode::BAD_GATEWAY, u32::MAX).await;
+    let got = checker().check(&format!("{addr}/repo:tag")).await;
+    assert!(
+        matches!(got, Err(RegistryError::Unavailable { .. })),
+        "{got:?}"
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 4);
+}
