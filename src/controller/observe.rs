@@ -1,0 +1,353 @@
+//! Reading the world into the scheduler's terms: every node's state from the run's
+//! records and its live Jobs (with their pods). Pure: the reconciler gathers the inputs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::records::Record;
+use crate::job::{ANNOTATION_ATTEMPT, Outcome, outcome};
+use crate::plan::{NodeId, Plan};
+use crate::schedule::{Failure, FailureClass, NodeState};
+
+/// A Job of the run and its pod, if the pod exists.
+#[derive(Clone, Debug)]
+pub struct LiveJob {
+    /// The Job.
+    pub job: Job,
+    /// Its (only) pod.
+    pub pod: Option<Pod>,
+}
+
+/// A pod the scheduler cannot place.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unschedulable {
+    /// The node whose build it is.
+    pub node: NodeId,
+    /// The scheduler's message.
+    pub message: String,
+    /// Since when.
+    pub since: DateTime<Utc>,
+}
+
+/// The world in the scheduler's terms.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Every node's state, indexed like `plan.nodes`.
+    pub states: Vec<NodeState>,
+    /// For each finished Job: how it ended and when it started.
+    pub outcomes: BTreeMap<NodeId, (Outcome, Option<DateTime<Utc>>)>,
+    /// Jobs with nothing left to tell (their node is recorded as final, or not in the
+    /// plan): to delete.
+    pub stale_jobs: Vec<String>,
+    /// Pods waiting for a node, however long.
+    pub unschedulable: Vec<Unschedulable>,
+}
+
+/// Builds the states. A Job unschedulable for longer than `pending_timeout` counts as
+/// failed with `Unschedulable`.
+pub fn observe(
+    plan: &Plan,
+    records: &BTreeMap<String, Record>,
+    jobs: &BTreeMap<String, LiveJob>,
+    pending_timeout: Duration,
+    now: DateTime<Utc>,
+) -> Observed {
+    let mut observed = Observed {
+        states: Vec::with_capacity(plan.nodes.len()),
+        ..Default::default()
+    };
+    let mut known = std::collections::BTreeSet::new();
+    for (id, node) in plan.nodes.iter().enumerate() {
+        known.insert(node.job_name.as_str());
+        let record = records.get(&node.job_name);
+        let terminal = record.map(Record::state).filter(NodeState::is_terminal);
+        let state = match (terminal, jobs.get(&node.job_name)) {
+            (Some(state), live) => {
+                if live.is_some() {
+                    observed.stale_jobs.push(node.job_name.clone());
+                }
+                state
+            }
+            (None, Some(live)) => job_state(id, live, pending_timeout, now, &mut observed),
+            (None, None) => record.map(Record::state).unwrap_or(NodeState::NEW),
+        };
+        observed.states.push(state);
+    }
+    for name in jobs.keys() {
+        if !known.contains(name.as_str()) {
+            observed.stale_jobs.push(name.clone());
+        }
+    }
+    observed
+}
+
+fn job_state(
+    id: NodeId,
+    live: &LiveJob,
+    pending_timeout: Duration,
+    now: DateTime<Utc>,
+    observed: &mut Observed,
+) -> NodeState {
+    let attempt = attempt_of(&live.job);
+    let started = live
+        .job
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map(|t| to_chrono(&t.0));
+    if let Some(outcome) = outcome(&live.job, live.pod.as_ref()) {
+        let result = match &outcome {
+            Outcome::Succeeded { .. } => Ok(()),
+            Outcome::Failed { failure, .. } => Err(failure.clone()),
+        };
+        observed.outcomes.insert(id, (outcome, started));
+        return NodeState::Finished {
+            attempt,
+            at: finished_at(&live.job).unwrap_or(now),
+            result,
+        };
+    }
+    if let Some((message, since)) = live.pod.as_ref().and_then(unschedulable) {
+        observed.unschedulable.push(Unschedulable {
+            node: id,
+            message: message.clone(),
+            since,
+        });
+        let limit = chrono::Duration::from_std(pending_timeout).unwrap_or(chrono::Duration::MAX);
+        if now - since >= limit {
+            let failure = Failure::new(FailureClass::Unschedulable, message);
+            let outcome = Outcome::Failed {
+                failure: failure.clone(),
+                node: None,
+            };
+            observed.outcomes.insert(id, (outcome, started));
+            return NodeState::Finished {
+                attempt,
+                at: now,
+                result: Err(failure),
+            };
+        }
+    }
+    NodeState::Running { attempt }
+}
+
+/// The attempt a Job was created for (its annotation; 1 if missing).
+pub fn attempt_of(job: &Job) -> u32 {
+    job.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_ATTEMPT))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
+}
+
+fn finished_at(job: &Job) -> Option<DateTime<Utc>> {
+    let status = job.status.as_ref()?;
+    if let Some(t) = &status.completion_time {
+        return Some(to_chrono(&t.0));
+    }
+    status
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| to_chrono(&t.0))
+}
+
+/// The scheduler's message and since when, for a pod it cannot place.
+fn unschedulable(pod: &Pod) -> Option<(String, DateTime<Utc>)> {
+    let status = pod.status.as_ref()?;
+    let cond = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+    if cond.reason.as_deref() != Some("Unschedulable") {
+        return None;
+    }
+    let since = cond
+        .last_transition_time
+        .as_ref()
+        .map(|t| to_chrono(&t.0))
+        .or_else(|| {
+            pod.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| to_chrono(&t.0))
+        })?;
+    Some((cond.message.clone().unwrap_or_default(), since))
+}
+
+/// k8s-openapi's timestamps (jiff) as chrono's.
+pub fn to_chrono(t: &k8s_openapi::jiff::Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond() as u32).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instances::RawInstance;
+    use crate::job::{BuildReport, JobInputs, build_job};
+    use serde_json::json;
+
+    const SPEC: &str = r#"
+instances: {list: [a__a-1], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
+builder: {context: {inline: "FROM scratch"}, image: "r.io/builder:1"}
+base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
+assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"}
+"#;
+
+    fn plan() -> (crate::api::ImageBuildRunSpec, Plan) {
+        let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(SPEC).unwrap();
+        let raw = [RawInstance {
+            id: "a__a-1".into(),
+            image: None,
+        }];
+        let plan = crate::plan::build("run", &spec, &raw).unwrap();
+        (spec, plan)
+    }
+
+    /// The Job of node `id` with `status`, and a pod with `pod_status`.
+    fn live(
+        spec: &crate::api::ImageBuildRunSpec,
+        plan: &Plan,
+        id: NodeId,
+        status: serde_json::Value,
+        pod_status: serde_json::Value,
+    ) -> LiveJob {
+        let inputs = JobInputs {
+            run_name: "run",
+            namespace: "ns",
+            run_uid: "uid",
+            spec,
+            build_timeout: Duration::from_secs(60),
+        };
+        let mut job = build_job(&inputs, &plan.nodes[id], 2, &BTreeMap::new()).unwrap();
+        job.status = Some(serde_json::from_value(status).unwrap());
+        let pod = serde_json::from_value(
+            json!({"spec": {"nodeName": "kwok-large-0", "containers": []}, "status": pod_status}),
+        )
+        .unwrap();
+        LiveJob {
+            job,
+            pod: Some(pod),
+        }
+    }
+
+    #[test]
+    fn nodes_without_jobs_or_records_are_new() {
+        let (_, plan) = plan();
+        let o = observe(
+            &plan,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            Duration::from_secs(60),
+            Utc::now(),
+        );
+        assert_eq!(o.states, vec![NodeState::NEW; plan.nodes.len()]);
+        assert!(o.stale_jobs.is_empty() && o.outcomes.is_empty());
+    }
+
+    #[test]
+    fn a_recorded_node_wins_over_its_leftover_job() {
+        let (spec, plan) = plan();
+        let name = plan.nodes[0].job_name.clone();
+        let records =
+            BTreeMap::from([(name.clone(), Record::built(&plan.nodes[0], 1, Utc::now()))]);
+        let jobs = BTreeMap::from([
+            (name.clone(), live(&spec, &plan, 0, json!({}), json!({}))),
+            (
+                "not-in-plan".to_string(),
+                live(&spec, &plan, 1, json!({}), json!({})),
+            ),
+        ]);
+        let o = observe(&plan, &records, &jobs, Duration::from_secs(60), Utc::now());
+        assert_eq!(o.states[0], NodeState::Succeeded);
+        assert_eq!(o.stale_jobs, vec![name, "not-in-plan".to_string()]);
+    }
+
+    #[test]
+    fn a_complete_job_is_finished_with_its_report() {
+        let (spec, plan) = plan();
+        let report = r#"{"exitCode":0,"digest":"sha256:ff","buildSeconds":9,"pushSeconds":1,"errorTail":""}"#;
+        let job = live(
+            &spec,
+            &plan,
+            0,
+            json!({"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:00:10Z",
+                   "conditions": [{"type": "Complete", "status": "True"}]}),
+            json!({"containerStatuses": [{"name": "build", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                   "state": {"terminated": {"exitCode": 0, "message": report}}}]}),
+        );
+        let jobs = BTreeMap::from([(plan.nodes[0].job_name.clone(), job)]);
+        let o = observe(
+            &plan,
+            &BTreeMap::new(),
+            &jobs,
+            Duration::from_secs(60),
+            Utc::now(),
+        );
+        let at = DateTime::parse_from_rfc3339("2026-01-01T00:00:10Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(
+            o.states[0],
+            NodeState::Finished {
+                attempt: 2,
+                at,
+                result: Ok(())
+            }
+        );
+        let (outcome, started) = &o.outcomes[&0];
+        assert_eq!(started.unwrap().to_rfc3339(), "2026-01-01T00:00:00+00:00");
+        let Outcome::Succeeded {
+            report: Some(BuildReport { digest, .. }),
+            node,
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(
+            (digest.as_str(), node.as_deref()),
+            ("sha256:ff", Some("kwok-large-0"))
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_pod_fails_its_node_after_the_pending_timeout() {
+        let (spec, plan) = plan();
+        let since = Utc::now() - chrono::Duration::minutes(20);
+        let pod_status = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/4 nodes are available", "lastTransitionTime": since.to_rfc3339()}]});
+        let jobs = BTreeMap::from([(
+            plan.nodes[0].job_name.clone(),
+            live(&spec, &plan, 0, json!({}), pod_status),
+        )]);
+        let o = observe(
+            &plan,
+            &BTreeMap::new(),
+            &jobs,
+            Duration::from_secs(3600),
+            Utc::now(),
+        );
+        assert_eq!(o.states[0], NodeState::Running { attempt: 2 });
+        assert_eq!(o.unschedulable[0].message, "0/4 nodes are available");
+        let o = observe(
+            &plan,
+            &BTreeMap::new(),
+            &jobs,
+            Duration::from_secs(900),
+            Utc::now(),
+        );
+        let NodeState::Finished { result: Err(f), .. } = &o.states[0] else {
+            panic!("{:?}", o.states[0]);
+        };
+        assert_eq!(f.class, FailureClass::Unschedulable);
+        assert_eq!(f.message, "0/4 nodes are available");
+    }
+}
