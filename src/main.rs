@@ -1,4 +1,5 @@
-//! The `imagebuild-operator` command: `plan` prints the build plan of an ImageBuildRun file.
+//! The `imagebuild-operator` command: `run` is the operator; `plan` prints the build plan
+//! of an ImageBuildRun file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,8 +17,34 @@ struct Args {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: reconcile ImageBuildRuns into build Jobs until SIGTERM.
+    Run {
+        /// Namespace to watch (repeat for several); all namespaces when none is given.
+        #[arg(
+            long = "namespace",
+            short = 'n',
+            env = "IMAGEBUILD_NAMESPACES",
+            value_delimiter = ','
+        )]
+        namespaces: Vec<String>,
+        /// Runs reconciled at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: u16,
+        /// Registry requests in flight per run.
+        #[arg(long, default_value_t = 16)]
+        registry_concurrency: usize,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "IMAGEBUILD_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
     /// Resolve a run's instances and print its build plan.
     Plan {
         /// The ImageBuildRun YAML file.
@@ -39,6 +66,30 @@ enum Command {
 async fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
+        Command::Run {
+            namespaces,
+            concurrency,
+            registry_concurrency,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(err) => {
+                    eprintln!("error: cannot reach the Kubernetes API: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(?namespaces, concurrency, "starting");
+            let options = imagebuild_operator::controller::Options {
+                namespaces,
+                concurrency,
+                registry_concurrency,
+            };
+            imagebuild_operator::controller::run(client, options).await;
+            ExitCode::SUCCESS
+        }
         Command::Plan {
             file,
             instances_file,
@@ -61,5 +112,17 @@ async fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }

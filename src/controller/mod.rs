@@ -2,4 +2,110 @@
 //! pure; the reconciler reads the world, asks the scheduler, and applies its actions.
 
 pub mod observe;
+pub mod reconcile;
 pub mod records;
+pub mod status;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+use crate::api::ImageBuildRun;
+use crate::job::MANAGER;
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Namespaces to watch; empty watches all.
+    pub namespaces: Vec<String>,
+    /// Runs reconciled at once.
+    pub concurrency: u16,
+    /// Registry requests in flight per run.
+    pub registry_concurrency: usize,
+}
+
+/// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
+/// namespaces) and returns its store; the reflector runs until the process ends.
+fn reflect<K>(client: &Client, ns: Option<&str>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let config =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(stream.for_each(|_| async {}));
+    reader
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C; returns after in-flight reconciles end.
+pub async fn run(client: Client, options: Options) {
+    let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
+        vec![None]
+    } else {
+        options.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut job_stores = Vec::new();
+    let mut pod_stores = Vec::new();
+    for scope in &scopes {
+        job_stores.push(reflect::<Job>(&client, scope.as_deref()));
+        pod_stores.push(reflect::<Pod>(&client, scope.as_deref()));
+    }
+    for store in &job_stores {
+        let _ = store.wait_until_ready().await;
+    }
+    for store in &pod_stores {
+        let _ = store.wait_until_ready().await;
+    }
+    let ctx = Arc::new(reconcile::Ctx::new(
+        client.clone(),
+        job_stores,
+        pod_stores,
+        reconcile::Config {
+            registry_concurrency: options.registry_concurrency,
+        },
+    ));
+    let controllers = scopes.into_iter().map(|scope| {
+        let (runs, jobs): (Api<ImageBuildRun>, Api<Job>) = match &scope {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let owned =
+            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+        Controller::new(runs, watcher::Config::default())
+            .owns(jobs, owned)
+            .with_config(
+                kube::runtime::controller::Config::default().concurrency(options.concurrency),
+            )
+            .shutdown_on_signal()
+            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|result| async move {
+                match result {
+                    Ok((run, _)) => tracing::debug!(run = %run, "reconciled"),
+                    Err(err) => tracing::debug!(error = %err, "reconcile error"),
+                }
+            })
+    });
+    futures::future::join_all(controllers).await;
+    tracing::info!("controller stopped");
+}

@@ -1,0 +1,781 @@
+//! One reconcile of one run: read the world (run, records, Jobs and pods from the stores),
+//! let the scheduler decide, apply its actions, write the status. Slow work (resolving
+//! instances, registry checks) runs in background tasks whose results land in the run's
+//! in-memory cache; reconcile never waits on them and looks again shortly while they run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::observe::{LiveJob, observe};
+use super::records::Record;
+use super::status;
+use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
+use crate::job::{JobInputs, LABEL_RUN_UID, build_job};
+use crate::plan::{self, Plan};
+use crate::registry::{DockerConfig, Presence, RegistryChecker, RegistryError};
+use crate::schedule::{self, Action, NodeState, Policy, Registry};
+use crate::validate::{self, Settings};
+
+/// Wait before checking again images a failed registry check left unknown.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// Field manager of the operator's writes.
+pub const MANAGER: &str = "imagebuild-operator";
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A record in the run's ConfigMap does not parse.
+    #[error("record {key} of ConfigMap {config_map}: {source}")]
+    Record {
+        /// The ConfigMap.
+        config_map: String,
+        /// The key.
+        key: String,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A short, stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Record { .. } => "record",
+        }
+    }
+}
+
+/// Operator-wide settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Registry requests in flight per run.
+    pub registry_concurrency: usize,
+}
+
+/// What the operator keeps in memory about a run (rebuilt after a restart).
+#[derive(Default)]
+struct RunCache {
+    uid: String,
+    plan: PlanSlot,
+    registry: Vec<Registry>,
+    registry_error: Option<String>,
+    checks_started: bool,
+    /// Earliest time to check again the images a failed check left unknown.
+    recheck_at: Option<std::time::Instant>,
+}
+
+#[derive(Default)]
+enum PlanSlot {
+    #[default]
+    None,
+    Resolving,
+    Ready(Arc<Plan>),
+    Failed(String),
+}
+
+/// Shared by every reconcile.
+pub struct Ctx {
+    /// The API client.
+    pub client: Client,
+    /// Jobs the operator manages.
+    pub jobs: Vec<Store<Job>>,
+    /// Their pods.
+    pub pods: Vec<Store<Pod>>,
+    /// Settings.
+    pub config: Config,
+    runs: Mutex<HashMap<String, RunCache>>,
+}
+
+impl Ctx {
+    /// A context over the given stores.
+    pub fn new(
+        client: Client,
+        jobs: Vec<Store<Job>>,
+        pods: Vec<Store<Pod>>,
+        config: Config,
+    ) -> Ctx {
+        Ctx {
+            client,
+            jobs,
+            pods,
+            config,
+            runs: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The name of the ConfigMap holding a run's node records.
+pub fn records_name(run: &str) -> String {
+    format!("{run}-records")
+}
+
+/// Reconciles one run.
+pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
+    let name = run.name_any();
+    let ns = run.namespace().unwrap_or_default();
+    let uid = run.uid().unwrap_or_default();
+    let runs: Api<ImageBuildRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = Utc::now();
+    if run.metadata.deletion_timestamp.is_some() {
+        ctx.runs.lock().unwrap().remove(&format!("{ns}/{name}"));
+        return Ok(Requeue::await_change());
+    }
+    let old = run.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = run.metadata.generation;
+    status.started_at.get_or_insert(now);
+
+    let settings = match validate::validate(&run.spec) {
+        Ok(s) => s,
+        Err(e) => {
+            fail_run(
+                &mut status,
+                "InvalidSpec",
+                &e.to_string(),
+                run.metadata.generation,
+                now,
+            );
+            write_status(&runs, &name, &old, &status).await?;
+            return Ok(Requeue::await_change());
+        }
+    };
+
+    let plan = match plan_of(&run, &ctx) {
+        PlanState::Ready(plan) => plan,
+        PlanState::Resolving => {
+            status.phase = Some(RunPhase::Resolving);
+            let generation = run.metadata.generation;
+            status::set_condition(
+                &mut status.conditions,
+                "Progressing",
+                true,
+                "Resolving",
+                "resolving instances and planning images",
+                generation,
+                now,
+            );
+            write_status(&runs, &name, &old, &status).await?;
+            // The resolution runs in the background; look again shortly.
+            return Ok(Requeue::requeue(Duration::from_secs(1)));
+        }
+        PlanState::Failed(message) => {
+            fail_run(
+                &mut status,
+                "PlanFailed",
+                &message,
+                run.metadata.generation,
+                now,
+            );
+            write_status(&runs, &name, &old, &status).await?;
+            return Ok(Requeue::await_change());
+        }
+    };
+
+    let records = read_records(&ctx.client, &ns, &name).await?;
+    let jobs = live_jobs(&ctx, &ns, &uid);
+    let observed = observe(&plan, &records, &jobs, settings.pending_timeout, now);
+    let (registry, registry_error) = registry_view(&run, &ctx, &plan, &observed.states).await;
+
+    let policy = policy(&run, &settings, &status);
+    let actions = schedule::decide(&plan, &registry, &observed.states, &policy, now);
+    let mut states = observed.states.clone();
+
+    // Record first, then act: a crash in between leaves the Job, which is harvested again.
+    let mut new_records = BTreeMap::new();
+    for action in &actions {
+        if let Some((node, record)) = record_for(&plan, &states, &observed.outcomes, action, now) {
+            new_records.insert(plan.nodes[node].job_name.clone(), record);
+        }
+    }
+    write_records(&ctx.client, &run, &new_records).await?;
+
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let inputs = JobInputs {
+        run_name: &name,
+        namespace: &ns,
+        run_uid: &uid,
+        spec: &run.spec,
+        build_timeout: settings.build_timeout,
+    };
+    for action in &actions {
+        match action {
+            Action::CreateJob { node, attempt } => {
+                let job = build_job(&inputs, &plan.nodes[*node], *attempt, &BTreeMap::new())
+                    .expect("every planned phase is in the spec");
+                match jobs_api.create(&PostParams::default(), &job).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::DeleteJob { node } => {
+                delete_job(&jobs_api, &plan.nodes[*node].job_name).await?
+            }
+            _ => {}
+        }
+        schedule::apply(&mut states, action);
+    }
+    for stale in &observed.stale_jobs {
+        delete_job(&jobs_api, stale).await?;
+    }
+
+    let counts = status::counts(&plan, &states);
+    status::fill(&mut status, &counts);
+    let generation = run.metadata.generation;
+    if !new_records.is_empty() {
+        status.last_progress_at = Some(now);
+    }
+    if let Some(err) = &registry_error {
+        status::set_condition(
+            &mut status.conditions,
+            "Degraded",
+            true,
+            "RegistryError",
+            err,
+            generation,
+            now,
+        );
+    } else {
+        status::set_condition(
+            &mut status.conditions,
+            "Degraded",
+            false,
+            "AsExpected",
+            "",
+            generation,
+            now,
+        );
+    }
+    let stalled = observed.unschedulable.iter().find(|u| {
+        now - u.since
+            >= chrono::Duration::from_std(settings.pending_timeout).unwrap_or(chrono::Duration::MAX)
+    });
+    match stalled {
+        Some(u) => status::set_condition(
+            &mut status.conditions,
+            "Stalled",
+            true,
+            "Unschedulable",
+            &u.message,
+            generation,
+            now,
+        ),
+        None => status::set_condition(
+            &mut status.conditions,
+            "Stalled",
+            false,
+            "AsExpected",
+            "",
+            generation,
+            now,
+        ),
+    }
+    let final_phase = status.phase != Some(RunPhase::Building);
+    if final_phase {
+        status.completed_at.get_or_insert(now);
+        let phase = status.phase.unwrap_or(RunPhase::Building);
+        let ok = phase == RunPhase::Succeeded;
+        status::set_condition(
+            &mut status.conditions,
+            "Ready",
+            ok,
+            &format!("{phase:?}"),
+            &summary(&counts),
+            generation,
+            now,
+        );
+        status::set_condition(
+            &mut status.conditions,
+            "Progressing",
+            false,
+            &format!("{phase:?}"),
+            "",
+            generation,
+            now,
+        );
+    } else {
+        let why = if run.spec.suspend {
+            "Suspended"
+        } else {
+            "Building"
+        };
+        status::set_condition(
+            &mut status.conditions,
+            "Ready",
+            false,
+            why,
+            &summary(&counts),
+            generation,
+            now,
+        );
+        status::set_condition(
+            &mut status.conditions,
+            "Progressing",
+            !run.spec.suspend,
+            why,
+            &summary(&counts),
+            generation,
+            now,
+        );
+    }
+    write_status(&runs, &name, &old, &status).await?;
+
+    if final_phase {
+        return Ok(Requeue::await_change());
+    }
+    // Wake for the next retry, or to watch pending pods and the run deadline.
+    let mut wait = Duration::from_secs(30);
+    if let Some(at) = schedule::next_wakeup(&states) {
+        wait = wait.min((at - now).to_std().unwrap_or_default() + Duration::from_millis(100));
+    }
+    if !observed.unschedulable.is_empty() {
+        wait = wait.min(Duration::from_secs(5));
+    }
+    let checking = registry
+        .iter()
+        .zip(&states)
+        .any(|(r, s)| *r == Registry::Unknown && !s.is_terminal());
+    if checking && registry_error.is_none() {
+        // Registry checks run in the background; their answers unblock dispatch.
+        wait = wait.min(Duration::from_secs(1));
+    }
+    Ok(Requeue::requeue(wait))
+}
+
+fn summary(counts: &[crate::api::PhaseCounts; 4]) -> String {
+    let [b, base, asm, post] = counts;
+    let done = |c: &crate::api::PhaseCounts| c.succeeded + c.skipped;
+    let mut text = format!(
+        "builder {}/{}, bases {}/{}, assemblies {}/{}",
+        done(b),
+        b.total,
+        done(base),
+        base.total,
+        done(asm),
+        asm.total
+    );
+    if post.total > 0 {
+        text.push_str(&format!(", post-assembly {}/{}", done(post), post.total));
+    }
+    let failed: u32 = counts.iter().map(|c| c.failed).sum();
+    if failed > 0 {
+        text.push_str(&format!("; {failed} failed"));
+    }
+    text
+}
+
+fn fail_run(
+    status: &mut ImageBuildRunStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    status.phase = Some(RunPhase::Failed);
+    status.completed_at.get_or_insert(now);
+    status::set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        reason,
+        message,
+        generation,
+        now,
+    );
+    status::set_condition(
+        &mut status.conditions,
+        "Progressing",
+        false,
+        reason,
+        message,
+        generation,
+        now,
+    );
+}
+
+async fn write_status(
+    runs: &Api<ImageBuildRun>,
+    name: &str,
+    old: &ImageBuildRunStatus,
+    new: &ImageBuildRunStatus,
+) -> Result<(), Error> {
+    if old == new {
+        return Ok(());
+    }
+    let patch = json!({"status": new});
+    runs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+enum PlanState {
+    Ready(Arc<Plan>),
+    Resolving,
+    Failed(String),
+}
+
+/// The run's plan, or the state of its resolution (started here when needed).
+fn plan_of(run: &Arc<ImageBuildRun>, ctx: &Arc<Ctx>) -> PlanState {
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    let uid = run.uid().unwrap_or_default();
+    let mut runs = ctx.runs.lock().unwrap();
+    let cache = runs.entry(key).or_default();
+    if cache.uid != uid {
+        *cache = RunCache {
+            uid: uid.clone(),
+            ..Default::default()
+        };
+    }
+    match &cache.plan {
+        PlanSlot::Ready(plan) => return PlanState::Ready(plan.clone()),
+        PlanSlot::Failed(message) => return PlanState::Failed(message.clone()),
+        PlanSlot::Resolving => return PlanState::Resolving,
+        PlanSlot::None => {}
+    }
+    cache.plan = PlanSlot::Resolving;
+    let (run, ctx) = (run.clone(), ctx.clone());
+    tokio::spawn(async move {
+        let ns = run.namespace().unwrap_or_default();
+        let name = run.name_any();
+        let result = async {
+            let instances = crate::instances::fetch(&run.spec.instances, &ns, Some(&ctx.client))
+                .await
+                .map_err(|e| e.to_string())?;
+            plan::build(&name, &run.spec, &instances).map_err(|e| e.to_string())
+        }
+        .await;
+        {
+            let mut runs = ctx.runs.lock().unwrap();
+            if let Some(cache) = runs
+                .get_mut(&format!("{ns}/{name}"))
+                .filter(|c| c.uid == uid)
+            {
+                cache.plan = match result {
+                    Ok(plan) => {
+                        cache.registry = vec![Registry::Unknown; plan.nodes.len()];
+                        PlanSlot::Ready(Arc::new(plan))
+                    }
+                    Err(message) => PlanSlot::Failed(message),
+                };
+            }
+        }
+    });
+    PlanState::Resolving
+}
+
+/// What the registry said so far; starts the checks of nodes not yet final.
+async fn registry_view(
+    run: &Arc<ImageBuildRun>,
+    ctx: &Arc<Ctx>,
+    plan: &Arc<Plan>,
+    states: &[NodeState],
+) -> (Vec<Registry>, Option<String>) {
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    let start = {
+        let mut runs = ctx.runs.lock().unwrap();
+        let cache = runs
+            .get_mut(&key)
+            .expect("the plan put the run in the cache");
+        let due = cache
+            .recheck_at
+            .is_none_or(|t| std::time::Instant::now() >= t);
+        let todo: Vec<usize> = (0..plan.nodes.len())
+            .filter(|&i| !states[i].is_terminal() && cache.registry[i] == Registry::Unknown)
+            .collect();
+        if cache.checks_started || !due || todo.is_empty() {
+            None
+        } else {
+            cache.checks_started = true;
+            cache.recheck_at = None;
+            Some(todo)
+        }
+    };
+    if let Some(todo) = start {
+        let checker = match checker_for(run, ctx).await {
+            Ok(c) => c,
+            Err(message) => {
+                let mut runs = ctx.runs.lock().unwrap();
+                let cache = runs.get_mut(&key).expect("cached");
+                cache.registry_error = Some(message);
+                cache.checks_started = false;
+                cache.recheck_at = Some(std::time::Instant::now() + RECHECK);
+                return (cache.registry.clone(), cache.registry_error.clone());
+            }
+        };
+        let (ctx, plan, key) = (ctx.clone(), plan.clone(), key.clone());
+        tokio::spawn(async move {
+            let checks = todo.into_iter().map(|i| {
+                let checker = checker.clone();
+                let image = plan.nodes[i].image.clone();
+                async move { (i, checker.check(&image).await) }
+            });
+            let mut results = futures::stream::iter(checks).buffer_unordered(64);
+            while let Some((i, result)) = results.next().await {
+                {
+                    let mut runs = ctx.runs.lock().unwrap();
+                    let Some(cache) = runs.get_mut(&key) else {
+                        return;
+                    };
+                    match result {
+                        Ok(Presence::Exists(_)) => cache.registry[i] = Registry::Exists,
+                        Ok(Presence::Missing) => cache.registry[i] = Registry::Missing,
+                        Err(e @ RegistryError::Unauthorized { .. }) => {
+                            cache.registry_error = Some(e.to_string())
+                        }
+                        Err(e) => {
+                            tracing::warn!(image = %plan.nodes[i].image, error = %e, "registry check failed");
+                            cache.registry_error = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            {
+                let mut runs = ctx.runs.lock().unwrap();
+                if let Some(cache) = runs.get_mut(&key) {
+                    cache.checks_started = false;
+                    if cache.registry.contains(&Registry::Unknown) {
+                        cache.recheck_at = Some(std::time::Instant::now() + RECHECK);
+                    } else {
+                        cache.registry_error = None;
+                    }
+                }
+            }
+        });
+    }
+    let runs = ctx.runs.lock().unwrap();
+    let cache = runs.get(&key).expect("cached");
+    (cache.registry.clone(), cache.registry_error.clone())
+}
+
+/// A registry checker with the run's push credentials.
+async fn checker_for(run: &ImageBuildRun, ctx: &Ctx) -> Result<RegistryChecker, String> {
+    let ns = run.namespace().unwrap_or_default();
+    let config = match &run.spec.registry.push_secret_ref {
+        None => DockerConfig::default(),
+        Some(secret) => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            let s = secrets
+                .get(&secret.name)
+                .await
+                .map_err(|e| format!("reading push Secret {}: {e}", secret.name))?;
+            let data = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
+                .ok_or_else(|| {
+                    format!("push Secret {} has no .dockerconfigjson key", secret.name)
+                })?;
+            DockerConfig::parse(&data.0).map_err(|e| format!("push Secret {}: {e}", secret.name))?
+        }
+    };
+    Ok(RegistryChecker::new(
+        config,
+        run.spec.registry.insecure,
+        ctx.config.registry_concurrency,
+    ))
+}
+
+fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus) -> Policy {
+    let deadline = status.started_at.map(|t| {
+        t + chrono::Duration::from_std(settings.run_timeout).unwrap_or(chrono::Duration::MAX)
+    });
+    Policy {
+        max_workers: settings.max_workers,
+        attempts: settings.attempts,
+        backoff_initial: settings.backoff_initial,
+        backoff_max: settings.backoff_max,
+        force_rebuild: run.spec.force_rebuild,
+        suspend: run.spec.suspend,
+        deadline,
+    }
+}
+
+/// The run's Jobs (and their pods) from the stores, by name.
+fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
+    let mut pods: HashMap<String, Pod> = HashMap::new();
+    for store in &ctx.pods {
+        for pod in store.state() {
+            if pod.namespace().as_deref() != Some(ns)
+                || pod.labels().get(LABEL_RUN_UID).map(String::as_str) != Some(uid)
+            {
+                continue;
+            }
+            if let Some(job) = pod.labels().get("batch.kubernetes.io/job-name") {
+                pods.insert(job.clone(), (*pod).clone());
+            }
+        }
+    }
+    let mut jobs = BTreeMap::new();
+    for store in &ctx.jobs {
+        for job in store.state() {
+            if job.namespace().as_deref() != Some(ns)
+                || job.labels().get(LABEL_RUN_UID).map(String::as_str) != Some(uid)
+            {
+                continue;
+            }
+            if job.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let name = job.name_any();
+            let pod = pods.remove(&name);
+            jobs.insert(
+                name,
+                LiveJob {
+                    job: (*job).clone(),
+                    pod,
+                },
+            );
+        }
+    }
+    jobs
+}
+
+async fn read_records(
+    client: &Client,
+    ns: &str,
+    run: &str,
+) -> Result<BTreeMap<String, Record>, Error> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let name = records_name(run);
+    let Some(cm) = cms.get_opt(&name).await? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut records = BTreeMap::new();
+    for (key, value) in cm.data.unwrap_or_default() {
+        let record = serde_json::from_str(&value).map_err(|source| Error::Record {
+            config_map: name.clone(),
+            key: key.clone(),
+            source,
+        })?;
+        records.insert(key, record);
+    }
+    Ok(records)
+}
+
+async fn write_records(
+    client: &Client,
+    run: &ImageBuildRun,
+    records: &BTreeMap<String, Record>,
+) -> Result<(), Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ns = run.namespace().unwrap_or_default();
+    let name = records_name(&run.name_any());
+    let data: BTreeMap<String, String> = records
+        .iter()
+        .map(|(k, r)| {
+            (
+                k.clone(),
+                serde_json::to_string(r).expect("records serialize"),
+            )
+        })
+        .collect();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    // A merge patch adds these keys and leaves the others (an apply would drop them).
+    let patch = json!({"data": data});
+    match cms
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => return Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let owner = run
+        .controller_owner_ref(&())
+        .expect("a run from the API has a uid");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": MANAGER, LABEL_RUN_UID: run.uid()},
+            "ownerReferences": [owner],
+        },
+        "data": data,
+    }))
+    .expect("a well-formed ConfigMap");
+    match cms.create(&PostParams::default(), &cm).await {
+        Ok(_) => Ok(()),
+        // Created meanwhile by another writer: add the keys to it.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            cms.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {
+    match jobs.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The record an action writes, if it writes one.
+fn record_for(
+    plan: &Plan,
+    states: &[NodeState],
+    outcomes: &BTreeMap<usize, (crate::job::Outcome, Option<DateTime<Utc>>)>,
+    action: &Action,
+    now: DateTime<Utc>,
+) -> Option<(usize, Record)> {
+    let attempt_of = |node: usize| match &states[node] {
+        NodeState::Finished { attempt, .. } | NodeState::Running { attempt } => *attempt,
+        NodeState::Waiting { attempts, .. } => *attempts,
+        _ => 0,
+    };
+    let with_job = |node: usize, record: Record| match outcomes.get(&node) {
+        Some((outcome, started)) => record.with_job(outcome, *started),
+        None => record,
+    };
+    let (node, record) = match action {
+        Action::MarkSucceeded { node } => (
+            *node,
+            Record::built(&plan.nodes[*node], attempt_of(*node), now),
+        ),
+        Action::MarkFailed { node, failure } => (
+            *node,
+            Record::failed(&plan.nodes[*node], failure, attempt_of(*node), None, now),
+        ),
+        Action::RetryAt { node, at, failure } => (
+            *node,
+            Record::failed(
+                &plan.nodes[*node],
+                failure,
+                attempt_of(*node),
+                Some(*at),
+                now,
+            ),
+        ),
+        Action::MarkSkipped { node, reason } => {
+            (*node, Record::skipped(&plan.nodes[*node], *reason, now))
+        }
+        Action::CreateJob { .. } | Action::DeleteJob { .. } => return None,
+    };
+    Some((node, with_job(node, record)))
+}
+
+/// Errors are retried with backoff, logged by the caller.
+pub fn error_policy(_run: Arc<ImageBuildRun>, err: &Error, _ctx: Arc<Ctx>) -> Requeue {
+    tracing::warn!(error = %err, kind = err.kind(), "reconcile failed");
+    Requeue::requeue(Duration::from_secs(5))
+}
