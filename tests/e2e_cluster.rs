@@ -355,29 +355,11 @@ async fn garbage_collector_and_ttl_controller_clean_up_jobs() {
 #[tokio::test]
 async fn the_project_crd_is_served_with_its_status_subresource_and_cel_rules() {
     use imagebuild_operator::api::ImageBuildRun;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::runtime::wait::{await_condition, conditions};
 
     let env = Env::get();
     let _logs = env.logs_on_failure();
     let client = env.client().await;
-    let crd: CustomResourceDefinition = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(imagebuild_operator::crd::CRD_PATH).unwrap(),
-    )
-    .unwrap();
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    let name = crd.metadata.name.clone().unwrap();
-    let apply = PatchParams::apply("imagebuild-e2e").force();
-    crds.patch(&name, &apply, &Patch::Apply(&crd))
-        .await
-        .unwrap();
-    tokio::time::timeout(
-        WAIT,
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .unwrap();
+    common::cluster::apply_crd(&client).await;
 
     let ns = TestNamespace::create(&client, "e2e-crd").await;
     let runs = ns.api::<ImageBuildRun>();

@@ -187,7 +187,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     };
 
-    let records = read_records(&ctx.client, &ns, &name).await?;
+    let records = read_records(&ctx.client, &ns, &name, Some(&uid)).await?;
     let jobs = live_jobs(&ctx, &ns, &uid);
     let observed = observe(&plan, &records, &jobs, settings.pending_timeout, now);
     let (registry, registry_error) = registry_view(&run, &ctx, &plan, &observed.states).await;
@@ -650,12 +650,28 @@ async fn read_records(
     client: &Client,
     ns: &str,
     run: &str,
+    uid: Option<&String>,
 ) -> Result<BTreeMap<String, Record>, Error> {
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let name = records_name(run);
     let Some(cm) = cms.get_opt(&name).await? else {
         return Ok(BTreeMap::new());
     };
+    let owned = cm
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(&o.uid) == uid);
+    if !owned {
+        // Left by an earlier run of the same name, not yet garbage-collected.
+        match cms.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(BTreeMap::new());
+    }
     let mut records = BTreeMap::new();
     for (key, value) in cm.data.unwrap_or_default() {
         let record = serde_json::from_str(&value).map_err(|source| Error::Record {

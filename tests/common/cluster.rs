@@ -174,3 +174,70 @@ impl TestNamespace {
             .unwrap_or_else(|e| panic!("delete namespace {}: {e}", self.name));
     }
 }
+
+/// Applies the project's CRD (server-side apply) and waits until it is served.
+pub async fn apply_crd(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+
+    let text = std::fs::read_to_string(imagebuild_operator::crd::CRD_PATH).unwrap();
+    let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&text).unwrap();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let name = crd.metadata.name.clone().unwrap();
+    let apply = PatchParams::apply("imagebuild-e2e").force();
+    crds.patch(&name, &apply, &Patch::Apply(&crd))
+        .await
+        .unwrap();
+    let established = await_condition(crds, &name, conditions::is_crd_established());
+    tokio::time::timeout(Duration::from_secs(60), established)
+        .await
+        .expect("CRD established in time")
+        .unwrap();
+}
+
+/// The operator binary, running against the environment and watching one namespace;
+/// killed (SIGKILL) when dropped. Its log is printed if the test fails.
+pub struct Operator {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(namespace: &str) -> Operator {
+        let log = std::env::temp_dir().join(format!(
+            "imagebuild-operator-{namespace}-{}.log",
+            rand::random::<u32>()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_imagebuild-operator"))
+            .args(["run", "--namespace", namespace])
+            .env("RUST_LOG", "info,imagebuild_operator=debug")
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start imagebuild-operator");
+        Operator { child, log }
+    }
+
+    /// Kills the operator at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- operator log {} (last 60 lines)", self.log.display());
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
