@@ -237,102 +237,49 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     let counts = status::counts(&plan, &states);
     status::fill(&mut status, &counts);
-    let generation = run.metadata.generation;
     if !new_records.is_empty() {
         status.last_progress_at = Some(now);
     }
-    if let Some(err) = &registry_error {
+    let pending_limit =
+        chrono::Duration::from_std(settings.pending_timeout).unwrap_or(chrono::Duration::MAX);
+    let stalled = observed
+        .unschedulable
+        .iter()
+        .find(|u| now - u.since >= pending_limit);
+    let phase = status.phase.unwrap_or(RunPhase::Building);
+    let final_phase = phase != RunPhase::Building;
+    let progress = summary(&counts);
+    let (why, progressing) = match (final_phase, run.spec.suspend) {
+        (true, _) => (format!("{phase:?}"), false),
+        (false, true) => ("Suspended".to_string(), false),
+        (false, false) => ("Building".to_string(), true),
+    };
+    let conditions: [(&str, bool, &str, &str); 4] = [
+        ("Ready", phase == RunPhase::Succeeded, &why, &progress),
+        ("Progressing", progressing, &why, &progress),
+        match &registry_error {
+            Some(err) => ("Degraded", true, "RegistryError", err),
+            None => ("Degraded", false, "AsExpected", ""),
+        },
+        match stalled {
+            Some(u) => ("Stalled", true, "Unschedulable", &u.message),
+            None => ("Stalled", false, "AsExpected", ""),
+        },
+    ];
+    for (type_, value, reason, message) in conditions {
+        let generation = run.metadata.generation;
         status::set_condition(
             &mut status.conditions,
-            "Degraded",
-            true,
-            "RegistryError",
-            err,
-            generation,
-            now,
-        );
-    } else {
-        status::set_condition(
-            &mut status.conditions,
-            "Degraded",
-            false,
-            "AsExpected",
-            "",
+            type_,
+            value,
+            reason,
+            message,
             generation,
             now,
         );
     }
-    let stalled = observed.unschedulable.iter().find(|u| {
-        now - u.since
-            >= chrono::Duration::from_std(settings.pending_timeout).unwrap_or(chrono::Duration::MAX)
-    });
-    match stalled {
-        Some(u) => status::set_condition(
-            &mut status.conditions,
-            "Stalled",
-            true,
-            "Unschedulable",
-            &u.message,
-            generation,
-            now,
-        ),
-        None => status::set_condition(
-            &mut status.conditions,
-            "Stalled",
-            false,
-            "AsExpected",
-            "",
-            generation,
-            now,
-        ),
-    }
-    let final_phase = status.phase != Some(RunPhase::Building);
     if final_phase {
         status.completed_at.get_or_insert(now);
-        let phase = status.phase.unwrap_or(RunPhase::Building);
-        let ok = phase == RunPhase::Succeeded;
-        status::set_condition(
-            &mut status.conditions,
-            "Ready",
-            ok,
-            &format!("{phase:?}"),
-            &summary(&counts),
-            generation,
-            now,
-        );
-        status::set_condition(
-            &mut status.conditions,
-            "Progressing",
-            false,
-            &format!("{phase:?}"),
-            "",
-            generation,
-            now,
-        );
-    } else {
-        let why = if run.spec.suspend {
-            "Suspended"
-        } else {
-            "Building"
-        };
-        status::set_condition(
-            &mut status.conditions,
-            "Ready",
-            false,
-            why,
-            &summary(&counts),
-            generation,
-            now,
-        );
-        status::set_condition(
-            &mut status.conditions,
-            "Progressing",
-            !run.spec.suspend,
-            why,
-            &summary(&counts),
-            generation,
-            now,
-        );
     }
     write_status(&runs, &name, &old, &status).await?;
 
