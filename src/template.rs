@@ -174,7 +174,8 @@ fn short(value: &str, len: Option<usize>) -> String {
     value.chars().take(len.unwrap_or(7)).collect()
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (digests in tags, labels and Job names).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

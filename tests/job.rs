@@ -7,22 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use imagebuild_operator::cli::{load_run, plan_run};
 use imagebuild_operator::job::{self, BuildReport, JobInputs, PhaseBuild, buildctl_args};
 use imagebuild_operator::plan::{Phase, Plan};
 
-const IDS: &str = "tests/fixtures/swebench-verified-ids.txt";
+mod common;
 
-fn swebench() -> (imagebuild_operator::api::ImageBuildRun, Plan) {
-    let run = load_run("examples/swebench-run.yaml".as_ref()).unwrap();
-    let plan = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(plan_run(&run, Some(&PathBuf::from(IDS))))
-        .unwrap();
-    (run, plan)
-}
+use common::swebench;
 
 fn node<'a>(
     plan: &'a Plan,

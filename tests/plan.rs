@@ -11,25 +11,15 @@ use imagebuild_operator::cli::{load_run, plan_run};
 use imagebuild_operator::instances::{self, InstanceError};
 use imagebuild_operator::plan::{self, Phase, PlanError, is_dns1123_label};
 
-const IDS: &str = "tests/fixtures/swebench-verified-ids.txt";
+use common::{SWEBENCH_IDS as IDS, block_on};
 
 fn swebench_plan() -> (Vec<String>, plan::Plan) {
-    let run = load_run("examples/swebench-run.yaml".as_ref()).unwrap();
     let ids: Vec<String> = std::fs::read_to_string(IDS)
         .unwrap()
         .lines()
         .map(str::to_string)
         .collect();
-    let plan = block_on(plan_run(&run, Some(&PathBuf::from(IDS)))).unwrap();
-    (ids, plan)
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+    (ids, common::swebench().1)
 }
 
 #[test]

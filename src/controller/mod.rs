@@ -29,6 +29,11 @@ pub struct Options {
     pub registry_concurrency: usize,
 }
 
+/// Watches only what the operator made.
+fn managed() -> watcher::Config {
+    watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"))
+}
+
 /// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
 /// namespaces) and returns its store; the reflector runs until the process ends.
 fn reflect<K>(client: &Client, ns: Option<&str>) -> Store<K>
@@ -45,8 +50,7 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let config =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let config = managed();
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config))
         .default_backoff()
@@ -90,8 +94,7 @@ pub async fn run(client: Client, options: Options) {
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-        let owned =
-            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+        let owned = managed();
         Controller::new(runs, watcher::Config::default())
             .owns(jobs, owned)
             .with_config(

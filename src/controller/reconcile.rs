@@ -21,17 +21,14 @@ use super::observe::{LiveJob, observe};
 use super::records::Record;
 use super::status;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
-use crate::job::{JobInputs, LABEL_RUN_UID, build_job};
+use crate::job::{JobInputs, LABEL_RUN_UID, MANAGER, build_job};
 use crate::plan::{self, Plan};
-use crate::registry::{DockerConfig, Presence, RegistryChecker, RegistryError};
+use crate::registry::{DockerConfig, Presence, RegistryChecker};
 use crate::schedule::{self, Action, NodeState, Policy, Registry};
 use crate::validate::{self, Settings};
 
 /// Wait before checking again images a failed registry check left unknown.
 const RECHECK: Duration = Duration::from_secs(30);
-
-/// Field manager of the operator's writes.
-pub const MANAGER: &str = "imagebuild-operator";
 
 /// Why a reconcile failed (it is retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -482,9 +479,6 @@ async fn registry_view(
                     match result {
                         Ok(Presence::Exists(_)) => cache.registry[i] = Registry::Exists,
                         Ok(Presence::Missing) => cache.registry[i] = Registry::Missing,
-                        Err(e @ RegistryError::Unauthorized { .. }) => {
-                            cache.registry_error = Some(e.to_string())
-                        }
                         Err(e) => {
                             tracing::warn!(image = %plan.nodes[i].image, error = %e, "registry check failed");
                             cache.registry_error = Some(e.to_string());

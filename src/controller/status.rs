@@ -72,7 +72,6 @@ pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4]) {
     };
     status.progress.bases = done(&counts[1]);
     status.progress.assemblies = done(&counts[2]);
-    status.failed_total = counts.iter().map(|c| c.failed).sum();
     status.phase = Some(run_phase(counts));
 }
 

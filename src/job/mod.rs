@@ -77,19 +77,11 @@ pub fn run_label(run_name: &str) -> String {
 
 /// A short, stable hash of what a node is built for.
 pub fn node_label(node: &Node) -> String {
-    let key = node
-        .instance_id
-        .as_deref()
-        .or(node.upstream_image.as_deref())
-        .unwrap_or("builder");
-    hex_sha256(&format!("{}\0{key}", node.phase.as_str()))[..16].to_string()
+    hex_sha256(&format!("{}\0{}", node.phase.as_str(), node.subject()))[..16].to_string()
 }
 
 fn hex_sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::template::hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// The Job that builds `node` (attempt `attempt`, 1-based). `pod_annotations` are added to

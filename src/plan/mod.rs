@@ -87,6 +87,17 @@ pub struct Node {
     pub deps: Vec<NodeId>,
 }
 
+impl Node {
+    /// What the node is built for: its instance, else its upstream image (a base), else
+    /// `builder`.
+    pub fn subject(&self) -> &str {
+        self.instance_id
+            .as_deref()
+            .or(self.upstream_image.as_deref())
+            .unwrap_or("builder")
+    }
+}
+
 /// Every image of a run and the edges between them. Dependencies always come earlier in
 /// `nodes`, so plan order is a topological order.
 #[derive(Clone, Debug)]

@@ -17,11 +17,7 @@ pub fn job_name(run: &str, phase_abbrev: &str, slug: &str, key: &str) -> String 
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
-    let hash: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = crate::template::hex(&hasher.finalize());
     let run_part = truncate(&sanitize(run), RUN_PART_MAX);
     let prefix = format!("{run_part}-{phase_abbrev}");
     let room = MAX_NAME - prefix.len() - HASH_LEN - 2;

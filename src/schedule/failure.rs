@@ -96,11 +96,7 @@ impl Failure {
 
     /// The failure of a node whose input `dep` failed.
     pub fn dependency(dep: &Node) -> Self {
-        let what = dep
-            .instance_id
-            .as_deref()
-            .or(dep.upstream_image.as_deref())
-            .unwrap_or("builder");
+        let what = dep.subject();
         Self::new(
             FailureClass::DependencyFailed,
             format!("{} {what} failed", dep.phase.as_str()),

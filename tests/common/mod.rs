@@ -54,3 +54,24 @@ pub fn raw(ids: &[&str], images: &[Option<&str>]) -> Vec<RawInstance> {
 pub fn plan_for(spec: &ImageBuildRunSpec, instances: &[RawInstance]) -> Plan {
     plan::build("run", spec, instances).expect("valid plan")
 }
+
+/// The 500 SWE-bench Verified instance ids.
+pub const SWEBENCH_IDS: &str = "tests/fixtures/swebench-verified-ids.txt";
+
+/// Runs a future to completion on a fresh runtime (for synchronous tests).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// The example SWE-bench run and its plan over the fixture ids.
+pub fn swebench() -> (imagebuild_operator::api::ImageBuildRun, Plan) {
+    use imagebuild_operator::cli::{load_run, plan_run};
+    let run = load_run("examples/swebench-run.yaml".as_ref()).unwrap();
+    let ids = std::path::PathBuf::from(SWEBENCH_IDS);
+    let plan = block_on(plan_run(&run, Some(&ids))).unwrap();
+    (run, plan)
+}
