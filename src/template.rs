@@ -17,6 +17,9 @@ pub const BUILTIN_VARIABLES: &[&str] = &[
     "builder",
     "base",
     "assembly",
+    "phase",
+    "attempt",
+    "image",
 ];
 
 /// A template that failed to parse or to render, with the field and instance it belongs to.
@@ -123,6 +126,11 @@ impl Context {
 
     /// Sets a top-level variable.
     pub fn set(&mut self, name: &str, value: &str) {
+        self.0.insert(name.to_string(), Value::from(value));
+    }
+
+    /// Sets a top-level number variable.
+    pub fn set_number(&mut self, name: &str, value: u32) {
         self.0.insert(name.to_string(), Value::from(value));
     }
 

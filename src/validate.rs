@@ -102,6 +102,14 @@ pub fn validate(spec: &ImageBuildRunSpec) -> Result<Settings, SpecError> {
             )
         })?;
     }
+    for key in spec.placement.pod_annotations.keys() {
+        if let Err(problem) = annotation_key(key) {
+            return Err(err(
+                &format!("spec.placement.podAnnotations.{key}"),
+                problem,
+            ));
+        }
+    }
     if spec.instances.list.as_ref().is_some_and(Vec::is_empty) {
         return Err(err(
             "spec.instances.list",
@@ -144,6 +152,39 @@ fn duration(field: &str, text: &str) -> Result<Duration, SpecError> {
         return Err(err(field, "must be longer than zero"));
     }
     Ok(parsed)
+}
+
+/// Checks an annotation key as the API server does (an optional DNS-subdomain prefix and
+/// `/`, then a name of at most 63 characters), and keeps the operator's own prefix.
+fn annotation_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let name_ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err("the name part must be 1-63 characters: letters, digits, '-', '_' or '.', starting and ending with a letter or digit".into());
+    }
+    if let Some(prefix) = prefix {
+        let prefix_ok = (1..=253).contains(&prefix.len())
+            && prefix.split('.').all(crate::plan::is_dns1123_label);
+        if !prefix_ok {
+            return Err(
+                "the prefix must be a DNS subdomain (lower-case labels separated by dots)".into(),
+            );
+        }
+        if prefix == "imagebuild.dev" {
+            return Err(
+                "the imagebuild.dev prefix is reserved for the operator's own annotations".into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn is_identifier(key: &str) -> bool {

@@ -246,3 +246,77 @@ fn wrapper_reports_a_failed_build_with_its_output_tail() {
         Some(imagebuild_operator::schedule::FailureClass::DiskFull)
     );
 }
+
+#[test]
+fn pod_annotations_render_per_node_and_attempt_and_drop_empty_values() {
+    let spec = common::spec_with(
+        r#"
+instances: {list: [django__django-11333], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
+vars: {sdkSha: 0123456789abcdef, team: evals}
+placement:
+  podAnnotations:
+    example.com/team: "{{ team }}-{{ phase }}"
+    example.com/first-try: "{% if attempt == 1 %}yes{% endif %}"
+    example.com/repo: "{% if instanceId is defined %}{{ repo }}{% endif %}"
+"#,
+    );
+    let plan = common::plan_for(&spec, &common::raw(&["django__django-11333"], &[]));
+    let a = job::PodAnnotations::compile(&spec).unwrap();
+    let asm = node(&plan, Phase::Assembly, None);
+    let first = a.render(asm, 1).unwrap();
+    assert_eq!(first["example.com/team"], "evals-assembly");
+    assert_eq!(first["example.com/first-try"], "yes");
+    assert_eq!(first["example.com/repo"], "django");
+    let second = a.render(asm, 2).unwrap();
+    assert!(!second.contains_key("example.com/first-try"), "{second:?}");
+    let base = a.render(node(&plan, Phase::Base, None), 1).unwrap();
+    assert_eq!(base["example.com/team"], "evals-base");
+    assert!(!base.contains_key("example.com/repo"), "{base:?}");
+
+    // And they reach the pod template, next to the operator's own annotations.
+    let inputs = JobInputs {
+        run_name: "r",
+        namespace: "ns",
+        run_uid: "uid",
+        spec: &spec,
+        build_timeout: Duration::from_secs(60),
+    };
+    let job = job::build_job(&inputs, asm, 2, &second).unwrap();
+    let pod = job
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap();
+    assert_eq!(pod["example.com/team"], "evals-assembly");
+    assert_eq!(pod["imagebuild.dev/attempt"], "2");
+}
+
+#[test]
+fn pod_annotation_errors_name_the_field() {
+    let spec =
+        common::spec_with(r#"placement: {podAnnotations: {example.com/x: "{{ instanceId }}"}}"#);
+    // The plan renders every node's annotations, so the run fails before any Job.
+    let err =
+        imagebuild_operator::plan::build("run", &spec, &common::raw(&["a__a-1"], &[])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.placement.podAnnotations.example.com/x: unknown variable `instanceId` (instance builder)"
+    );
+    for (key, message) in [
+        ("imagebuild.dev/attempt", "reserved"),
+        ("Example.com/x", "DNS subdomain"),
+        ("example.com/-x", "name part"),
+    ] {
+        let spec = common::spec_with(&format!("placement: {{podAnnotations: {{{key}: v}}}}"));
+        let e = imagebuild_operator::validate::validate(&spec).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("spec.placement.podAnnotations.{key}: "))
+                && e.to_string().contains(message),
+            "{e}"
+        );
+    }
+}

@@ -285,6 +285,14 @@ pub struct PlacementSpec {
     /// Memory each build pod requests and is limited to.
     #[serde(default = "default_memory")]
     pub memory: Quantity,
+
+    /// Annotations added to every build pod. Values are templates: besides `spec.vars`
+    /// they see `phase`, `attempt` (1-based number), `image`, and where the node has them
+    /// `instanceId`, `repo`, `name`, `upstreamImage` and `customTag`. An annotation whose
+    /// value renders empty is left out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32), inner(length(max = 4096)))]
+    pub pod_annotations: BTreeMap<String, String>,
 }
 
 /// The program that runs each build.
@@ -392,6 +400,7 @@ impl Default for PlacementSpec {
             ephemeral_storage: default_ephemeral_storage(),
             cpu: default_cpu(),
             memory: default_memory(),
+            pod_annotations: BTreeMap::new(),
         }
     }
 }

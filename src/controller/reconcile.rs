@@ -21,7 +21,7 @@ use super::observe::{LiveJob, observe};
 use super::records::Record;
 use super::status;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
-use crate::job::{JobInputs, LABEL_RUN_UID, MANAGER, build_job};
+use crate::job::{JobInputs, LABEL_RUN_UID, MANAGER, PodAnnotations, build_job};
 use crate::plan::{self, Plan};
 use crate::registry::{DockerConfig, Presence, RegistryChecker};
 use crate::schedule::{self, Action, NodeState, Policy, Registry};
@@ -210,10 +210,17 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         spec: &run.spec,
         build_timeout: settings.build_timeout,
     };
+    let annotations = PodAnnotations::compile(&run.spec).ok();
     for action in &actions {
         match action {
             Action::CreateJob { node, attempt } => {
-                let job = build_job(&inputs, &plan.nodes[*node], *attempt, &BTreeMap::new())
+                let node = &plan.nodes[*node];
+                // The plan rendered every node and attempt, so this does not fail.
+                let pod_annotations = annotations
+                    .as_ref()
+                    .and_then(|a| a.render(node, *attempt).ok())
+                    .unwrap_or_default();
+                let job = build_job(&inputs, node, *attempt, &pod_annotations)
                     .expect("every planned phase is in the spec");
                 match jobs_api.create(&PostParams::default(), &job).await {
                     Ok(_) => {}

@@ -2,6 +2,7 @@
 //! frontend behind a small wrapper that reports the result in the termination message.
 //! Pure code: `build_job` turns a node and its run into the Job object to create.
 
+mod annotations;
 mod buildctl;
 mod result;
 
@@ -12,6 +13,7 @@ use k8s_openapi::api::batch::v1::Job;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+pub use annotations::PodAnnotations;
 pub use buildctl::{CONTEXT_DIR, METADATA_FILE, PhaseBuild, WORK_DIR, buildctl_args};
 pub use result::{BuildReport, Outcome, classify_text, outcome};
 

@@ -304,6 +304,17 @@ pub fn build(
         }
     }
 
+    // Pod annotations render per attempt; render every one now so a template that fails
+    // for some node fails the plan rather than that node's Job.
+    let annotations = crate::job::PodAnnotations::compile(spec)?;
+    if !annotations.is_empty() {
+        for node in &nodes {
+            for attempt in 1..=spec.retry.attempts {
+                annotations.render(node, attempt)?;
+            }
+        }
+    }
+
     let mut dependents = vec![Vec::new(); nodes.len()];
     for (id, n) in nodes.iter().enumerate() {
         for &dep in &n.deps {
