@@ -13,10 +13,12 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use super::events;
 use super::observe::{LiveJob, observe};
 use super::records::Record;
 use super::status;
@@ -96,6 +98,7 @@ pub struct Ctx {
     pub pods: Vec<Store<Pod>>,
     /// Settings.
     pub config: Config,
+    recorder: Recorder,
     runs: Mutex<HashMap<String, RunCache>>,
 }
 
@@ -107,7 +110,12 @@ impl Ctx {
         pods: Vec<Store<Pod>>,
         config: Config,
     ) -> Ctx {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Ctx {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
             jobs,
             pods,
@@ -127,7 +135,6 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let name = run.name_any();
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
-    let runs: Api<ImageBuildRun> = Api::namespaced(ctx.client.clone(), &ns);
     let now = Utc::now();
     if run.metadata.deletion_timestamp.is_some() {
         ctx.runs.lock().unwrap().remove(&format!("{ns}/{name}"));
@@ -148,7 +155,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
                 run.metadata.generation,
                 now,
             );
-            write_status(&runs, &name, &old, &status).await?;
+            write_status(&ctx, &run, &old, &status).await?;
             return Ok(Requeue::await_change());
         }
     };
@@ -167,7 +174,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
                 generation,
                 now,
             );
-            write_status(&runs, &name, &old, &status).await?;
+            write_status(&ctx, &run, &old, &status).await?;
             // The resolution runs in the background; look again shortly.
             return Ok(Requeue::requeue(Duration::from_secs(1)));
         }
@@ -179,7 +186,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
                 run.metadata.generation,
                 now,
             );
-            write_status(&runs, &name, &old, &status).await?;
+            write_status(&ctx, &run, &old, &status).await?;
             return Ok(Requeue::await_change());
         }
     };
@@ -249,7 +256,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let stalled = observed
         .unschedulable
         .iter()
-        .find(|u| now - u.since >= pending_limit);
+        .find(|u| now - u.since >= pending_limit)
+        .map(|u| u.message.clone())
+        .or_else(|| unschedulable_failures(&records, &new_records));
     let phase = status.phase.unwrap_or(RunPhase::Building);
     let final_phase = phase != RunPhase::Building;
     let progress = summary(&counts);
@@ -265,8 +274,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             Some(err) => ("Degraded", true, "RegistryError", err),
             None => ("Degraded", false, "AsExpected", ""),
         },
-        match stalled {
-            Some(u) => ("Stalled", true, "Unschedulable", &u.message),
+        match &stalled {
+            // Kept after the run ends: it says why the run failed.
+            Some(message) => ("Stalled", true, "Unschedulable", message),
             None => ("Stalled", false, "AsExpected", ""),
         },
     ];
@@ -285,7 +295,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if final_phase {
         status.completed_at.get_or_insert(now);
     }
-    write_status(&runs, &name, &old, &status).await?;
+    write_status(&ctx, &run, &old, &status).await?;
 
     if final_phase {
         return Ok(Requeue::await_change());
@@ -307,6 +317,28 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         wait = wait.min(Duration::from_secs(1));
     }
     Ok(Requeue::requeue(wait))
+}
+
+/// The message of Stalled when images already failed because their pods could not be
+/// scheduled within `timeouts.pending` (their pods are gone, the problem is not).
+fn unschedulable_failures(
+    records: &BTreeMap<String, Record>,
+    new_records: &BTreeMap<String, Record>,
+) -> Option<String> {
+    let class = Some(crate::schedule::FailureClass::Unschedulable.as_str());
+    let mut failed = records
+        .iter()
+        .filter(|(k, _)| !new_records.contains_key(*k))
+        .chain(new_records)
+        .map(|(_, r)| r)
+        .filter(|r| r.failure_class.as_deref() == class);
+    let first = failed.next()?;
+    let more = failed.count();
+    Some(format!(
+        "{} image(s) could not be scheduled within timeouts.pending; the scheduler said: {}",
+        more + 1,
+        first.message.as_deref().unwrap_or("")
+    ))
 }
 
 fn summary(counts: &[crate::api::PhaseCounts; 4]) -> String {
@@ -360,18 +392,32 @@ fn fail_run(
     );
 }
 
+/// Patches the status if it changed, then publishes the Events of the change (an Event
+/// that fails to publish is logged, not retried: the status already says it).
 async fn write_status(
-    runs: &Api<ImageBuildRun>,
-    name: &str,
+    ctx: &Ctx,
+    run: &ImageBuildRun,
     old: &ImageBuildRunStatus,
     new: &ImageBuildRunStatus,
 ) -> Result<(), Error> {
     if old == new {
         return Ok(());
     }
+    let runs: Api<ImageBuildRun> =
+        Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"status": new});
-    runs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    runs.patch_status(
+        &run.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    let reference = run.object_ref(&());
+    for event in events::transitions(old, new) {
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(run = %run.name_any(), reason = %event.reason, error = %e, "publishing an Event failed");
+        }
+    }
     Ok(())
 }
 

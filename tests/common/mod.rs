@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod oci;
+pub mod runs;
 
 use imagebuild_operator::api::ImageBuildRunSpec;
 use imagebuild_operator::instances::RawInstance;

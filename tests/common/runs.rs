@@ -1,0 +1,200 @@
+//! Runs on the local control plane: a SWE-bench-shaped ImageBuildRun, waiting for a
+//! phase, and an independent watcher of the run's Jobs that also stands in for BuildKit's
+//! push.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use imagebuild_operator::controller::reconcile::records_name;
+use imagebuild_operator::controller::records::Record;
+use imagebuild_operator::job::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_PHASE};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use oci_client::secrets::RegistryAuth;
+
+use super::cluster::eventually;
+
+/// The first `n` SWE-bench Verified ids of the shared fixture.
+pub fn swebench_ids(n: usize) -> Vec<String> {
+    std::fs::read_to_string(super::SWEBENCH_IDS)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(str::to_string)
+        .collect()
+}
+
+/// One Job as the watcher saw it.
+#[derive(Clone, Debug)]
+pub struct SeenJob {
+    pub name: String,
+    pub phase: String,
+    pub attempt: u32,
+    pub created: Instant,
+    pub finished: Option<Instant>,
+}
+
+/// What an independent watcher saw of a namespace's Jobs, by uid.
+#[derive(Default)]
+pub struct Seen {
+    pub jobs: BTreeMap<String, SeenJob>,
+    active: BTreeSet<String>,
+    pub max_active: usize,
+    pushed: BTreeSet<String>,
+}
+
+impl Seen {
+    /// How many Jobs were created for each (Job name, attempt): more than one is a
+    /// duplicate.
+    pub fn per_attempt(&self) -> BTreeMap<(String, u32), usize> {
+        let mut out = BTreeMap::new();
+        for job in self.jobs.values() {
+            *out.entry((job.name.clone(), job.attempt)).or_default() += 1;
+        }
+        out
+    }
+
+    /// Jobs whose build finished (Complete or Failed, or deleted).
+    pub fn finished(&self) -> usize {
+        self.jobs.values().filter(|j| j.finished.is_some()).count()
+    }
+
+    /// Jobs created after `t`.
+    pub fn created_after(&self, t: Instant) -> Vec<&SeenJob> {
+        self.jobs.values().filter(|j| j.created > t).collect()
+    }
+
+    /// Jobs in flight now.
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+}
+
+fn finished(job: &Job) -> Option<bool> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        .map(|c| c.type_ == "Complete")
+}
+
+/// Watches the Jobs of `jobs`' namespace: counts those in flight, and pushes a tiny image
+/// for each Job that completes, standing in for BuildKit's push.
+pub fn watch_jobs(jobs: Api<Job>) -> Arc<Mutex<Seen>> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let mut events = watcher(jobs, watcher::Config::default()).boxed();
+        while let Some(Ok(event)) = events.next().await {
+            let (job, deleted) = match event {
+                watcher::Event::Apply(j) | watcher::Event::InitApply(j) => (j, false),
+                watcher::Event::Delete(j) => (j, true),
+                _ => continue,
+            };
+            let uid = job.uid().unwrap_or_default();
+            let done = finished(&job);
+            let push = {
+                let mut s = seen.lock().unwrap();
+                let entry = s.jobs.entry(uid.clone()).or_insert_with(|| SeenJob {
+                    name: job.name_any(),
+                    phase: job.labels().get(LABEL_PHASE).cloned().unwrap_or_default(),
+                    attempt: job
+                        .annotations()
+                        .get(ANNOTATION_ATTEMPT)
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(0),
+                    created: Instant::now(),
+                    finished: None,
+                });
+                if deleted || done.is_some() {
+                    entry.finished.get_or_insert_with(Instant::now);
+                    s.active.remove(&uid);
+                } else {
+                    s.active.insert(uid.clone());
+                }
+                s.max_active = s.max_active.max(s.active.len());
+                match job.annotations().get(ANNOTATION_IMAGE) {
+                    Some(image) if done == Some(true) && s.pushed.insert(uid) => {
+                        Some(image.clone())
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(image) = push {
+                let reference = image.parse().unwrap();
+                let (layers, config) = super::oci::tiny_image();
+                super::oci::oci()
+                    .push(&reference, &layers, config, &RegistryAuth::Anonymous, None)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    out
+}
+
+/// A SWE-bench-shaped run over `ids`, pushing to `registry/prefix/...`, on the large-disk
+/// nodes. Tests adjust its spec before creating it.
+pub fn swebench_run(
+    name: &str,
+    registry: &str,
+    prefix: &str,
+    ids: &[String],
+    max_workers: u32,
+) -> ImageBuildRun {
+    let list = serde_json::to_string(ids).unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: imagebuild.dev/v1alpha1
+kind: ImageBuildRun
+metadata: {{name: {name}}}
+spec:
+  instances:
+    list: {list}
+    upstreamImage: "docker.io/swebench/sweb.eval.x86_64.{{{{ repo | lower }}}}_1776_{{{{ name | lower }}}}:latest"
+  vars: {{sdkSha: 43376f1abcdef}}
+  builder: {{context: {{inline: "FROM scratch"}}, image: "{registry}/{prefix}/eval-builder:{{{{ sdkSha | short }}}}"}}
+  base:
+    context: {{inline: "FROM scratch"}}
+    image: "{registry}/{prefix}/eval-base:{{{{ customTag }}}}"
+    buildArgs: {{BASE_IMAGE: "{{{{ upstreamImage }}}}"}}
+  assembly:
+    context: {{inline: "FROM scratch"}}
+    image: "{registry}/{prefix}/eval-agent:{{{{ sdkSha | short }}}}-{{{{ instanceId | lower }}}}"
+    buildArgs: {{BASE_IMAGE: "{{{{ base.image }}}}", BUILDER_IMAGE: "{{{{ builder.image }}}}"}}
+  registry: {{insecure: true}}
+  maxWorkers: {max_workers}
+  placement: {{nodeSelector: {{imagebuild.dev/disk: large}}, cpu: "1", memory: 1Gi, ephemeralStorage: 20Gi}}
+"#
+    );
+    serde_yaml_ng::from_str(&yaml).unwrap()
+}
+
+/// Waits until run `name` reaches `phase`.
+pub async fn await_phase(
+    runs: &Api<ImageBuildRun>,
+    name: &str,
+    phase: RunPhase,
+    timeout: Duration,
+) -> ImageBuildRun {
+    eventually(timeout, &format!("run {name} to be {phase:?}"), || async {
+        let run = runs.get(name).await.ok()?;
+        (run.status.as_ref()?.phase == Some(phase)).then_some(run)
+    })
+    .await
+}
+
+/// The run's node records, by Job name.
+pub async fn records(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, Record> {
+    let cm = cms.get(&records_name(run)).await.unwrap();
+    cm.data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
+        .collect()
+}
