@@ -41,6 +41,10 @@ enum Command {
         /// Registry requests in flight per run.
         #[arg(long, default_value_t = 16)]
         registry_concurrency: usize,
+        /// Build Jobs in flight across all runs together, shared fairly between the runs
+        /// that have work (each run still keeps its own maxWorkers). Unlimited if unset.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "IMAGEBUILD_MAX_TOTAL_WORKERS")]
+        max_total_workers: Option<u32>,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "IMAGEBUILD_LOG_FORMAT")]
         log_format: LogFormat,
@@ -70,6 +74,7 @@ async fn main() -> ExitCode {
             namespaces,
             concurrency,
             registry_concurrency,
+            max_total_workers,
             log_format,
         } => {
             init_logging(log_format);
@@ -81,11 +86,12 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            tracing::info!(?namespaces, concurrency, "starting");
+            tracing::info!(?namespaces, concurrency, ?max_total_workers, "starting");
             let options = imagebuild_operator::controller::Options {
                 namespaces,
                 concurrency,
                 registry_concurrency,
+                max_total_workers,
             };
             imagebuild_operator::controller::run(client, options).await;
             ExitCode::SUCCESS

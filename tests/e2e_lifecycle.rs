@@ -472,3 +472,64 @@ async fn an_operator_killed_mid_run_duplicates_nothing_and_loses_nothing() {
     }
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn runs_share_max_total_workers_fairly() {
+    let env = Env::get();
+    let _logs = env.logs_on_failure();
+    let client = env.client().await;
+    apply_crd(&client).await;
+    let ns = TestNamespace::create(&client, "e2e-fair").await;
+    let _operator = Operator::start_with(&ns.name, &["--max-total-workers", "4"]);
+    let runs = ns.api::<ImageBuildRun>();
+    let seen = watch_jobs(ns.api::<Job>());
+
+    let ids = swebench_ids(12);
+    for name in ["first", "second"] {
+        let prefix = format!("{}-{name}", ns.name);
+        let mut run = swebench_run(name, &env.registry, &prefix, &ids, 4);
+        run.spec.placement.pod_annotations = annotations(&[("sim.imagebuild.dev/duration", "2s")]);
+        runs.create(&PostParams::default(), &run).await.unwrap();
+        if name == "first" {
+            // Alone, the first run takes every worker.
+            eventually(
+                Duration::from_secs(60),
+                "4 Jobs of the first run",
+                || async { (seen.lock().unwrap().active() == 4).then_some(()) },
+            )
+            .await;
+        }
+    }
+    for name in ["first", "second"] {
+        await_phase(&runs, name, RunPhase::Succeeded, Duration::from_secs(180)).await;
+    }
+    {
+        let s = seen.lock().unwrap();
+        assert!(s.max_active <= 4, "{} Jobs in flight, cap 4", s.max_active);
+        // Once the second run had work it got its half: two each at some moment.
+        let even = s
+            .history
+            .iter()
+            .any(|per_run| per_run.get("first") == Some(&2) && per_run.get("second") == Some(&2));
+        assert!(even, "never 2 + 2: {:?}", s.history);
+        let first_done = s
+            .jobs
+            .values()
+            .filter(|j| j.run == "first")
+            .filter_map(|j| j.finished)
+            .max()
+            .unwrap();
+        let second_start = s
+            .jobs
+            .values()
+            .filter(|j| j.run == "second")
+            .map(|j| j.created)
+            .min()
+            .unwrap();
+        assert!(
+            second_start < first_done,
+            "the second run waited for the first"
+        );
+    }
+    ns.delete().await;
+}

@@ -28,6 +28,8 @@ pub struct Options {
     pub concurrency: u16,
     /// Registry requests in flight per run.
     pub registry_concurrency: usize,
+    /// Build Jobs in flight across all runs, shared fairly between them.
+    pub max_total_workers: Option<u32>,
 }
 
 /// Watches only what the operator made.
@@ -85,6 +87,7 @@ pub async fn run(client: Client, options: Options) {
         pod_stores,
         reconcile::Config {
             registry_concurrency: options.registry_concurrency,
+            max_total_workers: options.max_total_workers,
         },
     ));
     let controllers = scopes.into_iter().map(|scope| {

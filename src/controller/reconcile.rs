@@ -65,6 +65,18 @@ impl Error {
 pub struct Config {
     /// Registry requests in flight per run.
     pub registry_concurrency: usize,
+    /// Build Jobs in flight across all runs (`--max-total-workers`), shared fairly.
+    pub max_total_workers: Option<u32>,
+}
+
+/// What each run has in flight and could use, for sharing `max_total_workers`.
+#[derive(Default)]
+struct Fleet(BTreeMap<String, Usage>);
+
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    in_flight: u32,
+    demand: u32,
 }
 
 /// What the operator keeps in memory about a run (rebuilt after a restart).
@@ -100,6 +112,7 @@ pub struct Ctx {
     pub config: Config,
     recorder: Recorder,
     runs: Mutex<HashMap<String, RunCache>>,
+    fleet: Mutex<Fleet>,
 }
 
 impl Ctx {
@@ -121,7 +134,64 @@ impl Ctx {
             pods,
             config,
             runs: Mutex::new(HashMap::new()),
+            fleet: Mutex::new(Fleet::default()),
         }
+    }
+}
+
+impl Fleet {
+    /// Decides for run `key` within its fair share of `cap`, and books what it will then
+    /// have in flight (so a run reconciled next sees these Jobs before the stores do).
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        key: &str,
+        cap: u32,
+        plan: &Plan,
+        registry: &[Registry],
+        states: &[NodeState],
+        policy: &mut Policy,
+        now: DateTime<Utc>,
+    ) -> Vec<Action> {
+        let creates = |actions: &[Action]| {
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::CreateJob { .. }))
+                .count() as u32
+        };
+        let running = states
+            .iter()
+            .filter(|s| matches!(s, NodeState::Running { .. }))
+            .count() as u32;
+        // What the run would start on its own limit is what it asks of the fleet.
+        let wanted = schedule::decide(plan, registry, states, policy, now);
+        let demand = running + creates(&wanted);
+        self.0.insert(
+            key.to_string(),
+            Usage {
+                in_flight: running,
+                demand,
+            },
+        );
+        let demands: Vec<u32> = self.0.values().map(|u| u.demand).collect();
+        let shares = schedule::fair_shares(cap, &demands);
+        let mine = self
+            .0
+            .keys()
+            .position(|k| k == key)
+            .map_or(0, |i| shares[i]);
+        let total: u32 = self.0.values().map(|u| u.in_flight).sum();
+        let free = cap.saturating_sub(total);
+        policy.max_workers = policy.max_workers.min(mine).min(running + free);
+        let actions = if policy.max_workers >= demand {
+            wanted
+        } else {
+            schedule::decide(plan, registry, states, policy, now)
+        };
+        if let Some(usage) = self.0.get_mut(key) {
+            usage.in_flight = running + creates(&actions);
+        }
+        actions
     }
 }
 
@@ -136,8 +206,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let now = Utc::now();
+    let key = format!("{ns}/{name}");
     if run.metadata.deletion_timestamp.is_some() {
-        ctx.runs.lock().unwrap().remove(&format!("{ns}/{name}"));
+        ctx.runs.lock().unwrap().remove(&key);
+        ctx.fleet.lock().unwrap().0.remove(&key);
         return Ok(Requeue::await_change());
     }
     let old = run.status.clone().unwrap_or_default();
@@ -196,8 +268,22 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let observed = observe(&plan, &records, &jobs, settings.pending_timeout, now);
     let (registry, registry_error) = registry_view(&run, &ctx, &plan, &observed.states).await;
 
-    let policy = policy(&run, &settings, &status);
-    let actions = schedule::decide(&plan, &registry, &observed.states, &policy, now);
+    let mut policy = policy(&run, &settings, &status);
+    let actions = match ctx.config.max_total_workers {
+        None => schedule::decide(&plan, &registry, &observed.states, &policy, now),
+        Some(cap) => {
+            let mut fleet = ctx.fleet.lock().unwrap();
+            fleet.decide(
+                &key,
+                cap,
+                &plan,
+                &registry,
+                &observed.states,
+                &mut policy,
+                now,
+            )
+        }
+    };
     let mut states = observed.states.clone();
 
     // Record first, then act: a crash in between leaves the Job, which is harvested again.
@@ -298,6 +384,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     write_status(&ctx, &run, &old, &status).await?;
 
     if final_phase {
+        ctx.fleet.lock().unwrap().0.remove(&key);
         return Ok(Requeue::await_change());
     }
     // Wake for the next retry, or to watch pending pods and the run deadline.

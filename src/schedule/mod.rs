@@ -8,6 +8,7 @@
 //! transient failures retry with exponential backoff up to `attempts`.
 
 mod failure;
+mod fair;
 pub mod sim;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 pub use failure::{Failure, FailureClass};
+pub use fair::fair_shares;
 
 use crate::plan::{NodeId, Phase, Plan};
 

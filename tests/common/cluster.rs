@@ -205,6 +205,11 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(namespace: &str) -> Operator {
+        Self::start_with(namespace, &[])
+    }
+
+    /// Starts it with extra arguments to `run`.
+    pub fn start_with(namespace: &str, args: &[&str]) -> Operator {
         let log = std::env::temp_dir().join(format!(
             "imagebuild-operator-{namespace}-{}.log",
             rand::random::<u32>()
@@ -212,6 +217,7 @@ impl Operator {
         let file = std::fs::File::create(&log).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_imagebuild-operator"))
             .args(["run", "--namespace", namespace])
+            .args(args)
             .env("RUST_LOG", "info,imagebuild_operator=debug")
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().unwrap())

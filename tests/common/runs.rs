@@ -10,7 +10,7 @@ use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::controller::reconcile::records_name;
 use imagebuild_operator::controller::records::Record;
-use imagebuild_operator::job::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_PHASE};
+use imagebuild_operator::job::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_PHASE, LABEL_RUN};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::watcher;
@@ -33,6 +33,7 @@ pub fn swebench_ids(n: usize) -> Vec<String> {
 #[derive(Clone, Debug)]
 pub struct SeenJob {
     pub name: String,
+    pub run: String,
     pub phase: String,
     pub attempt: u32,
     pub created: Instant,
@@ -45,6 +46,8 @@ pub struct Seen {
     pub jobs: BTreeMap<String, SeenJob>,
     active: BTreeSet<String>,
     pub max_active: usize,
+    /// Jobs in flight per run, after every change.
+    pub history: Vec<BTreeMap<String, usize>>,
     pushed: BTreeSet<String>,
 }
 
@@ -102,6 +105,7 @@ pub fn watch_jobs(jobs: Api<Job>) -> Arc<Mutex<Seen>> {
                 let mut s = seen.lock().unwrap();
                 let entry = s.jobs.entry(uid.clone()).or_insert_with(|| SeenJob {
                     name: job.name_any(),
+                    run: job.labels().get(LABEL_RUN).cloned().unwrap_or_default(),
                     phase: job.labels().get(LABEL_PHASE).cloned().unwrap_or_default(),
                     attempt: job
                         .annotations()
@@ -118,6 +122,13 @@ pub fn watch_jobs(jobs: Api<Job>) -> Arc<Mutex<Seen>> {
                     s.active.insert(uid.clone());
                 }
                 s.max_active = s.max_active.max(s.active.len());
+                let mut per_run = BTreeMap::new();
+                for uid in &s.active {
+                    *per_run.entry(s.jobs[uid].run.clone()).or_default() += 1;
+                }
+                if s.history.last() != Some(&per_run) {
+                    s.history.push(per_run);
+                }
                 match job.annotations().get(ANNOTATION_IMAGE) {
                     Some(image) if done == Some(true) && s.pushed.insert(uid) => {
                         Some(image.clone())
