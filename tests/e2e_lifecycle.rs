@@ -533,3 +533,55 @@ async fn runs_share_max_total_workers_fairly() {
     }
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn the_run_deadline_fails_what_remains_and_sigterm_stops_the_operator() {
+    let env = Env::get();
+    let _logs = env.logs_on_failure();
+    let client = env.client().await;
+    apply_crd(&client).await;
+    let ns = TestNamespace::create(&client, "e2e-deadline").await;
+    let mut operator = Operator::start(&ns.name);
+    let (runs, jobs) = (ns.api::<ImageBuildRun>(), ns.api::<Job>());
+
+    let ids = swebench_ids(3);
+    let mut run = swebench_run("late", &env.registry, &ns.name, &ids, 2);
+    run.spec.placement.pod_annotations =
+        annotations(&[("sim.imagebuild.dev/never-finish", "true")]);
+    run.spec.timeouts.run = "8s".into();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let failed = await_phase(&runs, "late", RunPhase::Failed, Duration::from_secs(40)).await;
+    let status = failed.status.as_ref().unwrap();
+    let started = status.started_at.unwrap();
+    let completed = status.completed_at.unwrap();
+    assert!(
+        completed - started < chrono::Duration::seconds(8 + 10),
+        "ended {} s after it started",
+        (completed - started).num_seconds()
+    );
+    let records = records(&ns.api::<ConfigMap>(), "late").await;
+    assert_eq!(records.len(), 1 + 3 + 3);
+    assert!(
+        records
+            .values()
+            .all(|r| r.failure_class.as_deref() == Some("RunDeadlineExceeded")),
+        "{records:?}"
+    );
+    // The builder's never-ending Job is deleted, not left running.
+    eventually(Duration::from_secs(30), "the run's Jobs to go", || async {
+        jobs.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+
+    let exit = operator.terminate(Duration::from_secs(20));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "the operator did not stop cleanly on SIGTERM: {exit:?}"
+    );
+    ns.delete().await;
+}

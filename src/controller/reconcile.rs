@@ -389,7 +389,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
     // Wake for the next retry, or to watch pending pods and the run deadline.
     let mut wait = Duration::from_secs(30);
-    if let Some(at) = schedule::next_wakeup(&states) {
+    for at in schedule::next_wakeup(&states)
+        .into_iter()
+        .chain(policy.deadline)
+    {
         wait = wait.min((at - now).to_std().unwrap_or_default() + Duration::from_millis(100));
     }
     if !observed.unschedulable.is_empty() {

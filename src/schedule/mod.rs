@@ -278,15 +278,17 @@ pub fn decide(
                         reason: SkipReason::Exists,
                     });
                     done[id] = true;
-                } else if let Some(&dep) = deps.iter().find(|&&d| failed[d]) {
-                    let failure = Failure::dependency(&plan.nodes[dep]);
-                    actions.push(Action::MarkFailed { node: id, failure });
-                    failed[id] = true;
                 } else if past_deadline {
+                    // Everything left at the deadline fails for that reason, including
+                    // nodes whose inputs fail for it in this same pass.
                     actions.push(Action::MarkFailed {
                         node: id,
                         failure: Failure::run_deadline(),
                     });
+                    failed[id] = true;
+                } else if let Some(&dep) = deps.iter().find(|&&d| failed[d]) {
+                    let failure = Failure::dependency(&plan.nodes[dep]);
+                    actions.push(Action::MarkFailed { node: id, failure });
                     failed[id] = true;
                 } else if demand[id] == Demand::NotNeeded {
                     actions.push(Action::MarkSkipped {

@@ -227,6 +227,24 @@ impl Operator {
         Operator { child, log }
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the operator to exit; its exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
     /// Kills the operator at once, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
