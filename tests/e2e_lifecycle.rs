@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Env, Operator, TestNamespace, apply_crd, eventually};
+use common::cluster::{Env, LogsOnFailure, Operator, TestNamespace, apply_crd, eventually};
 use common::runs::{await_phase, records, swebench_ids, swebench_run, watch_jobs};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::controller::reconcile::records_name;
@@ -24,6 +24,17 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+
+/// The environment, its logs printed on failure, and a fresh namespace with the CRD in
+/// place.
+async fn setup(prefix: &str) -> (Env, LogsOnFailure, TestNamespace) {
+    let env = Env::get();
+    let logs = env.logs_on_failure();
+    let client = env.client().await;
+    apply_crd(&client).await;
+    let ns = TestNamespace::create(&client, prefix).await;
+    (env, logs, ns)
+}
 
 fn plan(run: &ImageBuildRun, ids: &[String]) -> Plan {
     let raw: Vec<RawInstance> = ids
@@ -108,11 +119,7 @@ async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)>
 #[tokio::test]
 async fn transient_failures_retry_build_errors_fail_once_and_a_failed_base_fails_only_its_assemblies()
  {
-    let env = Env::get();
-    let _logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-faults").await;
+    let (env, _logs, ns) = setup("e2e-faults").await;
     let _operator = Operator::start(&ns.name);
     let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
     let seen = watch_jobs(ns.api::<Job>());
@@ -232,11 +239,7 @@ async fn transient_failures_retry_build_errors_fail_once_and_a_failed_base_fails
 
 #[tokio::test]
 async fn unschedulable_placement_stalls_within_the_pending_timeout() {
-    let env = Env::get();
-    let _logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-stall").await;
+    let (env, _logs, ns) = setup("e2e-stall").await;
     let _operator = Operator::start(&ns.name);
     let runs = ns.api::<ImageBuildRun>();
     let seen = watch_jobs(ns.api::<Job>());
@@ -302,11 +305,7 @@ async fn unschedulable_placement_stalls_within_the_pending_timeout() {
 
 #[tokio::test]
 async fn suspend_resume_max_workers_and_deletion() {
-    let env = Env::get();
-    let _logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-life").await;
+    let (env, _logs, ns) = setup("e2e-life").await;
     let _operator = Operator::start(&ns.name);
     let (runs, jobs) = (ns.api::<ImageBuildRun>(), ns.api::<Job>());
     let seen = watch_jobs(jobs.clone());
@@ -405,11 +404,7 @@ async fn suspend_resume_max_workers_and_deletion() {
 
 #[tokio::test]
 async fn an_operator_killed_mid_run_duplicates_nothing_and_loses_nothing() {
-    let env = Env::get();
-    let _logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-kill").await;
+    let (env, _logs, ns) = setup("e2e-kill").await;
     let mut operator = Operator::start(&ns.name);
     let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
     let seen = watch_jobs(ns.api::<Job>());
@@ -475,11 +470,7 @@ async fn an_operator_killed_mid_run_duplicates_nothing_and_loses_nothing() {
 
 #[tokio::test]
 async fn runs_share_max_total_workers_fairly() {
-    let env = Env::get();
-    let _logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-fair").await;
+    let (env, _logs, ns) = setup("e2e-fair").await;
     let _operator = Operator::start_with(&ns.name, &["--max-total-workers", "4"]);
     let runs = ns.api::<ImageBuildRun>();
     let seen = watch_jobs(ns.api::<Job>());
@@ -536,11 +527,7 @@ async fn runs_share_max_total_workers_fairly() {
 
 #[tokio::test]
 async fn the_run_deadline_fails_what_remains_and_sigterm_stops_the_operator() {
-    let env = Env::get();
-    let _logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, "e2e-deadline").await;
+    let (env, _logs, ns) = setup("e2e-deadline").await;
     let mut operator = Operator::start(&ns.name);
     let (runs, jobs) = (ns.api::<ImageBuildRun>(), ns.api::<Job>());
 
