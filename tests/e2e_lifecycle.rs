@@ -207,6 +207,20 @@ async fn transient_failures_retry_build_errors_fail_once_and_a_failed_base_fails
     );
     assert_eq!((status.bases.succeeded, status.bases.failed), (5, 1));
     assert_eq!(status.failed_total, 3);
+    let mut reasons: Vec<(&str, &str)> = status
+        .failures
+        .iter()
+        .map(|f| (f.phase.as_str(), f.reason.as_str()))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("assembly", "BuildError"),
+            ("assembly", "DependencyFailed"),
+            ("base", "BuildError")
+        ]
+    );
     assert_eq!(condition(&done, "Ready").1, "PartiallySucceeded");
 
     {

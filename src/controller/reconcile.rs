@@ -334,6 +334,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     let counts = status::counts(&plan, &states);
     status::fill(&mut status, &counts);
+    status.failures = status::failures(&plan, |name| {
+        new_records.get(name).or_else(|| records.get(name))
+    });
     if !new_records.is_empty() {
         status.last_progress_at = Some(now);
     }

@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{ImageBuildRunStatus, PhaseCounts, RunPhase};
+use super::records::{Record, RecordStatus};
+use crate::api::{FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, PhaseCounts, RunPhase};
 use crate::plan::{Phase, Plan};
 use crate::schedule::NodeState;
 
@@ -75,6 +76,51 @@ pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4]) {
     status.phase = Some(run_phase(counts));
 }
 
+/// The most recent failures, newest first, at most [`MAX_FAILURE_RECORDS`]: `record` gives
+/// each plan node's record, if it has one.
+pub fn failures<'a>(
+    plan: &Plan,
+    record: impl Fn(&str) -> Option<&'a Record>,
+) -> Vec<FailureRecord> {
+    let mut failed: Vec<(&crate::plan::Node, &Record)> = plan
+        .nodes
+        .iter()
+        .filter_map(|n| record(&n.job_name).map(|r| (n, r)))
+        .filter(|(_, r)| r.status == RecordStatus::Failed)
+        .collect();
+    // Newest first; plan order among equals, so the list is stable.
+    failed.sort_by_key(|(_, r)| std::cmp::Reverse(r.finished_at));
+    failed
+        .into_iter()
+        .take(MAX_FAILURE_RECORDS)
+        .map(|(node, r)| FailureRecord {
+            instance: node.subject().to_string(),
+            phase: node.phase.as_str().to_string(),
+            reason: r.failure_class.clone().unwrap_or_default(),
+            message: last_line(r.message.as_deref().unwrap_or(""), 300),
+            time: r.finished_at,
+        })
+        .collect()
+}
+
+/// The last non-empty line of `text`, cut to at most `max` bytes on a character boundary.
+fn last_line(text: &str, max: usize) -> String {
+    let line = text
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    if line.len() <= max {
+        return line.to_string();
+    }
+    let mut end = max;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &line[..end])
+}
+
 /// Sets condition `type_` in `conditions`, keeping its transition time when its status
 /// does not change.
 pub fn set_condition(
@@ -110,6 +156,55 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_newest_first_bounded_and_short() {
+        use crate::schedule::{Failure, FailureClass};
+        let ids: Vec<String> = (0..30).map(|i| format!("r__r-{i:02}")).collect();
+        let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
+            r#"
+instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
+builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
+base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
+assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
+"#,
+        )
+        .unwrap();
+        let raw: Vec<_> = ids
+            .iter()
+            .map(|id| crate::instances::RawInstance {
+                id: id.clone(),
+                image: None,
+            })
+            .collect();
+        let plan = crate::plan::build("run", &spec, &raw).unwrap();
+        let t0 = Utc::now();
+        let mut records = std::collections::BTreeMap::new();
+        for (i, node) in plan.nodes.iter().enumerate() {
+            let at = t0 + chrono::Duration::seconds(i as i64);
+            let record = if node.phase == Phase::Assembly {
+                let message = format!("step 1\nERROR: {}\n\n", "x".repeat(i * 10));
+                let failure = Failure::new(FailureClass::BuildError, message);
+                Record::failed(node, &failure, 1, None, at)
+            } else {
+                Record::built(node, 1, at)
+            };
+            records.insert(node.job_name.clone(), record);
+        }
+        let list = failures(&plan, |name| records.get(name));
+        assert_eq!(list.len(), MAX_FAILURE_RECORDS);
+        assert_eq!(list[0].instance, "r__r-29", "newest first");
+        assert!(list.windows(2).all(|w| w[0].time >= w[1].time));
+        assert!(
+            list.iter()
+                .all(|f| f.phase == "assembly" && f.reason == "BuildError")
+        );
+        assert!(
+            list[0].message.ends_with("xxx...") && list[0].message.len() <= 303,
+            "{:?}",
+            list[0].message
+        );
+    }
 
     fn c(total: u32, succeeded: u32, skipped: u32, failed: u32, running: u32) -> PhaseCounts {
         PhaseCounts {
