@@ -545,8 +545,10 @@ async fn the_run_deadline_fails_what_remains_and_sigterm_stops_the_operator() {
     let mut operator = Operator::start(&ns.name);
     let (runs, jobs) = (ns.api::<ImageBuildRun>(), ns.api::<Job>());
 
-    let ids = swebench_ids(3);
+    // Four instances listed, three selected: only those are planned.
+    let ids = swebench_ids(4);
     let mut run = swebench_run("late", &env.registry, &ns.name, &ids, 2);
+    run.spec.instances.limit = Some(3);
     run.spec.placement.pod_annotations =
         annotations(&[("sim.imagebuild.dev/never-finish", "true")]);
     run.spec.timeouts.run = "8s".into();

@@ -544,9 +544,12 @@ fn plan_of(run: &Arc<ImageBuildRun>, ctx: &Arc<Ctx>) -> PlanState {
         let ns = run.namespace().unwrap_or_default();
         let name = run.name_any();
         let result = async {
-            let instances = crate::instances::fetch(&run.spec.instances, &ns, Some(&ctx.client))
+            let source = &run.spec.instances;
+            let raw = crate::instances::fetch(source, &ns, Some(&ctx.client))
                 .await
                 .map_err(|e| e.to_string())?;
+            // Sorted, de-duplicated, `select` and `limit` applied: the plan command's view.
+            let instances = crate::instances::select(raw, source).map_err(|e| e.to_string())?;
             plan::build(&name, &run.spec, &instances).map_err(|e| e.to_string())
         }
         .await;
