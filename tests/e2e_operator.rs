@@ -10,7 +10,9 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{Env, Operator, TestNamespace, apply_crd, eventually};
-use common::runs::{await_phase, records, swebench_ids, swebench_run, watch_jobs};
+use common::runs::{
+    await_phase, count_status_writes, records, swebench_ids, swebench_run, watch_jobs,
+};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::instances::RawInstance;
 use k8s_openapi::api::batch::v1::Job;
@@ -31,6 +33,8 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
         ns.api::<ConfigMap>(),
     );
     let seen = watch_jobs(jobs.clone());
+    let writes = count_status_writes(runs.clone());
+    let started = std::time::Instant::now();
 
     let ids = swebench_ids(50);
     let max_workers = 4;
@@ -43,6 +47,12 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
         Duration::from_secs(300),
     )
     .await;
+
+    // Status writes are coalesced: about one a second at most, whatever the Job traffic.
+    let took = started.elapsed().as_secs() as usize;
+    let written = writes.lock().unwrap()["swebench-50"];
+    println!("status writes: {written} in {took} s");
+    assert!(written <= took + 10, "{written} status writes in {took} s");
 
     // The plan the operator worked from, computed here independently.
     let raw: Vec<RawInstance> = ids

@@ -32,6 +32,10 @@ use crate::validate::{self, Settings};
 /// Wait before checking again images a failed registry check left unknown.
 const RECHECK: Duration = Duration::from_secs(30);
 
+/// Shortest interval between two status writes of one run that only update counts and
+/// messages (a phase or condition change is written at once).
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Why a reconcile failed (it is retried with backoff).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -113,6 +117,8 @@ pub struct Ctx {
     recorder: Recorder,
     runs: Mutex<HashMap<String, RunCache>>,
     fleet: Mutex<Fleet>,
+    /// When each run's status was last written.
+    status_written: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Ctx {
@@ -135,6 +141,7 @@ impl Ctx {
             config,
             runs: Mutex::new(HashMap::new()),
             fleet: Mutex::new(Fleet::default()),
+            status_written: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -210,6 +217,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if run.metadata.deletion_timestamp.is_some() {
         ctx.runs.lock().unwrap().remove(&key);
         ctx.fleet.lock().unwrap().0.remove(&key);
+        ctx.status_written.lock().unwrap().remove(&key);
         return Ok(Requeue::await_change());
     }
     let old = run.status.clone().unwrap_or_default();
@@ -337,9 +345,15 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     status.failures = status::failures(&plan, |name| {
         new_records.get(name).or_else(|| records.get(name))
     });
-    if !new_records.is_empty() {
-        status.last_progress_at = Some(now);
-    }
+    // From the records, so it survives restarts and deferred writes alike.
+    status.last_progress_at = records
+        .iter()
+        .filter(|(k, _)| !new_records.contains_key(*k))
+        .chain(&new_records)
+        .map(|(_, r)| r)
+        .filter(|r| r.status != super::records::RecordStatus::Retrying)
+        .map(|r| r.finished_at)
+        .max();
     let pending_limit =
         chrono::Duration::from_std(settings.pending_timeout).unwrap_or(chrono::Duration::MAX);
     let stalled = observed
@@ -384,7 +398,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if final_phase {
         status.completed_at.get_or_insert(now);
     }
-    write_status(&ctx, &run, &old, &status).await?;
+    let deferred = write_status_coalesced(&ctx, &run, &old, &status).await?;
 
     if final_phase {
         ctx.fleet.lock().unwrap().0.remove(&key);
@@ -400,6 +414,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
     if !observed.unschedulable.is_empty() {
         wait = wait.min(Duration::from_secs(5));
+    }
+    if let Some(deferred) = deferred {
+        // A change waits for its write.
+        wait = wait.min(deferred);
     }
     let checking = registry
         .iter()
@@ -485,6 +503,28 @@ fn fail_run(
     );
 }
 
+/// Like [`write_status`], but a change of counts or messages alone is written at most once
+/// per [`STATUS_INTERVAL`]; returns how long a deferred write waits.
+async fn write_status_coalesced(
+    ctx: &Ctx,
+    run: &ImageBuildRun,
+    old: &ImageBuildRunStatus,
+    new: &ImageBuildRunStatus,
+) -> Result<Option<Duration>, Error> {
+    if old == new {
+        return Ok(None);
+    }
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    if !status::significant(old, new) {
+        let last = ctx.status_written.lock().unwrap().get(&key).copied();
+        if let Some(wait) = last.and_then(|t| STATUS_INTERVAL.checked_sub(t.elapsed())) {
+            return Ok(Some(wait));
+        }
+    }
+    write_status(ctx, run, old, new).await?;
+    Ok(None)
+}
+
 /// Patches the status if it changed, then publishes the Events of the change (an Event
 /// that fails to publish is logged, not retried: the status already says it).
 async fn write_status(
@@ -505,6 +545,11 @@ async fn write_status(
         &Patch::Merge(&patch),
     )
     .await?;
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    ctx.status_written
+        .lock()
+        .unwrap()
+        .insert(key, std::time::Instant::now());
     let reference = run.object_ref(&());
     for event in events::transitions(old, new) {
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {

@@ -121,6 +121,21 @@ fn last_line(text: &str, max: usize) -> String {
     format!("{}...", &line[..end])
 }
 
+/// Whether `new` differs from `old` in what users and tools wait on (phase, generation,
+/// a condition's status or reason), as opposed to counts and messages only.
+pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool {
+    let key = |s: &ImageBuildRunStatus| {
+        let mut c: Vec<(String, String, String)> = s
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect();
+        c.sort();
+        (s.phase, s.observed_generation, c)
+    };
+    key(old) != key(new)
+}
+
 /// Sets condition `type_` in `conditions`, keeping its transition time when its status
 /// does not change.
 pub fn set_condition(
@@ -156,6 +171,50 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_phase_generation_and_condition_changes_are_significant() {
+        let now = Utc::now();
+        let mut old = ImageBuildRunStatus {
+            phase: Some(RunPhase::Building),
+            ..Default::default()
+        };
+        set_condition(
+            &mut old.conditions,
+            "Ready",
+            false,
+            "Building",
+            "0/5",
+            Some(1),
+            now,
+        );
+        let mut counts = old.clone();
+        counts.assemblies.succeeded = 3;
+        set_condition(
+            &mut counts.conditions,
+            "Ready",
+            false,
+            "Building",
+            "3/5",
+            Some(1),
+            now,
+        );
+        assert!(!significant(&old, &counts), "counts and messages alone");
+        let mut stalled = old.clone();
+        set_condition(
+            &mut stalled.conditions,
+            "Stalled",
+            true,
+            "Unschedulable",
+            "",
+            Some(1),
+            now,
+        );
+        assert!(significant(&old, &stalled));
+        let mut done = old.clone();
+        done.phase = Some(RunPhase::Succeeded);
+        assert!(significant(&old, &done));
+    }
 
     #[test]
     fn failures_are_newest_first_bounded_and_short() {

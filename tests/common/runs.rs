@@ -209,3 +209,29 @@ pub async fn records(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, Record
         .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
         .collect()
 }
+
+/// Counts the status writes of the runs in `runs`' namespace (each one is a new
+/// resourceVersion with a changed status), per run name.
+pub fn count_status_writes(runs: Api<ImageBuildRun>) -> Arc<Mutex<BTreeMap<String, usize>>> {
+    let writes = Arc::new(Mutex::new(BTreeMap::new()));
+    let out = writes.clone();
+    tokio::spawn(async move {
+        let mut last: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut events = watcher(runs, watcher::Config::default()).boxed();
+        while let Some(Ok(event)) = events.next().await {
+            let (watcher::Event::Apply(run) | watcher::Event::InitApply(run)) = event else {
+                continue;
+            };
+            let status = serde_json::to_string(&run.status).ok();
+            let previous = last.insert(run.name_any(), status.clone());
+            let changed = match previous {
+                Some(p) => p != status,
+                None => run.status.is_some(),
+            };
+            if changed {
+                *writes.lock().unwrap().entry(run.name_any()).or_default() += 1;
+            }
+        }
+    });
+    out
+}
