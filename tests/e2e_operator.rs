@@ -76,6 +76,9 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
         (50, 50)
     );
     assert_eq!(status.failed_total, 0);
+    let rate = status.images_per_hour.unwrap();
+    assert!(rate > 60.0, "{rate} images/hour over a one-minute run");
+    assert!(status.estimated_completion.is_some() && status.last_progress_at.is_some());
 
     // One record per planned node, for exactly the planned image.
     let records = records(&cms, "swebench-50").await;

@@ -32,6 +32,9 @@ use crate::validate::{self, Settings};
 /// Wait before checking again images a failed registry check left unknown.
 const RECHECK: Duration = Duration::from_secs(30);
 
+/// The recent window `imagesPerHour` is measured over.
+const THROUGHPUT_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
+
 /// Shortest interval between two status writes of one run that only update counts and
 /// messages (a phase or condition change is written at once).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -345,15 +348,31 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     status.failures = status::failures(&plan, |name| {
         new_records.get(name).or_else(|| records.get(name))
     });
-    // From the records, so it survives restarts and deferred writes alike.
-    status.last_progress_at = records
-        .iter()
-        .filter(|(k, _)| !new_records.contains_key(*k))
-        .chain(&new_records)
-        .map(|(_, r)| r)
+    // From the records, so they survive restarts and deferred writes alike.
+    let all_records = || {
+        records
+            .iter()
+            .filter(|(k, _)| !new_records.contains_key(*k))
+            .chain(&new_records)
+            .map(|(_, r)| r)
+    };
+    status.last_progress_at = all_records()
         .filter(|r| r.status != super::records::RecordStatus::Retrying)
         .map(|r| r.finished_at)
         .max();
+    let started = status.started_at.unwrap_or(now);
+    // Both drift with the clock alone; small drifts keep the written value, so an idle
+    // run is not rewritten every reconcile.
+    let rate = status::images_per_hour(all_records(), started, now, THROUGHPUT_WINDOW);
+    status.images_per_hour = match (old.images_per_hour, rate) {
+        (Some(o), Some(n)) if (n - o).abs() <= 0.05 * o => Some(o),
+        _ => rate,
+    };
+    let eta = status::estimated_completion(&plan, &states, all_records(), policy.max_workers, now);
+    status.estimated_completion = match (old.estimated_completion, eta) {
+        (Some(o), Some(n)) if (n - o).abs() < chrono::Duration::seconds(60) => Some(o),
+        _ => eta,
+    };
     let pending_limit =
         chrono::Duration::from_std(settings.pending_timeout).unwrap_or(chrono::Duration::MAX);
     let stalled = observed

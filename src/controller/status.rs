@@ -121,6 +121,75 @@ fn last_line(text: &str, max: usize) -> String {
     format!("{}...", &line[..end])
 }
 
+/// Images finished (built, skipped or failed) per hour over the last `window` (or since
+/// the run started, if that is shorter); `None` before anything finished.
+pub fn images_per_hour<'a>(
+    records: impl Iterator<Item = &'a Record>,
+    started: DateTime<Utc>,
+    now: DateTime<Utc>,
+    window: chrono::Duration,
+) -> Option<f64> {
+    let from = (now - window).max(started);
+    let span = (now - from).num_milliseconds() as f64 / 3_600_000.0;
+    let done = records
+        .filter(|r| r.status != RecordStatus::Retrying && r.finished_at > from)
+        .count();
+    (done > 0 && span > 0.0).then(|| (done as f64 / span * 10.0).round() / 10.0)
+}
+
+/// When the run should end: the images not yet final, each costing the mean observed
+/// build time of its phase (or of all phases, when its own has none yet), spread over
+/// `max_workers`. `None` before any build finished.
+pub fn estimated_completion<'a>(
+    plan: &Plan,
+    states: &[NodeState],
+    records: impl Iterator<Item = &'a Record>,
+    max_workers: u32,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let mut sum = [0f64; 4];
+    let mut n = [0u32; 4];
+    for r in records.filter(|r| r.status == RecordStatus::Built) {
+        let (Some(start), Some(phase)) = (r.started_at, phase_of(&r.phase)) else {
+            continue;
+        };
+        sum[index(phase)] += (r.finished_at - start).num_milliseconds().max(0) as f64 / 1000.0;
+        n[index(phase)] += 1;
+    }
+    let total_n: u32 = n.iter().sum();
+    if total_n == 0 {
+        return None;
+    }
+    let overall = sum.iter().sum::<f64>() / total_n as f64;
+    let mean = |i: usize| {
+        if n[i] > 0 {
+            sum[i] / n[i] as f64
+        } else {
+            overall
+        }
+    };
+    let left: f64 = plan
+        .nodes
+        .iter()
+        .zip(states)
+        .filter(|(_, s)| !s.is_terminal())
+        .map(|(node, _)| mean(index(node.phase)))
+        .sum();
+    let seconds = left / max_workers.max(1) as f64;
+    Some(now + chrono::Duration::milliseconds((seconds * 1000.0) as i64))
+}
+
+fn phase_of(name: &str) -> Option<Phase> {
+    [
+        Phase::Builder,
+        Phase::Base,
+        Phase::Assembly,
+        Phase::PostAssembly,
+    ]
+    .into_iter()
+    .find(|p| p.as_str() == name)
+}
+
 /// Whether `new` differs from `old` in what users and tools wait on (phase, generation,
 /// a condition's status or reason), as opposed to counts and messages only.
 pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool {
@@ -171,6 +240,53 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throughput_and_estimate_come_from_the_records() {
+        let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
+            r#"
+instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
+builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
+base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
+assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
+"#,
+        )
+        .unwrap();
+        let raw: Vec<_> = (0..10)
+            .map(|i| crate::instances::RawInstance {
+                id: format!("r__r-{i}"),
+                image: None,
+            })
+            .collect();
+        let plan = crate::plan::build("run", &spec, &raw).unwrap();
+        let now = Utc::now();
+        let minutes = |m: i64| chrono::Duration::minutes(m);
+        // The builder and 4 bases built, each in 2 minutes, the last 4 within the hour.
+        let mut records = Vec::new();
+        let mut states = vec![NodeState::NEW; plan.nodes.len()];
+        for (i, node) in plan.nodes.iter().enumerate().take(5) {
+            let end = now - minutes(10 * i as i64);
+            let mut r = Record::built(node, 1, end);
+            r.started_at = Some(end - minutes(2));
+            records.push(r);
+            states[i] = NodeState::Succeeded;
+        }
+        let rate = images_per_hour(records.iter(), now - minutes(120), now, minutes(30)).unwrap();
+        assert_eq!(rate, 6.0, "3 images in the last 30 minutes");
+        let rate = images_per_hour(records.iter(), now - minutes(120), now, minutes(5)).unwrap();
+        assert_eq!(rate, 12.0, "1 image in the last 5 minutes");
+        assert_eq!(
+            images_per_hour([].iter(), now - minutes(120), now, minutes(5)),
+            None
+        );
+        // 6 bases and 10 assemblies left at 2 minutes each, 4 workers: 8 minutes.
+        let eta = estimated_completion(&plan, &states, records.iter(), 4, now).unwrap();
+        assert_eq!((eta - now).num_seconds(), 16 * 120 / 4);
+        assert_eq!(
+            estimated_completion(&plan, &states, [].iter(), 4, now),
+            None
+        );
+    }
 
     #[test]
     fn only_phase_generation_and_condition_changes_are_significant() {
