@@ -380,7 +380,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .iter()
         .find(|u| now - u.since >= pending_limit)
         .map(|u| u.message.clone())
-        .or_else(|| unschedulable_failures(&records, &new_records));
+        .or_else(|| unschedulable_failures(all_records()));
     let phase = status.phase.unwrap_or(RunPhase::Building);
     let final_phase = phase != RunPhase::Building;
     let progress = summary(&counts);
@@ -451,17 +451,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
 /// The message of Stalled when images already failed because their pods could not be
 /// scheduled within `timeouts.pending` (their pods are gone, the problem is not).
-fn unschedulable_failures(
-    records: &BTreeMap<String, Record>,
-    new_records: &BTreeMap<String, Record>,
-) -> Option<String> {
+fn unschedulable_failures<'a>(records: impl Iterator<Item = &'a Record>) -> Option<String> {
     let class = Some(crate::schedule::FailureClass::Unschedulable.as_str());
-    let mut failed = records
-        .iter()
-        .filter(|(k, _)| !new_records.contains_key(*k))
-        .chain(new_records)
-        .map(|(_, r)| r)
-        .filter(|r| r.failure_class.as_deref() == class);
+    let mut failed = records.filter(|r| r.failure_class.as_deref() == class);
     let first = failed.next()?;
     let more = failed.count();
     Some(format!(

@@ -241,8 +241,8 @@ pub fn set_condition(
 mod tests {
     use super::*;
 
-    #[test]
-    fn throughput_and_estimate_come_from_the_records() {
+    /// The plan of `n` instances `r__r-00`, `r__r-01`, ... with one base each.
+    fn small_plan(n: usize) -> Plan {
         let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
             r#"
 instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
@@ -252,13 +252,18 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
 "#,
         )
         .unwrap();
-        let raw: Vec<_> = (0..10)
+        let raw: Vec<_> = (0..n)
             .map(|i| crate::instances::RawInstance {
-                id: format!("r__r-{i}"),
+                id: format!("r__r-{i:02}"),
                 image: None,
             })
             .collect();
-        let plan = crate::plan::build("run", &spec, &raw).unwrap();
+        crate::plan::build("run", &spec, &raw).unwrap()
+    }
+
+    #[test]
+    fn throughput_and_estimate_come_from_the_records() {
+        let plan = small_plan(10);
         let now = Utc::now();
         let minutes = |m: i64| chrono::Duration::minutes(m);
         // The builder and 4 bases built, each in 2 minutes, the last 4 within the hour.
@@ -335,24 +340,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
     #[test]
     fn failures_are_newest_first_bounded_and_short() {
         use crate::schedule::{Failure, FailureClass};
-        let ids: Vec<String> = (0..30).map(|i| format!("r__r-{i:02}")).collect();
-        let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
-            r#"
-instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
-builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
-base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
-assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
-"#,
-        )
-        .unwrap();
-        let raw: Vec<_> = ids
-            .iter()
-            .map(|id| crate::instances::RawInstance {
-                id: id.clone(),
-                image: None,
-            })
-            .collect();
-        let plan = crate::plan::build("run", &spec, &raw).unwrap();
+        let plan = small_plan(30);
         let t0 = Utc::now();
         let mut records = std::collections::BTreeMap::new();
         for (i, node) in plan.nodes.iter().enumerate() {
