@@ -12,9 +12,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Env, LogsOnFailure, Operator, TestNamespace, apply_crd, eventually};
-use common::runs::{await_phase, records, swebench_ids, swebench_run, watch_jobs};
+use common::runs::{await_phase, manifest_shards, records, swebench_ids, swebench_run, watch_jobs};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
-use imagebuild_operator::controller::reconcile::records_name;
 use imagebuild_operator::controller::records::RecordStatus;
 use imagebuild_operator::instances::RawInstance;
 use imagebuild_operator::job::LABEL_RUN_UID;
@@ -404,12 +403,8 @@ async fn suspend_resume_max_workers_and_deletion() {
         || async {
             let jobs = jobs.list(&selector).await.unwrap().items.len();
             let pods = ns.api::<Pod>().list(&selector).await.unwrap().items.len();
-            let cm = ns
-                .api::<ConfigMap>()
-                .get_opt(&records_name("doomed"))
-                .await
-                .unwrap();
-            (jobs == 0 && pods == 0 && cm.is_none()).then_some(())
+            let shards = manifest_shards(&ns.api::<ConfigMap>(), "doomed").await;
+            (jobs == 0 && pods == 0 && shards.is_empty()).then_some(())
         },
     )
     .await;

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::cluster::{Env, Operator, TestNamespace, apply_crd, eventually};
 use common::runs::{
-    await_phase, count_status_writes, records, swebench_ids, swebench_run, watch_jobs,
+    await_phase, count_status_writes, manifest_shards, records, swebench_ids, swebench_run,
+    watch_jobs,
 };
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::instances::RawInstance;
@@ -82,6 +83,14 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
 
     // One record per planned node, for exactly the planned image.
     let records = records(&cms, "swebench-50").await;
+    // 101 images: one manifest shard, named in the status.
+    let shards = manifest_shards(&cms, "swebench-50").await;
+    assert_eq!(
+        status.manifests,
+        shards.keys().cloned().collect::<Vec<_>>(),
+        "the status names the shards"
+    );
+    assert_eq!(shards.len(), 1);
     assert_eq!(records.len(), plan.nodes.len());
     for node in &plan.nodes {
         let record = &records[&node.job_name];

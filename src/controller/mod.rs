@@ -2,6 +2,7 @@
 //! pure; the reconciler reads the world, asks the scheduler, and applies its actions.
 
 pub mod events;
+pub mod manifest;
 pub mod observe;
 pub mod reconcile;
 pub mod records;

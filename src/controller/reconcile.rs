@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Recorder, Reporter};
@@ -19,6 +19,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::events;
+use super::manifest::{Manifest, ManifestError};
 use super::observe::{LiveJob, observe};
 use super::records::Record;
 use super::status;
@@ -45,16 +46,9 @@ pub enum Error {
     /// A call to the API server failed.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    /// A record in the run's ConfigMap does not parse.
-    #[error("record {key} of ConfigMap {config_map}: {source}")]
-    Record {
-        /// The ConfigMap.
-        config_map: String,
-        /// The key.
-        key: String,
-        /// The parse error.
-        source: serde_json::Error,
-    },
+    /// The manifest could not be read or written.
+    #[error("manifest: {0}")]
+    Manifest(#[from] ManifestError),
 }
 
 impl Error {
@@ -62,7 +56,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Kube(_) => "kube",
-            Self::Record { .. } => "record",
+            Self::Manifest(_) => "manifest",
         }
     }
 }
@@ -96,6 +90,9 @@ struct RunCache {
     checks_started: bool,
     /// Earliest time to check again the images a failed check left unknown.
     recheck_at: Option<std::time::Instant>,
+    /// The manifest as last read or written; taken out while a reconcile works on it,
+    /// and dropped (so read again) when a reconcile fails.
+    manifest: Option<Manifest>,
 }
 
 #[derive(Default)]
@@ -205,11 +202,6 @@ impl Fleet {
     }
 }
 
-/// The name of the ConfigMap holding a run's node records.
-pub fn records_name(run: &str) -> String {
-    format!("{run}-records")
-}
-
 /// Reconciles one run.
 pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
     let name = run.name_any();
@@ -274,9 +266,24 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     };
 
-    let records = read_records(&ctx.client, &ns, &name, Some(&uid)).await?;
+    let cached = ctx
+        .runs
+        .lock()
+        .unwrap()
+        .get_mut(&key)
+        .and_then(|c| c.manifest.take());
+    let mut manifest = match cached {
+        Some(m) => m,
+        None => Manifest::load(&ctx.client, &run, plan.nodes.len()).await?,
+    };
     let jobs = live_jobs(&ctx, &ns, &uid);
-    let observed = observe(&plan, &records, &jobs, settings.pending_timeout, now);
+    let observed = observe(
+        &plan,
+        manifest.records(),
+        &jobs,
+        settings.pending_timeout,
+        now,
+    );
     let (registry, registry_error) = registry_view(&run, &ctx, &plan, &observed.states).await;
 
     let mut policy = policy(&run, &settings, &status);
@@ -304,7 +311,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             new_records.insert(plan.nodes[node].job_name.clone(), record);
         }
     }
-    write_records(&ctx.client, &run, &new_records).await?;
+    let progressed = !new_records.is_empty();
+    if progressed {
+        manifest.write(&ctx.client, &run, new_records).await?;
+    }
 
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let inputs = JobInputs {
@@ -345,17 +355,11 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     let counts = status::counts(&plan, &states);
     status::fill(&mut status, &counts);
-    status.failures = status::failures(&plan, |name| {
-        new_records.get(name).or_else(|| records.get(name))
-    });
-    // From the records, so they survive restarts and deferred writes alike.
-    let all_records = || {
-        records
-            .iter()
-            .filter(|(k, _)| !new_records.contains_key(*k))
-            .chain(&new_records)
-            .map(|(_, r)| r)
-    };
+    // From the manifest, so they survive restarts and deferred writes alike.
+    let records = manifest.records();
+    status.failures = status::failures(&plan, |name| records.get(name));
+    status.manifests = manifest.names(&name);
+    let all_records = || records.values();
     status.last_progress_at = all_records()
         .filter(|r| r.status != super::records::RecordStatus::Retrying)
         .map(|r| r.finished_at)
@@ -418,6 +422,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         status.completed_at.get_or_insert(now);
     }
     let deferred = write_status_coalesced(&ctx, &run, &old, &status).await?;
+    if let Some(cache) = ctx.runs.lock().unwrap().get_mut(&key) {
+        cache.manifest = Some(manifest);
+    }
 
     if final_phase {
         ctx.fleet.lock().unwrap().0.remove(&key);
@@ -790,98 +797,6 @@ fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
         }
     }
     jobs
-}
-
-async fn read_records(
-    client: &Client,
-    ns: &str,
-    run: &str,
-    uid: Option<&String>,
-) -> Result<BTreeMap<String, Record>, Error> {
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let name = records_name(run);
-    let Some(cm) = cms.get_opt(&name).await? else {
-        return Ok(BTreeMap::new());
-    };
-    let owned = cm
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| Some(&o.uid) == uid);
-    if !owned {
-        // Left by an earlier run of the same name, not yet garbage-collected.
-        match cms.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        return Ok(BTreeMap::new());
-    }
-    let mut records = BTreeMap::new();
-    for (key, value) in cm.data.unwrap_or_default() {
-        let record = serde_json::from_str(&value).map_err(|source| Error::Record {
-            config_map: name.clone(),
-            key: key.clone(),
-            source,
-        })?;
-        records.insert(key, record);
-    }
-    Ok(records)
-}
-
-async fn write_records(
-    client: &Client,
-    run: &ImageBuildRun,
-    records: &BTreeMap<String, Record>,
-) -> Result<(), Error> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let ns = run.namespace().unwrap_or_default();
-    let name = records_name(&run.name_any());
-    let data: BTreeMap<String, String> = records
-        .iter()
-        .map(|(k, r)| {
-            (
-                k.clone(),
-                serde_json::to_string(r).expect("records serialize"),
-            )
-        })
-        .collect();
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    // A merge patch adds these keys and leaves the others (an apply would drop them).
-    let patch = json!({"data": data});
-    match cms
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => return Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
-    let owner = run
-        .controller_owner_ref(&())
-        .expect("a run from the API has a uid");
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": {
-            "name": name,
-            "labels": {"app.kubernetes.io/managed-by": MANAGER, LABEL_RUN_UID: run.uid()},
-            "ownerReferences": [owner],
-        },
-        "data": data,
-    }))
-    .expect("a well-formed ConfigMap");
-    match cms.create(&PostParams::default(), &cm).await {
-        Ok(_) => Ok(()),
-        // Created meanwhile by another writer: add the keys to it.
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            cms.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
-use imagebuild_operator::controller::reconcile::records_name;
+use imagebuild_operator::controller::manifest;
 use imagebuild_operator::controller::records::Record;
 use imagebuild_operator::job::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_PHASE, LABEL_RUN};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ListParams;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use oci_client::secrets::RegistryAuth;
@@ -200,14 +201,39 @@ pub async fn await_phase(
     .await
 }
 
-/// The run's node records, by Job name.
-pub async fn records(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, Record> {
-    let cm = cms.get(&records_name(run)).await.unwrap();
-    cm.data
-        .unwrap_or_default()
+/// The run's manifest shards (ConfigMaps), by name.
+pub async fn manifest_shards(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, ConfigMap> {
+    let selector = format!(
+        "{LABEL_RUN}={},app.kubernetes.io/component={}",
+        imagebuild_operator::job::run_label(run),
+        manifest::COMPONENT
+    );
+    cms.list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
         .into_iter()
-        .map(|(k, v)| (k, serde_json::from_str(&v).unwrap()))
+        .map(|cm| (cm.name_any(), cm))
         .collect()
+}
+
+/// The run's records, by Job name, read from its manifest shards.
+pub async fn records(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, Record> {
+    let mut out = BTreeMap::new();
+    for (name, cm) in manifest_shards(cms, run).await {
+        let text = cm
+            .data
+            .unwrap_or_default()
+            .remove(manifest::KEY)
+            .unwrap_or_default();
+        for (job, record) in manifest::parse(&name, &text).unwrap() {
+            assert!(
+                out.insert(job.clone(), record).is_none(),
+                "{job} in two shards"
+            );
+        }
+    }
+    out
 }
 
 /// Counts the status writes of the runs in `runs`' namespace (each one is a new

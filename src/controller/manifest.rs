@@ -1,0 +1,315 @@
+//! The manifest: one record per planned image, as JSON lines, sharded across ConfigMaps
+//! the run owns (`<run>-manifest-<i>`, key `manifest.jsonl`) so that none comes near the
+//! API server's 1 MiB object limit whatever the run's size. The shard of an image is a hash
+//! of its Job name, so it never moves.
+//!
+//! The operator keeps a run's manifest in memory: it loads it once (after a start, or after
+//! a write conflict) and then writes only the shards whose records changed, each as a whole
+//! with the resourceVersion it last saw, so a lost race is a conflict, never a lost record.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::records::Record;
+use crate::api::ImageBuildRun;
+use crate::job::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
+
+/// The data key of a shard.
+pub const KEY: &str = "manifest.jsonl";
+/// Records per shard at most (by design; a record is at most about 2 KiB, its error
+/// message being cut to 1 KiB), keeping a shard under ~900 KiB.
+pub const RECORDS_PER_SHARD: usize = 400;
+/// `app.kubernetes.io/component` of the shards.
+pub const COMPONENT: &str = "manifest";
+
+/// Why the manifest could not be read or written (the reconcile is retried; the
+/// manifest is then read again).
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A call to the API server failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A line of a shard does not parse.
+    #[error("line {line} of ConfigMap {config_map}: {source}")]
+    Parse {
+        /// The shard.
+        config_map: String,
+        /// 1-based line number.
+        line: usize,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// The shard changed since it was read (another writer, or a stale cache).
+    #[error("ConfigMap {0} changed since it was read")]
+    Conflict(String),
+    /// A ConfigMap of that name belongs to an earlier run of the same name; it was
+    /// deleted and is written on the next try.
+    #[error("ConfigMap {0} belonged to an earlier run of this name and was deleted")]
+    Stale(String),
+}
+
+/// How many shards a run of `nodes` images has.
+pub fn shard_count(nodes: usize) -> usize {
+    nodes.div_ceil(RECORDS_PER_SHARD).max(1)
+}
+
+/// The shard of the image built by Job `job`.
+pub fn shard_of(job: &str, shards: usize) -> usize {
+    let digest = Sha256::digest(job.as_bytes());
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    (n % shards as u64) as usize
+}
+
+/// The name of shard `i` of run `run`.
+pub fn shard_name(run: &str, i: usize) -> String {
+    format!("{run}-manifest-{i}")
+}
+
+/// One line: the record and the Job name it is kept under.
+#[derive(Serialize, Deserialize)]
+struct Line {
+    job: String,
+    #[serde(flatten)]
+    record: Record,
+}
+
+/// The JSON lines of `records`, in Job-name order.
+pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)>) -> String {
+    let mut out = String::new();
+    for (job, record) in records {
+        let line = Line {
+            job: job.clone(),
+            record: record.clone(),
+        };
+        out.push_str(&serde_json::to_string(&line).expect("records serialize"));
+        out.push('\n');
+    }
+    out
+}
+
+/// Parses the JSON lines of a shard.
+pub fn parse(config_map: &str, text: &str) -> Result<Vec<(String, Record)>, ManifestError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let line: Line = serde_json::from_str(l).map_err(|source| ManifestError::Parse {
+                config_map: config_map.to_string(),
+                line: i + 1,
+                source,
+            })?;
+            Ok((line.job, line.record))
+        })
+        .collect()
+}
+
+/// A run's manifest as last read or written.
+pub struct Manifest {
+    shards: usize,
+    records: BTreeMap<String, Record>,
+    /// The resourceVersion of each shard that exists.
+    versions: Vec<Option<String>>,
+}
+
+impl Manifest {
+    /// Reads the run's shards (a run of `nodes` images).
+    pub async fn load(
+        client: &Client,
+        run: &ImageBuildRun,
+        nodes: usize,
+    ) -> Result<Manifest, ManifestError> {
+        let shards = shard_count(nodes);
+        let name = run.name_any();
+        let cms: Api<ConfigMap> =
+            Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
+        let uid = run.uid().unwrap_or_default();
+        let list = cms
+            .list(&ListParams::default().labels(&format!("{LABEL_RUN_UID}={uid}")))
+            .await?;
+        let mut manifest = Manifest {
+            shards,
+            records: BTreeMap::new(),
+            versions: vec![None; shards],
+        };
+        for cm in list.items {
+            let cm_name = cm.name_any();
+            let Some(i) = (0..shards).find(|&i| shard_name(&name, i) == cm_name) else {
+                continue;
+            };
+            manifest.versions[i] = cm.resource_version();
+            let text = cm.data.as_ref().and_then(|d| d.get(KEY));
+            for (job, record) in parse(&cm_name, text.map_or("", String::as_str))? {
+                manifest.records.insert(job, record);
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Every record, by Job name.
+    pub fn records(&self) -> &BTreeMap<String, Record> {
+        &self.records
+    }
+
+    /// The names of the shards that exist, in shard order.
+    pub fn names(&self, run: &str) -> Vec<String> {
+        (0..self.shards)
+            .filter(|&i| self.versions[i].is_some())
+            .map(|i| shard_name(run, i))
+            .collect()
+    }
+
+    /// Adds or replaces `changes` and writes the shards they fall in. On an error the
+    /// manifest must be loaded again.
+    pub async fn write(
+        &mut self,
+        client: &Client,
+        run: &ImageBuildRun,
+        changes: BTreeMap<String, Record>,
+    ) -> Result<(), ManifestError> {
+        let mut touched = vec![false; self.shards];
+        for (job, record) in changes {
+            touched[shard_of(&job, self.shards)] = true;
+            self.records.insert(job, record);
+        }
+        let cms: Api<ConfigMap> =
+            Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
+        for i in (0..self.shards).filter(|&i| touched[i]) {
+            let shard = self
+                .records
+                .iter()
+                .filter(|(job, _)| shard_of(job, self.shards) == i);
+            let cm = self.shard(run, i, render(shard));
+            let name = shard_name(&run.name_any(), i);
+            let written = match &self.versions[i] {
+                Some(_) => cms.replace(&name, &PostParams::default(), &cm).await,
+                None => cms.create(&PostParams::default(), &cm).await,
+            };
+            let written = match written {
+                Ok(cm) => cm,
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    return Err(self.conflict(&cms, run, &name).await);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.versions[i] = written.resource_version();
+        }
+        Ok(())
+    }
+
+    fn shard(&self, run: &ImageBuildRun, i: usize, text: String) -> ConfigMap {
+        let owner = run
+            .controller_owner_ref(&())
+            .expect("a run from the API has a uid");
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": shard_name(&run.name_any(), i),
+                "resourceVersion": self.versions[i],
+                "labels": {
+                    "app.kubernetes.io/managed-by": MANAGER,
+                    "app.kubernetes.io/component": COMPONENT,
+                    LABEL_RUN: run_label(&run.name_any()),
+                    LABEL_RUN_UID: run.uid(),
+                },
+                "ownerReferences": [owner],
+            },
+            "data": {KEY: text},
+        }))
+        .expect("a well-formed ConfigMap")
+    }
+
+    /// What a 409 on shard `name` means: a ConfigMap left by an earlier run of the same
+    /// name (deleted here), or a shard changed by someone else.
+    async fn conflict(
+        &self,
+        cms: &Api<ConfigMap>,
+        run: &ImageBuildRun,
+        name: &str,
+    ) -> ManifestError {
+        let existing = match cms.get_opt(name).await {
+            Ok(existing) => existing,
+            Err(e) => return e.into(),
+        };
+        let ours = existing.as_ref().is_some_and(|cm| {
+            cm.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == run.uid().as_ref())
+        });
+        if existing.is_some() && !ours {
+            return match cms.delete(name, &DeleteParams::background()).await {
+                Ok(_) => ManifestError::Stale(name.to_string()),
+                Err(kube::Error::Api(e)) if e.code == 404 => ManifestError::Stale(name.to_string()),
+                Err(e) => e.into(),
+            };
+        }
+        ManifestError::Conflict(name.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Node, Phase};
+    use crate::schedule::{Failure, FailureClass};
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_count(1), 1);
+        assert_eq!(shard_count(400), 1);
+        assert_eq!(shard_count(401), 2);
+        assert_eq!(shard_count(20_001), 51);
+        let jobs: Vec<String> = (0..20_001).map(|i| format!("run-asm-x-{i}")).collect();
+        let mut sizes = vec![0usize; 51];
+        for job in &jobs {
+            let s = shard_of(job, 51);
+            assert_eq!(s, shard_of(job, 51));
+            sizes[s] += 1;
+        }
+        let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+        assert!(*min > 300 && *max < 500, "uneven shards: {min}..{max}");
+    }
+
+    #[test]
+    fn a_full_shard_of_worst_case_records_stays_under_900_kib() {
+        let node = Node {
+            phase: Phase::PostAssembly,
+            instance_id: Some(format!("{}__{}", "r".repeat(60), "n".repeat(60))),
+            upstream_image: Some(format!("docker.io/{}:latest", "u".repeat(200))),
+            image: format!("registry.example/{}:{}", "i".repeat(200), "t".repeat(120)),
+            build_args: Default::default(),
+            git_revision: None,
+            cache_ref: None,
+            job_name: "j".repeat(63),
+            deps: vec![],
+        };
+        let failure = Failure::new(FailureClass::BuildError, "é".repeat(5000));
+        let now = chrono::Utc::now();
+        let mut record = Record::failed(&node, &failure, 20, Some(now), now);
+        record.digest = Some(format!("sha256:{}", "0".repeat(64)));
+        record.node = Some("n".repeat(253));
+        record.started_at = Some(now);
+        let records: BTreeMap<String, Record> = (0..RECORDS_PER_SHARD)
+            .map(|i| (format!("{}-{i}", "j".repeat(58)), record.clone()))
+            .collect();
+        let text = render(&records);
+        assert!(text.len() < 900 * 1024, "{} bytes", text.len());
+        let back = parse("cm", &text).unwrap();
+        assert_eq!(back.len(), RECORDS_PER_SHARD);
+        assert_eq!(back[0].1, record);
+    }
+
+    #[test]
+    fn a_bad_line_names_the_shard_and_line() {
+        let err = parse("run-manifest-0", "\n{\"job\": 1}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("line 2 of ConfigMap run-manifest-0: "),
+            "{err}"
+        );
+    }
+}
