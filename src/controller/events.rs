@@ -59,15 +59,7 @@ fn warning(reason: &str, action: &str, note: String) -> Event {
 
 fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
     // The Events API caps the note at 1 KiB.
-    let note = if note.len() > 1000 {
-        let mut end = 1000;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}...", &note[..end])
-    } else {
-        note
-    };
+    let note = super::records::truncate(&note, 1000);
     Event {
         type_,
         reason: reason.to_string(),

@@ -324,7 +324,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         spec: &run.spec,
         build_timeout: settings.build_timeout,
     };
-    let annotations = PodAnnotations::compile(&run.spec).ok();
+    let creates = actions
+        .iter()
+        .any(|a| matches!(a, Action::CreateJob { .. }));
+    let annotations = creates
+        .then(|| PodAnnotations::compile(&run.spec).ok())
+        .flatten();
     for action in &actions {
         match action {
             Action::CreateJob { node, attempt } => {
@@ -384,7 +389,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .iter()
         .find(|u| now - u.since >= pending_limit)
         .map(|u| u.message.clone())
-        .or_else(|| unschedulable_failures(all_records()));
+        .or_else(|| status::unschedulable_failures(all_records()));
     let phase = status.phase.unwrap_or(RunPhase::Building);
     let final_phase = phase != RunPhase::Building;
     let progress = summary(&counts);
@@ -454,20 +459,6 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         wait = wait.min(Duration::from_secs(1));
     }
     Ok(Requeue::requeue(wait))
-}
-
-/// The message of Stalled when images already failed because their pods could not be
-/// scheduled within `timeouts.pending` (their pods are gone, the problem is not).
-fn unschedulable_failures<'a>(records: impl Iterator<Item = &'a Record>) -> Option<String> {
-    let class = Some(crate::schedule::FailureClass::Unschedulable.as_str());
-    let mut failed = records.filter(|r| r.failure_class.as_deref() == class);
-    let first = failed.next()?;
-    let more = failed.count();
-    Some(format!(
-        "{} image(s) could not be scheduled within timeouts.pending; the scheduler said: {}",
-        more + 1,
-        first.message.as_deref().unwrap_or("")
-    ))
 }
 
 fn summary(counts: &[crate::api::PhaseCounts; 4]) -> String {

@@ -1,6 +1,6 @@
-//! The durable per-node record of a run, kept in a ConfigMap the run owns (one key per
-//! node, the node's Job name). It is what a restarted operator rebuilds its view from:
-//! terminal results, and the attempt count and backoff of nodes waiting for a retry.
+//! The durable per-node record of a run, kept in the run's manifest (see `manifest`) under
+//! the node's Job name. It is what a restarted operator rebuilds its view from: terminal
+//! results, and the attempt count and backoff of nodes waiting for a retry.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,19 @@ pub fn shorten(text: &str, max: usize) -> String {
         start += 1;
     }
     format!("...{}", &text[start..])
+}
+
+/// `text` cut to at most `max` bytes (plus `...`) on a character boundary, keeping its
+/// start; [`shorten`] keeps the end instead.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }
 
 #[cfg(test)]

@@ -111,14 +111,21 @@ fn last_line(text: &str, max: usize) -> String {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("");
-    if line.len() <= max {
-        return line.to_string();
-    }
-    let mut end = max;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &line[..end])
+    super::records::truncate(line, max)
+}
+
+/// The message of Stalled when images already failed because their pods could not be
+/// scheduled within `timeouts.pending` (their pods are gone, the problem is not).
+pub fn unschedulable_failures<'a>(records: impl Iterator<Item = &'a Record>) -> Option<String> {
+    let class = Some(crate::schedule::FailureClass::Unschedulable.as_str());
+    let mut failed = records.filter(|r| r.failure_class.as_deref() == class);
+    let first = failed.next()?;
+    let more = failed.count();
+    Some(format!(
+        "{} image(s) could not be scheduled within timeouts.pending; the scheduler said: {}",
+        more + 1,
+        first.message.as_deref().unwrap_or("")
+    ))
 }
 
 /// Images finished (built, skipped or failed) per hour over the last `window` (or since
