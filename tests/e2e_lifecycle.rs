@@ -170,21 +170,25 @@ async fn transient_failures_retry_build_errors_fail_once_and_a_failed_base_fails
     assert_eq!(records.len(), plan.nodes.len(), "one record per node");
     let throttled_asm = &records[&job_of(&plan, Phase::Assembly, throttled)];
     assert_eq!(throttled_asm.status, RecordStatus::Built);
-    assert_eq!(throttled_asm.attempt, 2, "{throttled_asm:?}");
+    assert_eq!(throttled_asm.attempt_count, 2, "{throttled_asm:?}");
     let broken_asm = &records[&job_of(&plan, Phase::Assembly, broken)];
     assert_eq!(broken_asm.status, RecordStatus::Failed);
     assert_eq!(broken_asm.failure_class.as_deref(), Some("BuildError"));
-    assert_eq!(broken_asm.attempt, 1, "a build error is not retried");
+    assert_eq!(broken_asm.attempt_count, 1, "a build error is not retried");
     assert!(
         broken_asm
-            .message
+            .error
             .as_deref()
             .is_some_and(|m| m.contains("exit code: 2")),
         "{broken_asm:?}"
     );
     let base = &records[&job_of(&plan, Phase::Base, broken_base)];
     assert_eq!(
-        (base.status, base.failure_class.as_deref(), base.attempt),
+        (
+            base.status,
+            base.failure_class.as_deref(),
+            base.attempt_count
+        ),
         (RecordStatus::Failed, Some("BuildError"), 1)
     );
     let orphan = &records[&job_of(&plan, Phase::Assembly, broken_base)];
@@ -458,7 +462,7 @@ async fn an_operator_killed_mid_run_duplicates_nothing_and_loses_nothing() {
     for node in &plan.nodes {
         let r = &records[&node.job_name];
         assert_eq!(
-            (r.status, r.attempt),
+            (r.status, r.attempt_count),
             (RecordStatus::Built, 1),
             "{}: {r:?}",
             node.job_name

@@ -22,9 +22,15 @@ use crate::job::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
 
 /// The data key of a shard.
 pub const KEY: &str = "manifest.jsonl";
-/// Records per shard at most (by design; a record is at most about 2 KiB, its error
-/// message being cut to 1 KiB), keeping a shard under ~900 KiB.
-pub const RECORDS_PER_SHARD: usize = 400;
+/// Records per shard on average. A record is typically under 1 KiB of JSON, at most about
+/// 3.3 KiB (its error cut to 1 KiB, 2 KiB escaped; image references and names at their
+/// limits). A shard over [`MAX_SHARD_BYTES`] keeps shorter errors.
+pub const RECORDS_PER_SHARD: usize = 250;
+/// The most a shard's text may take: the API server refuses objects over 1 MiB (less, with
+/// etcd's default request limit of 1.5 MiB, once metadata and the request wrap it).
+pub const MAX_SHARD_BYTES: usize = 900 * 1024;
+/// The error kept per record in a shard that would otherwise be too large.
+const SHORT_ERROR: usize = 128;
 /// `app.kubernetes.io/component` of the shards.
 pub const COMPONENT: &str = "manifest";
 
@@ -79,16 +85,28 @@ struct Line {
     record: Record,
 }
 
-/// The JSON lines of `records`, in Job-name order.
-pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)>) -> String {
+/// The JSON lines of `records`, in Job-name order, in at most [`MAX_SHARD_BYTES`]: if
+/// they would take more, errors are cut to their last [`SHORT_ERROR`] bytes, then
+/// dropped (the status and the Events still tell the failures).
+pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)> + Clone) -> String {
     let mut out = String::new();
-    for (job, record) in records {
-        let line = Line {
-            job: job.clone(),
-            record: record.clone(),
-        };
-        out.push_str(&serde_json::to_string(&line).expect("records serialize"));
-        out.push('\n');
+    for max_error in [None, Some(SHORT_ERROR), Some(0)] {
+        out.clear();
+        for (job, record) in records.clone() {
+            let mut record = record.clone();
+            if let (Some(max), Some(error)) = (max_error, &record.error) {
+                record.error = (max > 0).then(|| super::records::shorten(error, max));
+            }
+            let line = Line {
+                job: job.clone(),
+                record,
+            };
+            out.push_str(&serde_json::to_string(&line).expect("records serialize"));
+            out.push('\n');
+        }
+        if out.len() <= MAX_SHARD_BYTES {
+            break;
+        }
     }
     out
 }
@@ -260,22 +278,22 @@ mod tests {
     #[test]
     fn shards_are_stable_and_spread() {
         assert_eq!(shard_count(1), 1);
-        assert_eq!(shard_count(400), 1);
-        assert_eq!(shard_count(401), 2);
-        assert_eq!(shard_count(20_001), 51);
+        assert_eq!(shard_count(250), 1);
+        assert_eq!(shard_count(251), 2);
+        assert_eq!(shard_count(20_001), 81);
         let jobs: Vec<String> = (0..20_001).map(|i| format!("run-asm-x-{i}")).collect();
-        let mut sizes = vec![0usize; 51];
+        let mut sizes = vec![0usize; 81];
         for job in &jobs {
-            let s = shard_of(job, 51);
-            assert_eq!(s, shard_of(job, 51));
+            let s = shard_of(job, 81);
+            assert_eq!(s, shard_of(job, 81));
             sizes[s] += 1;
         }
         let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
-        assert!(*min > 300 && *max < 500, "uneven shards: {min}..{max}");
+        assert!(*min > 180 && *max < 320, "uneven shards: {min}..{max}");
     }
 
     #[test]
-    fn a_full_shard_of_worst_case_records_stays_under_900_kib() {
+    fn shards_of_worst_case_records_stay_under_900_kib() {
         let node = Node {
             phase: Phase::PostAssembly,
             instance_id: Some(format!("{}__{}", "r".repeat(60), "n".repeat(60))),
@@ -287,20 +305,36 @@ mod tests {
             job_name: "j".repeat(63),
             deps: vec![],
         };
-        let failure = Failure::new(FailureClass::BuildError, "é".repeat(5000));
+        // Quotes take two bytes each in JSON; control characters are dropped.
+        let failure = Failure::new(FailureClass::BuildError, "\"\u{1b}é".repeat(2000));
         let now = chrono::Utc::now();
         let mut record = Record::failed(&node, &failure, 20, Some(now), now);
         record.digest = Some(format!("sha256:{}", "0".repeat(64)));
         record.node = Some("n".repeat(253));
+        record.log_path = Some(format!("{}/{}", "s".repeat(63), "p".repeat(253)));
         record.started_at = Some(now);
-        let records: BTreeMap<String, Record> = (0..RECORDS_PER_SHARD)
-            .map(|i| (format!("{}-{i}", "j".repeat(58)), record.clone()))
-            .collect();
-        let text = render(&records);
-        assert!(text.len() < 900 * 1024, "{} bytes", text.len());
-        let back = parse("cm", &text).unwrap();
-        assert_eq!(back.len(), RECORDS_PER_SHARD);
+        record.finished_at = Some(now);
+        record.duration_seconds = Some(u64::MAX);
+        record.build_seconds = Some(u64::MAX);
+        record.push_seconds = Some(u64::MAX);
+        let shard = |n: usize, record: &Record| -> BTreeMap<String, Record> {
+            (0..n)
+                .map(|i| (format!("{}-{i}", "j".repeat(58)), record.clone()))
+                .collect()
+        };
+        // A shard of the average size, all worst cases, keeps whole errors...
+        let typical = shard(RECORDS_PER_SHARD, &record);
+        let back = parse("cm", &render(&typical)).unwrap();
         assert_eq!(back[0].1, record);
+        // ...and one half again as large (more than hashing puts in one) still fits,
+        // keeping the end of every error.
+        let text = render(&shard(3 * RECORDS_PER_SHARD / 2, &record));
+        assert!(text.len() <= MAX_SHARD_BYTES, "{} bytes", text.len());
+        let back = parse("cm", &text).unwrap();
+        assert_eq!(back.len(), 3 * RECORDS_PER_SHARD / 2);
+        let error = back[0].1.error.clone().unwrap();
+        assert!(error.len() <= SHORT_ERROR && record.error.unwrap().ends_with(&error[3..]));
+        assert_eq!(back[0].1.tags, record.tags);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::records::Record;
+use super::records::{Harvest, Record};
 use crate::job::{ANNOTATION_ATTEMPT, Outcome, outcome};
 use crate::plan::{NodeId, Plan};
 use crate::schedule::{Failure, FailureClass, NodeState};
@@ -38,8 +38,8 @@ pub struct Unschedulable {
 pub struct Observed {
     /// Every node's state, indexed like `plan.nodes`.
     pub states: Vec<NodeState>,
-    /// For each finished Job: how it ended and when it started.
-    pub outcomes: BTreeMap<NodeId, (Outcome, Option<DateTime<Utc>>)>,
+    /// What each finished Job told.
+    pub outcomes: BTreeMap<NodeId, Harvest>,
     /// Jobs with nothing left to tell (their node is recorded as final, or not in the
     /// plan): to delete.
     pub stale_jobs: Vec<String>,
@@ -104,10 +104,13 @@ fn job_state(
             Outcome::Succeeded { .. } => Ok(()),
             Outcome::Failed { failure, .. } => Err(failure.clone()),
         };
-        observed.outcomes.insert(id, (outcome, started));
+        let finished = finished_at(&live.job);
+        observed
+            .outcomes
+            .insert(id, harvest(live, outcome, started, finished));
         return NodeState::Finished {
             attempt,
-            at: finished_at(&live.job).unwrap_or(now),
+            at: finished.unwrap_or(now),
             result,
         };
     }
@@ -124,7 +127,9 @@ fn job_state(
                 failure: failure.clone(),
                 node: None,
             };
-            observed.outcomes.insert(id, (outcome, started));
+            observed
+                .outcomes
+                .insert(id, harvest(live, outcome, started, Some(now)));
             return NodeState::Finished {
                 attempt,
                 at: now,
@@ -143,6 +148,24 @@ pub fn attempt_of(job: &Job) -> u32 {
         .and_then(|a| a.get(ANNOTATION_ATTEMPT))
         .and_then(|a| a.parse().ok())
         .unwrap_or(1)
+}
+
+fn harvest(
+    live: &LiveJob,
+    outcome: Outcome,
+    started: Option<DateTime<Utc>>,
+    finished: Option<DateTime<Utc>>,
+) -> Harvest {
+    let pod = live.pod.as_ref().map(|p| {
+        let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+        format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default())
+    });
+    Harvest {
+        outcome,
+        started,
+        finished,
+        pod,
+    }
 }
 
 fn finished_at(job: &Job) -> Option<DateTime<Utc>> {
@@ -303,7 +326,9 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
                 result: Ok(())
             }
         );
-        let (outcome, started) = &o.outcomes[&0];
+        let Harvest {
+            outcome, started, ..
+        } = &o.outcomes[&0];
         assert_eq!(started.unwrap().to_rfc3339(), "2026-01-01T00:00:00+00:00");
         let Outcome::Succeeded {
             report: Some(BuildReport { digest, .. }),

@@ -367,7 +367,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let all_records = || records.values();
     status.last_progress_at = all_records()
         .filter(|r| r.status != super::records::RecordStatus::Retrying)
-        .map(|r| r.finished_at)
+        .map(|r| r.time)
         .max();
     let started = status.started_at.unwrap_or(now);
     // Both drift with the clock alone; small drifts keep the written value, so an idle
@@ -802,7 +802,7 @@ async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {
 fn record_for(
     plan: &Plan,
     states: &[NodeState],
-    outcomes: &BTreeMap<usize, (crate::job::Outcome, Option<DateTime<Utc>>)>,
+    outcomes: &BTreeMap<usize, super::records::Harvest>,
     action: &Action,
     now: DateTime<Utc>,
 ) -> Option<(usize, Record)> {
@@ -812,7 +812,7 @@ fn record_for(
         _ => 0,
     };
     let with_job = |node: usize, record: Record| match outcomes.get(&node) {
-        Some((outcome, started)) => record.with_job(outcome, *started),
+        Some(harvest) => record.with_job(harvest),
         None => record,
     };
     let (node, record) = match action {

@@ -1,6 +1,13 @@
 //! The durable per-node record of a run, kept in the run's manifest (see `manifest`) under
 //! the node's Job name. It is what a restarted operator rebuilds its view from: terminal
 //! results, and the attempt count and backoff of nodes waiting for a retry.
+//!
+//! The field names are those of the build scripts' `manifest.jsonl` (`time`, `base_image`,
+//! `tags`, `error`, `log_path`, `status`, `skip_reason`, `attempt_count`, `started_at`,
+//! `finished_at`, `duration_seconds`, `build_seconds`), plus the operator's own (`phase`,
+//! `instance_id`, `digest`, `node`, `failure_class`, `not_before`, `push_seconds`), so
+//! tools that read the scripts' manifests read these too. `docs/manifest.md` is the
+//! reference.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,43 +20,56 @@ use crate::schedule::{Failure, FailureClass, NodeState, SkipReason};
 pub const MAX_MESSAGE: usize = 1024;
 
 /// Where a node stands, as recorded.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
 pub enum RecordStatus {
     /// Built and pushed.
     Built,
-    /// Not built (exists, or not needed).
-    Skipped,
+    /// Not built: the image is already in the registry.
+    SkippedRemoteExists,
+    /// Not built: a base whose every assembly is already in the registry.
+    SkippedNotNeeded,
     /// Failed for good.
     Failed,
-    /// A transient failure; another attempt follows.
+    /// A transient failure; another attempt follows (`not_before`).
     Retrying,
 }
 
-/// One node's record.
+impl RecordStatus {
+    /// Skipped, for either reason.
+    pub fn is_skipped(self) -> bool {
+        matches!(self, Self::SkippedRemoteExists | Self::SkippedNotNeeded)
+    }
+}
+
+/// One node's record: one line of the manifest.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
 pub struct Record {
+    /// When the node reached this state (the record was written).
+    pub time: DateTime<Utc>,
     /// builder, base, assembly or postAssembly.
     pub phase: String,
     /// The instance (assembly and post-assembly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
-    /// The image reference.
-    pub image: String,
+    /// The upstream image it is built on (`BASE_IMAGE`): none for the builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image: Option<String>,
+    /// The image references pushed (or found, or to be pushed).
+    pub tags: Vec<String>,
     /// The state.
     pub status: RecordStatus,
-    /// Why it was skipped: `Exists` or `NotNeeded`.
+    /// Why it was skipped, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skip_reason: Option<String>,
-    /// The failure class of the last failed attempt.
+    /// The failure class of the last failed attempt (a PascalCase reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_class: Option<String>,
-    /// The last lines of the error.
+    /// The last lines of the error of the last failed attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+    pub error: Option<String>,
     /// Attempts made (0 for a skipped image).
-    pub attempt: u32,
+    pub attempt_count: u32,
     /// Earliest time of the next attempt (`retrying`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<DateTime<Utc>>,
@@ -59,35 +79,61 @@ pub struct Record {
     /// The Kubernetes node the last attempt ran on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The last attempt's build pod, `namespace/name`: where the cluster's log store keeps
+    /// its log (the pod is deleted with its Job once the result is recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
     /// When the last attempt's Job started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
-    /// When the node reached this state.
-    pub finished_at: DateTime<Utc>,
-    /// Seconds the build took (wrapper report).
+    /// When the last attempt's Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Seconds from `started_at` to `finished_at`: the whole attempt, from the Job's start
+    /// (scheduling, pulling, building and pushing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<u64>,
+    /// Seconds the build took (the wrapper's report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_seconds: Option<u64>,
-    /// Seconds spent pushing (wrapper report).
+    /// Seconds spent pushing (the wrapper's report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_seconds: Option<u64>,
+}
+
+/// What a finished Job told about its attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Harvest {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// When the Job started.
+    pub started: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished: Option<DateTime<Utc>>,
+    /// Its pod, `namespace/name`.
+    pub pod: Option<String>,
 }
 
 impl Record {
     fn new(node: &Node, status: RecordStatus, attempt: u32, at: DateTime<Utc>) -> Record {
         Record {
+            time: at,
             phase: node.phase.as_str().into(),
             instance_id: node.instance_id.clone(),
-            image: node.image.clone(),
+            base_image: node.upstream_image.clone(),
+            tags: vec![node.image.clone()],
             status,
             skip_reason: None,
             failure_class: None,
-            message: None,
-            attempt,
+            error: None,
+            attempt_count: attempt,
             not_before: None,
             digest: None,
             node: None,
+            log_path: None,
             started_at: None,
-            finished_at: at,
+            finished_at: None,
+            duration_seconds: None,
             build_seconds: None,
             push_seconds: None,
         }
@@ -95,11 +141,18 @@ impl Record {
 
     /// A skipped node.
     pub fn skipped(node: &Node, reason: SkipReason, at: DateTime<Utc>) -> Record {
-        let mut r = Record::new(node, RecordStatus::Skipped, 0, at);
-        r.skip_reason = Some(match reason {
-            SkipReason::Exists => "Exists".into(),
-            SkipReason::NotNeeded => "NotNeeded".into(),
-        });
+        let (status, why) = match reason {
+            SkipReason::Exists => (
+                RecordStatus::SkippedRemoteExists,
+                "the image is already in the registry",
+            ),
+            SkipReason::NotNeeded => (
+                RecordStatus::SkippedNotNeeded,
+                "every image built on it is already in the registry",
+            ),
+        };
+        let mut r = Record::new(node, status, 0, at);
+        r.skip_reason = Some(why.into());
         r
     }
 
@@ -118,7 +171,7 @@ impl Record {
         };
         let mut r = Record::new(node, status, attempt, at);
         r.failure_class = Some(failure.class.as_str().into());
-        r.message = Some(shorten(&failure.message, MAX_MESSAGE));
+        r.error = Some(shorten(&printable(&failure.message), MAX_MESSAGE));
         r.not_before = not_before;
         r
     }
@@ -128,14 +181,19 @@ impl Record {
         Record::new(node, RecordStatus::Built, attempt, at)
     }
 
-    /// Adds what the finished Job told: where it ran, when it started, the report.
-    pub fn with_job(mut self, outcome: &Outcome, started_at: Option<DateTime<Utc>>) -> Record {
-        let (report, node): (Option<&BuildReport>, _) = match outcome {
+    /// Adds what the finished Job told: where it ran, when, the report.
+    pub fn with_job(mut self, harvest: &Harvest) -> Record {
+        let (report, node): (Option<&BuildReport>, _) = match &harvest.outcome {
             Outcome::Succeeded { report, node } => (report.as_ref(), node),
             Outcome::Failed { node, .. } => (None, node),
         };
         self.node = node.clone();
-        self.started_at = started_at;
+        self.log_path = harvest.pod.clone();
+        self.started_at = harvest.started;
+        self.finished_at = harvest.finished;
+        if let (Some(start), Some(end)) = (harvest.started, harvest.finished) {
+            self.duration_seconds = Some((end - start).num_seconds().max(0) as u64);
+        }
         if let Some(report) = report {
             self.digest = Some(report.digest.clone()).filter(|d| !d.is_empty());
             self.build_seconds = Some(report.build_seconds);
@@ -144,17 +202,20 @@ impl Record {
         self
     }
 
+    /// The image reference (the first tag).
+    pub fn image(&self) -> &str {
+        self.tags.first().map(String::as_str).unwrap_or("")
+    }
+
     /// The scheduler's view of this record.
     pub fn state(&self) -> NodeState {
         match self.status {
             RecordStatus::Built => NodeState::Succeeded,
-            RecordStatus::Skipped => NodeState::Skipped(match self.skip_reason.as_deref() {
-                Some("NotNeeded") => SkipReason::NotNeeded,
-                _ => SkipReason::Exists,
-            }),
+            RecordStatus::SkippedRemoteExists => NodeState::Skipped(SkipReason::Exists),
+            RecordStatus::SkippedNotNeeded => NodeState::Skipped(SkipReason::NotNeeded),
             RecordStatus::Failed => NodeState::Failed(self.failure()),
             RecordStatus::Retrying => NodeState::Waiting {
-                attempts: self.attempt,
+                attempts: self.attempt_count,
                 not_before: self.not_before,
             },
         }
@@ -167,8 +228,16 @@ impl Record {
             .as_deref()
             .and_then(|c| FailureClass::ALL.into_iter().find(|k| k.as_str() == c))
             .unwrap_or(FailureClass::BuildError);
-        Failure::new(class, self.message.clone().unwrap_or_default())
+        Failure::new(class, self.error.clone().unwrap_or_default())
     }
+}
+
+/// `text` without control characters other than newlines and tabs (terminal colour codes,
+/// carriage returns), which would also take six bytes each in JSON.
+fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
 }
 
 /// `text` cut to at most `max` bytes (on a character boundary), keeping the end, where
@@ -243,6 +312,60 @@ mod tests {
             let back: Record = serde_json::from_str(&json).unwrap();
             assert_eq!(back.state(), state, "{json}");
         }
+    }
+
+    #[test]
+    fn records_speak_the_scripts_field_names() {
+        let at = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let mut n = node();
+        n.upstream_image = Some("docker.io/swebench/x:latest".into());
+        let failure = Failure::new(FailureClass::BuildError, "exit code: 2");
+        let harvest = Harvest {
+            outcome: Outcome::Failed {
+                failure: failure.clone(),
+                node: Some("big-disk-1".into()),
+            },
+            started: Some(at),
+            finished: Some(at + chrono::Duration::seconds(75)),
+            pod: Some("ns/run-asm-a-a-1-0123456789-x1".into()),
+        };
+        let record = Record::failed(&n, &failure, 2, None, at).with_job(&harvest);
+        let json = serde_json::to_value(&record).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        for key in [
+            "time",
+            "base_image",
+            "tags",
+            "error",
+            "log_path",
+            "status",
+            "attempt_count",
+            "started_at",
+            "finished_at",
+            "duration_seconds",
+            "phase",
+            "instance_id",
+            "node",
+            "failure_class",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {json}");
+        }
+        assert_eq!(json["status"], "failed");
+        assert_eq!(json["duration_seconds"], 75);
+        assert_eq!(json["tags"][0], "r.io/x:1");
+        assert_eq!(json["base_image"], "docker.io/swebench/x:latest");
+        let skipped = Record::skipped(&n, SkipReason::Exists, at);
+        let json = serde_json::to_value(&skipped).unwrap();
+        assert_eq!(json["status"], "skipped_remote_exists");
+        assert_eq!(json["attempt_count"], 0);
+        assert!(json["skip_reason"].as_str().unwrap().contains("registry"));
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub fn failures<'a>(
         .filter(|(_, r)| r.status == RecordStatus::Failed)
         .collect();
     // Newest first; plan order among equals, so the list is stable.
-    failed.sort_by_key(|(_, r)| std::cmp::Reverse(r.finished_at));
+    failed.sort_by_key(|(_, r)| std::cmp::Reverse(r.time));
     failed
         .into_iter()
         .take(MAX_FAILURE_RECORDS)
@@ -97,8 +97,8 @@ pub fn failures<'a>(
             instance: node.subject().to_string(),
             phase: node.phase.as_str().to_string(),
             reason: r.failure_class.clone().unwrap_or_default(),
-            message: last_line(r.message.as_deref().unwrap_or(""), 300),
-            time: r.finished_at,
+            message: last_line(r.error.as_deref().unwrap_or(""), 300),
+            time: r.time,
         })
         .collect()
 }
@@ -124,7 +124,7 @@ pub fn unschedulable_failures<'a>(records: impl Iterator<Item = &'a Record>) -> 
     Some(format!(
         "{} image(s) could not be scheduled within timeouts.pending; the scheduler said: {}",
         more + 1,
-        first.message.as_deref().unwrap_or("")
+        first.error.as_deref().unwrap_or("")
     ))
 }
 
@@ -139,7 +139,7 @@ pub fn images_per_hour<'a>(
     let from = (now - window).max(started);
     let span = (now - from).num_milliseconds() as f64 / 3_600_000.0;
     let done = records
-        .filter(|r| r.status != RecordStatus::Retrying && r.finished_at > from)
+        .filter(|r| r.status != RecordStatus::Retrying && r.time > from)
         .count();
     (done > 0 && span > 0.0).then(|| (done as f64 / span * 10.0).round() / 10.0)
 }
@@ -160,7 +160,8 @@ pub fn estimated_completion<'a>(
         let (Some(start), Some(phase)) = (r.started_at, phase_of(&r.phase)) else {
             continue;
         };
-        sum[index(phase)] += (r.finished_at - start).num_milliseconds().max(0) as f64 / 1000.0;
+        let end = r.finished_at.unwrap_or(r.time);
+        sum[index(phase)] += (end - start).num_milliseconds().max(0) as f64 / 1000.0;
         n[index(phase)] += 1;
     }
     let total_n: u32 = n.iter().sum();
