@@ -1,5 +1,6 @@
-//! The `plan` command: resolves a run's instances, builds its plan and prints it, as text
-//! for people or as JSON (every node) for tools.
+//! The commands besides the operator: `plan` resolves a run's instances, builds its plan
+//! and prints it, as text for people or as JSON (every node) for tools; `summary` reads a
+//! run and its manifest from the cluster and reports on it (see `summary`).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::api::ImageBuildRun;
+use crate::controller::manifest::{Manifest, ManifestError};
 use crate::instances::{self, InstanceError};
 use crate::plan::{self, Phase, Plan, PlanError};
 
@@ -27,6 +29,60 @@ pub enum CliError {
     /// The plan could not be made.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The cluster could not be reached or refused a request.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The run does not exist.
+    #[error("ImageBuildRun {name} not found in namespace {namespace}")]
+    NotFound {
+        /// The run.
+        name: String,
+        /// Its namespace.
+        namespace: String,
+    },
+    /// The run's manifest could not be read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+/// Output format of `summary`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SummaryFormat {
+    /// Markdown, for people and CI job summaries.
+    Markdown,
+    /// The stable JSON form (`docs/manifest.md`).
+    Json,
+}
+
+/// Reads run `name` (in `namespace`, else the client's default namespace) and its
+/// manifest, and renders its summary.
+pub async fn summary(
+    client: kube::Client,
+    name: &str,
+    namespace: Option<&str>,
+    format: SummaryFormat,
+) -> Result<String, CliError> {
+    let namespace = namespace.unwrap_or(client.default_namespace()).to_string();
+    let runs: kube::Api<ImageBuildRun> = kube::Api::namespaced(client.clone(), &namespace);
+    let run = runs
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| CliError::NotFound {
+            name: name.into(),
+            namespace: namespace.clone(),
+        })?;
+    let records = Manifest::read(&client, &run).await?;
+    let report = crate::summary::summarize(
+        name,
+        &namespace,
+        run.status.as_ref(),
+        records.values(),
+        chrono::Utc::now(),
+    );
+    Ok(match format {
+        SummaryFormat::Markdown => report.markdown(),
+        SummaryFormat::Json => serde_json::to_string_pretty(&report).expect("a summary serializes"),
+    })
 }
 
 /// Output format of `plan`.

@@ -13,5 +13,6 @@ pub mod job;
 pub mod plan;
 pub mod registry;
 pub mod schedule;
+pub mod summary;
 pub mod template;
 pub mod validate;

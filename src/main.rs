@@ -1,11 +1,11 @@
 //! The `imagebuild-operator` command: `run` is the operator; `plan` prints the build plan
-//! of an ImageBuildRun file.
+//! of an ImageBuildRun file; `summary` reports on a run from its manifest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use imagebuild_operator::cli::{self, Format};
+use imagebuild_operator::cli::{self, Format, SummaryFormat};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +64,18 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         show: usize,
     },
+    /// Report on a run from its manifest: totals, wall clock, build times per phase,
+    /// slowest and failed builds, skip reasons.
+    Summary {
+        /// The ImageBuildRun.
+        run: String,
+        /// Its namespace (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = SummaryFormat::Markdown)]
+        format: SummaryFormat,
+    },
 }
 
 #[tokio::main]
@@ -78,13 +90,8 @@ async fn main() -> ExitCode {
             log_format,
         } => {
             init_logging(log_format);
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = match kube::Client::try_default().await {
-                Ok(c) => c,
-                Err(err) => {
-                    eprintln!("error: cannot reach the Kubernetes API: {err}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(client) = client().await else {
+                return ExitCode::FAILURE;
             };
             tracing::info!(?namespaces, concurrency, ?max_total_workers, "starting");
             let options = imagebuild_operator::controller::Options {
@@ -107,16 +114,43 @@ async fn main() -> ExitCode {
                 let plan = cli::plan_run(&run, instances_file.as_ref()).await?;
                 Ok::<_, cli::CliError>(cli::render(&run, &plan, output, show))
             };
-            match result.await {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+            print(result.await)
+        }
+        Command::Summary {
+            run,
+            namespace,
+            format,
+        } => {
+            let Some(client) = client().await else {
+                return ExitCode::FAILURE;
+            };
+            print(cli::summary(client, &run, namespace.as_deref(), format).await)
+        }
+    }
+}
+
+/// A client from the kubeconfig or the pod's service account; `None` (said on stderr)
+/// if there is none.
+async fn client() -> Option<kube::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(err) => {
+            eprintln!("error: cannot reach the Kubernetes API: {err}");
+            None
+        }
+    }
+}
+
+fn print(result: Result<String, cli::CliError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
         }
     }
 }

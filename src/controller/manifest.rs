@@ -127,6 +127,36 @@ pub fn parse(config_map: &str, text: &str) -> Result<Vec<(String, Record)>, Mani
         .collect()
 }
 
+/// The run's shards: index, resourceVersion and records of each.
+async fn read_shards(
+    client: &Client,
+    run: &ImageBuildRun,
+) -> Result<Vec<(usize, Option<String>, Vec<(String, Record)>)>, ManifestError> {
+    let name = run.name_any();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
+    let uid = run.uid().unwrap_or_default();
+    let list = cms
+        .list(&ListParams::default().labels(&format!("{LABEL_RUN_UID}={uid}")))
+        .await?;
+    let prefix = shard_name(&name, 0);
+    let prefix = prefix.trim_end_matches('0');
+    let mut shards = Vec::new();
+    for cm in list.items {
+        let cm_name = cm.name_any();
+        let Some(i) = cm_name
+            .strip_prefix(prefix)
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| shard_name(&name, *i) == cm_name)
+        else {
+            continue;
+        };
+        let text = cm.data.as_ref().and_then(|d| d.get(KEY));
+        let records = parse(&cm_name, text.map_or("", String::as_str))?;
+        shards.push((i, cm.resource_version(), records));
+    }
+    Ok(shards)
+}
+
 /// A run's manifest as last read or written.
 pub struct Manifest {
     shards: usize,
@@ -143,30 +173,31 @@ impl Manifest {
         nodes: usize,
     ) -> Result<Manifest, ManifestError> {
         let shards = shard_count(nodes);
-        let name = run.name_any();
-        let cms: Api<ConfigMap> =
-            Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
-        let uid = run.uid().unwrap_or_default();
-        let list = cms
-            .list(&ListParams::default().labels(&format!("{LABEL_RUN_UID}={uid}")))
-            .await?;
         let mut manifest = Manifest {
             shards,
             records: BTreeMap::new(),
             versions: vec![None; shards],
         };
-        for cm in list.items {
-            let cm_name = cm.name_any();
-            let Some(i) = (0..shards).find(|&i| shard_name(&name, i) == cm_name) else {
-                continue;
-            };
-            manifest.versions[i] = cm.resource_version();
-            let text = cm.data.as_ref().and_then(|d| d.get(KEY));
-            for (job, record) in parse(&cm_name, text.map_or("", String::as_str))? {
-                manifest.records.insert(job, record);
+        for (i, version, records) in read_shards(client, run).await? {
+            // A shard beyond the count is not one of this plan's: it holds nothing.
+            if i < shards {
+                manifest.versions[i] = version;
+                manifest.records.extend(records);
             }
         }
         Ok(manifest)
+    }
+
+    /// Every record of the run's manifest as stored, by Job name, whatever the plan.
+    pub async fn read(
+        client: &Client,
+        run: &ImageBuildRun,
+    ) -> Result<BTreeMap<String, Record>, ManifestError> {
+        let mut records = BTreeMap::new();
+        for (_, _, shard) in read_shards(client, run).await? {
+            records.extend(shard);
+        }
+        Ok(records)
     }
 
     /// Every record, by Job name.
