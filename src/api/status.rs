@@ -76,6 +76,11 @@ pub struct ImageBuildRunStatus {
     #[serde(default)]
     pub failed_total: u32,
 
+    /// Of those, the images whose failure was transient (throttling, eviction, a crashed
+    /// build daemon...) but which used up every attempt `retry.attempts` allows.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries_exhausted: u32,
+
     /// Names of the ConfigMaps that hold the per-image manifest, in shard order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
@@ -121,11 +126,16 @@ pub struct PhaseCounts {
     pub failed: u32,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Printer-column strings.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
-    /// State of the builder image, e.g. `Running` or `Succeeded`.
+    /// State of the builder image: Pending, Running, Retrying (waiting for another
+    /// attempt), Succeeded, Skipped or Failed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub builder: String,
     /// Bases done (built or skipped) out of total, e.g. `120/500`.

@@ -1,6 +1,8 @@
 //! Kubernetes Events of a run: derived from the change between the status before and after
 //! a reconcile, so they are emitted once per transition, never once per image (per-image
-//! detail lives in the records). Pure: `transitions` returns what to publish.
+//! detail lives in the manifest). Counts of failures are reported when they reach 1, 10,
+//! 100, 1000... so a run of any size emits a handful. Pure: `transitions` returns what to
+//! publish.
 
 use kube::runtime::events::{Event, EventType};
 
@@ -29,6 +31,56 @@ pub fn transitions(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> Vec<
             _ => {}
         }
     }
+    let (was, is) = (old.progress.builder.as_str(), new.progress.builder.as_str());
+    if was != is {
+        let started = |s: &str| matches!(s, "Running" | "Retrying" | "Succeeded" | "Failed");
+        if started(is) && !started(was) {
+            events.push(normal(
+                "BuilderStarted",
+                "Build",
+                "the builder image is being built".into(),
+            ));
+        }
+        match is {
+            "Succeeded" => events.push(normal(
+                "BuilderSucceeded",
+                "Build",
+                "the builder image was built and pushed; bases and assemblies follow".into(),
+            )),
+            "Skipped" => events.push(normal(
+                "BuilderSkipped",
+                "Build",
+                "the builder image is already in the registry".into(),
+            )),
+            _ => {}
+        }
+    }
+    if let Some(n) = crossed(old.failed_total, new.failed_total) {
+        let latest = new
+            .failures
+            .first()
+            .map(|f| {
+                format!(
+                    " (latest: {} {}: {}: {})",
+                    f.phase, f.instance, f.reason, f.message
+                )
+            })
+            .unwrap_or_default();
+        events.push(warning(
+            "ImagesFailed",
+            "Build",
+            format!("{n} image(s) failed so far{latest}; every failure is in the run's manifest"),
+        ));
+    }
+    if let Some(n) = crossed(old.retries_exhausted, new.retries_exhausted) {
+        events.push(warning(
+            "RetriesExhausted",
+            "Retry",
+            format!(
+                "{n} image(s) failed with a transient error after every attempt retry.attempts allows"
+            ),
+        ));
+    }
     // Problems that appear while the run goes on: once when the condition turns True.
     for type_ in ["Stalled", "Degraded"] {
         let was = condition(old, type_).is_some_and(|c| c.status == "True");
@@ -37,6 +89,18 @@ pub fn transitions(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> Vec<
         }
     }
     events
+}
+
+/// `new` if a power of ten (1, 10, 100...) lies in `old+1..=new`.
+fn crossed(old: u32, new: u32) -> Option<u32> {
+    let mut step = 1u32;
+    while step <= new {
+        if step > old {
+            return Some(new);
+        }
+        step = step.checked_mul(10)?;
+    }
+    None
 }
 
 fn condition<'a>(status: &'a ImageBuildRunStatus, type_: &str) -> Option<&'a Condition> {
@@ -126,6 +190,81 @@ mod tests {
             (e[0].reason.as_str(), e[0].type_),
             ("PartiallySucceeded", EventType::Warning)
         );
+    }
+
+    fn reasons(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> Vec<String> {
+        transitions(old, new)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect()
+    }
+
+    #[test]
+    fn the_builder_is_announced_once_per_state() {
+        let at = |builder: &str| {
+            let mut s = status(RunPhase::Building, &[]);
+            s.progress.builder = builder.into();
+            s
+        };
+        let (pending, running, retrying) = (at("Pending"), at("Running"), at("Retrying"));
+        assert_eq!(reasons(&pending, &running), ["BuilderStarted"]);
+        assert!(
+            reasons(&running, &retrying).is_empty(),
+            "a retry is not a start"
+        );
+        assert!(reasons(&retrying, &running).is_empty());
+        assert_eq!(reasons(&running, &at("Succeeded")), ["BuilderSucceeded"]);
+        // Built between two status writes: both.
+        assert_eq!(
+            reasons(&pending, &at("Succeeded")),
+            ["BuilderStarted", "BuilderSucceeded"]
+        );
+        assert_eq!(reasons(&pending, &at("Skipped")), ["BuilderSkipped"]);
+        assert!(reasons(&pending, &pending).is_empty());
+    }
+
+    #[test]
+    fn failures_are_counted_at_powers_of_ten() {
+        assert_eq!(crossed(0, 1), Some(1));
+        assert_eq!(crossed(1, 9), None);
+        assert_eq!(crossed(5, 12), Some(12));
+        assert_eq!(crossed(10, 99), None);
+        assert_eq!(crossed(99, 100), Some(100));
+        assert_eq!(crossed(0, 0), None);
+        assert_eq!(crossed(1_000_000_000, u32::MAX), None);
+        // A 10,000-image run failing every image: five Events, not 10,000.
+        let events = (0..10_000u32)
+            .filter(|&n| crossed(n, n + 1).is_some())
+            .count();
+        assert_eq!(events, 5);
+
+        let mut old = status(RunPhase::Building, &[]);
+        let mut new = old.clone();
+        new.failed_total = 3;
+        new.retries_exhausted = 1;
+        new.failures.push(crate::api::FailureRecord {
+            instance: "django__django-1".into(),
+            phase: "assembly".into(),
+            reason: "RegistryThrottled".into(),
+            message: "429 Too Many Requests".into(),
+            time: chrono::Utc::now(),
+        });
+        let e = transitions(&old, &new);
+        assert_eq!(
+            e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["ImagesFailed", "RetriesExhausted"]
+        );
+        assert!(e.iter().all(|e| e.type_ == EventType::Warning));
+        let note = e[0].note.as_deref().unwrap();
+        assert!(
+            note.starts_with(
+                "3 image(s) failed so far (latest: assembly django__django-1: RegistryThrottled"
+            ),
+            "{note}"
+        );
+        old = new.clone();
+        new.failed_total = 9;
+        assert!(transitions(&old, &new).is_empty());
     }
 
     #[test]

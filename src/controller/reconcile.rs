@@ -359,10 +359,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
 
     let counts = status::counts(&plan, &states);
-    status::fill(&mut status, &counts);
+    let builder_retrying = matches!(states[0], NodeState::Waiting { attempts, .. } if attempts > 0);
+    status::fill(&mut status, &counts, builder_retrying);
     // From the manifest, so they survive restarts and deferred writes alike.
     let records = manifest.records();
     status.failures = status::failures(&plan, |name| records.get(name));
+    status.retries_exhausted = status::retries_exhausted(records.values());
     status.manifests = manifest.names(&name);
     let all_records = || records.values();
     status.last_progress_at = all_records()

@@ -51,8 +51,9 @@ pub fn run_phase(counts: &[PhaseCounts; 4]) -> RunPhase {
     }
 }
 
-/// Writes counts, progress strings and phase into `status`.
-pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4]) {
+/// Writes counts, progress strings and phase into `status`; `builder_retrying` says the
+/// builder waits for another attempt.
+pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4], builder_retrying: bool) {
     status.builder = counts[0];
     status.bases = counts[1];
     status.assemblies = counts[2];
@@ -68,6 +69,8 @@ pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4]) {
         "Skipped".into()
     } else if b.running > 0 {
         "Running".into()
+    } else if builder_retrying {
+        "Retrying".into()
     } else {
         "Pending".into()
     };
@@ -101,6 +104,13 @@ pub fn failures<'a>(
             time: r.time,
         })
         .collect()
+}
+
+/// Images that failed for good with a transient failure: every allowed attempt used.
+pub fn retries_exhausted<'a>(records: impl Iterator<Item = &'a Record>) -> u32 {
+    records
+        .filter(|r| r.status == RecordStatus::Failed && r.failure().class.is_transient())
+        .count() as u32
 }
 
 /// The last non-empty line of `text`, cut to at most `max` bytes on a character boundary.
@@ -199,7 +209,8 @@ fn phase_of(name: &str) -> Option<Phase> {
 }
 
 /// Whether `new` differs from `old` in what users and tools wait on (phase, generation,
-/// a condition's status or reason), as opposed to counts and messages only.
+/// a condition's status or reason, the builder's state), as opposed to counts and
+/// messages only.
 pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool {
     let key = |s: &ImageBuildRunStatus| {
         let mut c: Vec<(String, String, String)> = s
@@ -208,7 +219,12 @@ pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool
             .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
             .collect();
         c.sort();
-        (s.phase, s.observed_generation, c)
+        (
+            s.phase,
+            s.observed_generation,
+            c,
+            s.progress.builder.clone(),
+        )
     };
     key(old) != key(new)
 }
