@@ -8,71 +8,21 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Env, LogsOnFailure, Operator, TestNamespace, apply_crd, eventually};
-use common::runs::{await_phase, manifest_shards, records, swebench_ids, swebench_run, watch_jobs};
+use common::cluster::{Operator, eventually, setup};
+use common::runs::{
+    annotations, await_phase, events, job_of, manifest_shards, plan, records, swebench_ids,
+    swebench_run, watch_jobs,
+};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::controller::records::RecordStatus;
-use imagebuild_operator::instances::RawInstance;
 use imagebuild_operator::job::LABEL_RUN_UID;
-use imagebuild_operator::plan::{Phase, Plan};
+use imagebuild_operator::plan::Phase;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-
-/// The environment, its logs printed on failure, and a fresh namespace with the CRD in
-/// place.
-async fn setup(prefix: &str) -> (Env, LogsOnFailure, TestNamespace) {
-    let env = Env::get();
-    let logs = env.logs_on_failure();
-    let client = env.client().await;
-    apply_crd(&client).await;
-    let ns = TestNamespace::create(&client, prefix).await;
-    (env, logs, ns)
-}
-
-fn plan(run: &ImageBuildRun, ids: &[String]) -> Plan {
-    let raw: Vec<RawInstance> = ids
-        .iter()
-        .map(|id| RawInstance {
-            id: id.clone(),
-            image: None,
-        })
-        .collect();
-    imagebuild_operator::plan::build(&run.name_any(), &run.spec, &raw).unwrap()
-}
-
-/// The Job name of the `phase` node of instance `id` (for a base: of its upstream image).
-fn job_of(plan: &Plan, phase: Phase, id: &str) -> String {
-    let upstream = plan
-        .nodes
-        .iter()
-        .find(|n| n.instance_id.as_deref() == Some(id))
-        .and_then(|n| n.upstream_image.clone());
-    plan.nodes
-        .iter()
-        .find(|n| {
-            n.phase == phase
-                && match phase {
-                    Phase::Base => n.upstream_image == upstream,
-                    _ => n.instance_id.as_deref() == Some(id),
-                }
-        })
-        .unwrap()
-        .job_name
-        .clone()
-}
-
-fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 async fn patch_spec(runs: &Api<ImageBuildRun>, name: &str, spec: serde_json::Value) {
     runs.patch(
@@ -94,25 +44,6 @@ fn condition(run: &ImageBuildRun, type_: &str) -> (String, String, String) {
         .find(|c| c.type_ == type_)
         .unwrap_or_else(|| panic!("no {type_} condition"));
     (c.status.clone(), c.reason.clone(), c.message.clone())
-}
-
-/// The Events about run `name` (events.k8s.io), as (type, reason, note).
-async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)> {
-    ns.api::<Event>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -330,32 +330,49 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let annotations = creates
         .then(|| PodAnnotations::compile(&run.spec).ok())
         .flatten();
+    // Deletes first, so a Job is gone before one of the same name is created; each batch
+    // concurrently, as a run may start or finish a hundred Jobs in one pass.
+    let deletes: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteJob { node } => Some(plan.nodes[*node].job_name.clone()),
+            _ => None,
+        })
+        .chain(observed.stale_jobs.iter().cloned())
+        .collect();
+    all_ok(deletes.into_iter().map(|name| {
+        let jobs = jobs_api.clone();
+        async move { delete_job(&jobs, &name).await }
+    }))
+    .await?;
+    let mut creates = Vec::new();
     for action in &actions {
-        match action {
-            Action::CreateJob { node, attempt } => {
-                let node = &plan.nodes[*node];
-                // The plan rendered every node and attempt, so this does not fail.
-                let pod_annotations = annotations
-                    .as_ref()
-                    .and_then(|a| a.render(node, *attempt).ok())
-                    .unwrap_or_default();
-                let job = build_job(&inputs, node, *attempt, &pod_annotations)
-                    .expect("every planned phase is in the spec");
-                match jobs_api.create(&PostParams::default(), &job).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 409 => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Action::DeleteJob { node } => {
-                delete_job(&jobs_api, &plan.nodes[*node].job_name).await?
-            }
-            _ => {}
+        if let Action::CreateJob { node, attempt } = action {
+            let node = &plan.nodes[*node];
+            // The plan rendered every node and attempt, so this does not fail.
+            let pod_annotations = annotations
+                .as_ref()
+                .and_then(|a| a.render(node, *attempt).ok())
+                .unwrap_or_default();
+            creates.push(
+                build_job(&inputs, node, *attempt, &pod_annotations)
+                    .expect("every planned phase is in the spec"),
+            );
         }
-        schedule::apply(&mut states, action);
     }
-    for stale in &observed.stale_jobs {
-        delete_job(&jobs_api, stale).await?;
+    all_ok(creates.into_iter().map(|job| {
+        let jobs = jobs_api.clone();
+        async move {
+            match jobs.create(&PostParams::default(), &job).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(Error::from(e)),
+            }
+        }
+    }))
+    .await?;
+    for action in &actions {
+        schedule::apply(&mut states, action);
     }
 
     let counts = status::counts(&plan, &states);
@@ -790,6 +807,24 @@ fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
         }
     }
     jobs
+}
+
+/// API requests a reconcile has in flight at once.
+const API_CONCURRENCY: usize = 16;
+
+/// Runs `requests`, [`API_CONCURRENCY`] at a time, until all are done; the first error.
+async fn all_ok<F>(requests: impl Iterator<Item = F>) -> Result<(), Error>
+where
+    F: std::future::Future<Output = Result<(), Error>>,
+{
+    let mut results = futures::stream::iter(requests).buffer_unordered(API_CONCURRENCY);
+    let mut first = Ok(());
+    while let Some(result) = results.next().await {
+        if first.is_ok() {
+            first = result;
+        }
+    }
+    first
 }
 
 async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {

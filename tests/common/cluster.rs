@@ -245,6 +245,33 @@ impl Operator {
         None
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The CPU time it used so far (user and system), in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
     /// Kills the operator at once, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -264,4 +291,15 @@ impl Drop for Operator {
             }
         }
     }
+}
+
+/// The environment, its logs printed on failure, and a fresh namespace with the CRD in
+/// place.
+pub async fn setup(prefix: &str) -> (Env, LogsOnFailure, TestNamespace) {
+    let env = Env::get();
+    let logs = env.logs_on_failure();
+    let client = env.client().await;
+    apply_crd(&client).await;
+    let ns = TestNamespace::create(&client, prefix).await;
+    (env, logs, ns)
 }

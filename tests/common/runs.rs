@@ -10,15 +10,18 @@ use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::controller::manifest;
 use imagebuild_operator::controller::records::Record;
+use imagebuild_operator::instances::RawInstance;
 use imagebuild_operator::job::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_PHASE, LABEL_RUN};
+use imagebuild_operator::plan::{Phase, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use oci_client::secrets::RegistryAuth;
 
-use super::cluster::eventually;
+use super::cluster::{TestNamespace, eventually};
 
 /// The first `n` SWE-bench Verified ids of the shared fixture.
 pub fn swebench_ids(n: usize) -> Vec<String> {
@@ -39,6 +42,8 @@ pub struct SeenJob {
     pub attempt: u32,
     pub created: Instant,
     pub finished: Option<Instant>,
+    /// Complete (true) or Failed (false), once the Job says so.
+    pub succeeded: Option<bool>,
 }
 
 /// What an independent watcher saw of a namespace's Jobs, by uid.
@@ -73,6 +78,25 @@ impl Seen {
         self.jobs.values().filter(|j| j.created > t).collect()
     }
 
+    /// Job names with a Complete Job, and those whose Jobs all failed.
+    pub fn results(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut built = BTreeSet::new();
+        let mut failed = BTreeSet::new();
+        for job in self.jobs.values() {
+            match job.succeeded {
+                Some(true) => {
+                    built.insert(job.name.clone());
+                }
+                Some(false) => {
+                    failed.insert(job.name.clone());
+                }
+                None => {}
+            }
+        }
+        let failed = failed.difference(&built).cloned().collect();
+        (built, failed)
+    }
+
     /// Jobs in flight now.
     pub fn active(&self) -> usize {
         self.active.len()
@@ -90,6 +114,11 @@ fn finished(job: &Job) -> Option<bool> {
 /// Watches the Jobs of `jobs`' namespace: counts those in flight, and pushes a tiny image
 /// for each Job that completes, standing in for BuildKit's push.
 pub fn watch_jobs(jobs: Api<Job>) -> Arc<Mutex<Seen>> {
+    watch_jobs_pushing(jobs, true)
+}
+
+/// [`watch_jobs`], pushing images only if `push`.
+pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let out = seen.clone();
     tokio::spawn(async move {
@@ -115,7 +144,11 @@ pub fn watch_jobs(jobs: Api<Job>) -> Arc<Mutex<Seen>> {
                         .unwrap_or(0),
                     created: Instant::now(),
                     finished: None,
+                    succeeded: None,
                 });
+                if done.is_some() {
+                    entry.succeeded = done;
+                }
                 if deleted || done.is_some() {
                     entry.finished.get_or_insert_with(Instant::now);
                     s.active.remove(&uid);
@@ -131,7 +164,7 @@ pub fn watch_jobs(jobs: Api<Job>) -> Arc<Mutex<Seen>> {
                     s.history.push(per_run);
                 }
                 match job.annotations().get(ANNOTATION_IMAGE) {
-                    Some(image) if done == Some(true) && s.pushed.insert(uid) => {
+                    Some(image) if push && done == Some(true) && s.pushed.insert(uid) => {
                         Some(image.clone())
                     }
                     _ => None,
@@ -260,4 +293,63 @@ pub fn count_status_writes(runs: Api<ImageBuildRun>) -> Arc<Mutex<BTreeMap<Strin
         }
     });
     out
+}
+
+/// The plan of `run` over `ids`, as the operator makes it.
+pub fn plan(run: &ImageBuildRun, ids: &[String]) -> Plan {
+    let raw: Vec<RawInstance> = ids
+        .iter()
+        .map(|id| RawInstance {
+            id: id.clone(),
+            image: None,
+        })
+        .collect();
+    imagebuild_operator::plan::build(&run.name_any(), &run.spec, &raw).unwrap()
+}
+
+/// The Job name of the `phase` node of instance `id` (for a base: of its upstream image).
+pub fn job_of(plan: &Plan, phase: Phase, id: &str) -> String {
+    let upstream = plan
+        .nodes
+        .iter()
+        .find(|n| n.instance_id.as_deref() == Some(id))
+        .and_then(|n| n.upstream_image.clone());
+    plan.nodes
+        .iter()
+        .find(|n| {
+            n.phase == phase
+                && match phase {
+                    Phase::Base => n.upstream_image == upstream,
+                    _ => n.instance_id.as_deref() == Some(id),
+                }
+        })
+        .unwrap()
+        .job_name
+        .clone()
+}
+
+pub fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The Events about run `name` (events.k8s.io), as (type, reason, note).
+pub async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String, String)> {
+    ns.api::<Event>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
 }
