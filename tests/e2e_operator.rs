@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use common::cluster::{Env, Operator, TestNamespace, apply_crd, eventually};
 use common::runs::{
-    await_phase, count_status_writes, manifest_shards, records, swebench_ids, swebench_run,
+    await_phase, count_status_writes, manifest_shards, plan, records, swebench_ids, swebench_run,
     watch_jobs,
 };
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
-use imagebuild_operator::instances::RawInstance;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, PostParams};
@@ -56,14 +55,7 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
     assert!(written <= took + 10, "{written} status writes in {took} s");
 
     // The plan the operator worked from, computed here independently.
-    let raw: Vec<RawInstance> = ids
-        .iter()
-        .map(|id| RawInstance {
-            id: id.clone(),
-            image: None,
-        })
-        .collect();
-    let plan = imagebuild_operator::plan::build("swebench-50", &run.spec, &raw).unwrap();
+    let plan = plan(&run, &ids);
     let bases = plan
         .nodes
         .iter()

@@ -1,24 +1,26 @@
 //! The manifest: one record per planned image, as JSON lines, sharded across ConfigMaps
 //! the run owns (`<run>-manifest-<i>`, key `manifest.jsonl`) so that none comes near the
-//! API server's 1 MiB object limit whatever the run's size. The shard of an image is a hash
-//! of its Job name, so it never moves.
+//! API server's 1 MiB object limit whatever the run's size. An image's shard follows its
+//! position in the plan (`RECORDS_PER_SHARD` consecutive images a shard), so images that
+//! finish together mostly share one and a reconcile rewrites few shards; once written, a
+//! record stays in the shard it was read from, even if the plan changed.
 //!
 //! The operator keeps a run's manifest in memory: it loads it once (after a start, or after
 //! a write conflict) and then writes only the shards whose records changed, each as a whole
 //! with the resourceVersion it last saw, so a lost race is a conflict, never a lost record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::records::Record;
 use crate::api::ImageBuildRun;
 use crate::job::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
+use crate::plan::Plan;
 
 /// The data key of a shard.
 pub const KEY: &str = "manifest.jsonl";
@@ -63,13 +65,6 @@ pub enum ManifestError {
 /// How many shards a run of `nodes` images has.
 pub fn shard_count(nodes: usize) -> usize {
     nodes.div_ceil(RECORDS_PER_SHARD).max(1)
-}
-
-/// The shard of the image built by Job `job`.
-pub fn shard_of(job: &str, shards: usize) -> usize {
-    let digest = Sha256::digest(job.as_bytes());
-    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
-    (n % shards as u64) as usize
 }
 
 /// The name of shard `i` of run `run`.
@@ -157,35 +152,72 @@ async fn read_shards(
     Ok(shards)
 }
 
+/// The shards as read: index, resourceVersion and records of each.
+type Shards = Vec<(usize, Option<String>, Vec<(String, Record)>)>;
+
 /// A run's manifest as last read or written.
 pub struct Manifest {
-    shards: usize,
     records: BTreeMap<String, Record>,
+    /// The shard of each image: where its record was read from, else where its plan
+    /// position puts it.
+    home: HashMap<String, usize>,
+    /// The Job names recorded in each shard.
+    members: Vec<BTreeSet<String>>,
     /// The resourceVersion of each shard that exists.
     versions: Vec<Option<String>>,
 }
 
 impl Manifest {
-    /// Reads the run's shards (a run of `nodes` images).
+    /// Reads the run's shards.
     pub async fn load(
         client: &Client,
         run: &ImageBuildRun,
-        nodes: usize,
+        plan: &Plan,
     ) -> Result<Manifest, ManifestError> {
-        let shards = shard_count(nodes);
+        let jobs: Vec<&str> = plan.nodes.iter().map(|n| n.job_name.as_str()).collect();
+        Ok(Manifest::from_shards(
+            &jobs,
+            read_shards(client, run).await?,
+        ))
+    }
+
+    /// The manifest of a plan whose Job names are `jobs` (in plan order), from the shards
+    /// read.
+    pub fn from_shards(jobs: &[&str], read: Shards) -> Manifest {
+        let shards = read
+            .iter()
+            .map(|(i, _, _)| i + 1)
+            .max()
+            .unwrap_or(0)
+            .max(shard_count(jobs.len()));
         let mut manifest = Manifest {
-            shards,
             records: BTreeMap::new(),
+            home: jobs
+                .iter()
+                .enumerate()
+                .map(|(i, job)| (job.to_string(), i / RECORDS_PER_SHARD))
+                .collect(),
+            members: vec![BTreeSet::new(); shards],
             versions: vec![None; shards],
         };
-        for (i, version, records) in read_shards(client, run).await? {
-            // A shard beyond the count is not one of this plan's: it holds nothing.
-            if i < shards {
-                manifest.versions[i] = version;
-                manifest.records.extend(records);
+        for (i, version, records) in read {
+            manifest.versions[i] = version;
+            for (job, record) in records {
+                // Found twice (a layout of an older version): the newer record wins, and
+                // its shard is the record's home from now on.
+                if let Some(other) = manifest.records.get(&job) {
+                    if other.time > record.time {
+                        continue;
+                    }
+                    let old = manifest.home(&job);
+                    manifest.members[old].remove(&job);
+                }
+                manifest.home.insert(job.clone(), i);
+                manifest.members[i].insert(job.clone());
+                manifest.records.insert(job, record);
             }
         }
-        Ok(manifest)
+        manifest
     }
 
     /// Every record of the run's manifest as stored, by Job name, whatever the plan.
@@ -207,10 +239,35 @@ impl Manifest {
 
     /// The names of the shards that exist, in shard order.
     pub fn names(&self, run: &str) -> Vec<String> {
-        (0..self.shards)
+        (0..self.versions.len())
             .filter(|&i| self.versions[i].is_some())
             .map(|i| shard_name(run, i))
             .collect()
+    }
+
+    /// The shard of Job `job`'s record (the last shard for a Job not in the plan).
+    fn home(&self, job: &str) -> usize {
+        self.home
+            .get(job)
+            .copied()
+            .unwrap_or(self.members.len() - 1)
+    }
+
+    /// Adds or replaces `changes` in memory; the shards to write.
+    fn apply(&mut self, changes: BTreeMap<String, Record>) -> BTreeSet<usize> {
+        let mut touched = BTreeSet::new();
+        for (job, record) in changes {
+            let i = self.home(&job);
+            touched.insert(i);
+            self.members[i].insert(job.clone());
+            self.records.insert(job, record);
+        }
+        touched
+    }
+
+    /// The text of shard `i`.
+    fn render_shard(&self, i: usize) -> String {
+        render(self.members[i].iter().map(|job| (job, &self.records[job])))
     }
 
     /// Adds or replaces `changes` and writes the shards they fall in. On an error the
@@ -221,19 +278,11 @@ impl Manifest {
         run: &ImageBuildRun,
         changes: BTreeMap<String, Record>,
     ) -> Result<(), ManifestError> {
-        let mut touched = vec![false; self.shards];
-        for (job, record) in changes {
-            touched[shard_of(&job, self.shards)] = true;
-            self.records.insert(job, record);
-        }
+        let touched = self.apply(changes);
         let cms: Api<ConfigMap> =
             Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
-        for i in (0..self.shards).filter(|&i| touched[i]) {
-            let shard = self
-                .records
-                .iter()
-                .filter(|(job, _)| shard_of(job, self.shards) == i);
-            let cm = self.shard(run, i, render(shard));
+        for i in touched {
+            let cm = self.shard(run, i, self.render_shard(i));
             let name = shard_name(&run.name_any(), i);
             let written = match &self.versions[i] {
                 Some(_) => cms.replace(&name, &PostParams::default(), &cm).await,
@@ -306,21 +355,76 @@ mod tests {
     use crate::plan::{Node, Phase};
     use crate::schedule::{Failure, FailureClass};
 
+    fn record(job: &str) -> Record {
+        let node = Node {
+            phase: Phase::Assembly,
+            instance_id: Some(job.into()),
+            upstream_image: None,
+            image: format!("r.io/x:{job}"),
+            build_args: Default::default(),
+            git_revision: None,
+            cache_ref: None,
+            job_name: job.into(),
+            deps: vec![],
+        };
+        Record::built(&node, 1, chrono::Utc::now())
+    }
+
+    fn changes(jobs: impl IntoIterator<Item = String>) -> BTreeMap<String, Record> {
+        jobs.into_iter().map(|j| (j.clone(), record(&j))).collect()
+    }
+
     #[test]
-    fn shards_are_stable_and_spread() {
+    fn records_follow_plan_order_and_stay_where_they_were_written() {
         assert_eq!(shard_count(1), 1);
         assert_eq!(shard_count(250), 1);
         assert_eq!(shard_count(251), 2);
         assert_eq!(shard_count(20_001), 81);
-        let jobs: Vec<String> = (0..20_001).map(|i| format!("run-asm-x-{i}")).collect();
-        let mut sizes = vec![0usize; 81];
-        for job in &jobs {
-            let s = shard_of(job, 81);
-            assert_eq!(s, shard_of(job, 81));
-            sizes[s] += 1;
-        }
-        let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
-        assert!(*min > 180 && *max < 320, "uneven shards: {min}..{max}");
+        let names: Vec<String> = (0..601).map(|i| format!("j-{i:04}")).collect();
+        let jobs: Vec<&str> = names.iter().map(String::as_str).collect();
+
+        let mut m = Manifest::from_shards(&jobs, vec![]);
+        assert!(m.names("run").is_empty(), "nothing written yet");
+        let touched = m.apply(changes(["j-0000", "j-0001", "j-0249"].map(String::from)));
+        assert_eq!(touched, BTreeSet::from([0]));
+        let touched = m.apply(changes(["j-0250", "j-0600"].map(String::from)));
+        assert_eq!(touched, BTreeSet::from([1, 2]));
+        // A hundred images that finish together rewrite at most two shards.
+        let touched = m.apply(changes((300..400).map(|i| format!("j-{i:04}"))));
+        assert_eq!(touched, BTreeSet::from([1]));
+        let touched = m.apply(changes((200..300).map(|i| format!("j-{i:04}"))));
+        assert_eq!(touched, BTreeSet::from([0, 1]));
+        // A Job not in the plan goes to the last shard.
+        assert_eq!(m.apply(changes(["gone".to_string()])), BTreeSet::from([2]));
+        let text = m.render_shard(2);
+        assert_eq!(parse("cm", &text).unwrap().len(), 2, "j-0600 and gone");
+
+        // Read back: a record stays in the shard it was found in, wherever the plan puts
+        // it, and one found twice lives in the later shard only.
+        let read: Shards = vec![
+            (
+                0,
+                Some("5".into()),
+                vec![("j-0600".into(), record("j-0600"))],
+            ),
+            (
+                2,
+                Some("7".into()),
+                vec![
+                    ("j-0000".into(), record("j-0000")),
+                    ("j-0600".into(), record("j-0600")),
+                ],
+            ),
+        ];
+        let mut m = Manifest::from_shards(&jobs, read);
+        assert_eq!(m.names("run"), ["run-manifest-0", "run-manifest-2"]);
+        assert_eq!(m.records().len(), 2);
+        assert_eq!(
+            m.apply(changes(["j-0000".to_string()])),
+            BTreeSet::from([2])
+        );
+        assert!(parse("cm", &m.render_shard(0)).unwrap().is_empty());
+        assert_eq!(parse("cm", &m.render_shard(2)).unwrap().len(), 2);
     }
 
     #[test]

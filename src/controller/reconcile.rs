@@ -274,7 +274,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .and_then(|c| c.manifest.take());
     let mut manifest = match cached {
         Some(m) => m,
-        None => Manifest::load(&ctx.client, &run, plan.nodes.len()).await?,
+        None => Manifest::load(&ctx.client, &run, &plan).await?,
     };
     let jobs = live_jobs(&ctx, &ns, &uid);
     let observed = observe(
