@@ -170,6 +170,10 @@ async fn the_summary_reports_scripted_build_times_failures_retries_and_skips() {
         Some("RegistryThrottled")
     );
     assert_eq!(status.retries_exhausted, 1);
+    assert_eq!(
+        status.estimated_completion, None,
+        "nothing left to estimate"
+    );
 
     // The JSON summary, against the scripted numbers and the manifest.
     let s: Value = serde_json::from_str(&summary(&ns.name, "results", "json")).unwrap();

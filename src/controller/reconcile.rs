@@ -398,6 +398,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     };
     let eta = status::estimated_completion(&plan, &states, all_records(), policy.max_workers, now);
     status.estimated_completion = match (old.estimated_completion, eta) {
+        // A finished run has nothing left to estimate.
+        _ if status.phase != Some(RunPhase::Building) => None,
         (Some(o), Some(n)) if (n - o).abs() < chrono::Duration::seconds(60) => Some(o),
         _ => eta,
     };
@@ -566,7 +568,9 @@ async fn write_status(
     }
     let runs: Api<ImageBuildRun> =
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-    let patch = json!({"status": new});
+    // Only what changed; a field the new status leaves out is removed (null), which a
+    // merge patch of the whole new status would not do.
+    let patch = json!({"status": status::merge_patch(&json!(old), &json!(new))});
     runs.patch_status(
         &run.name_any(),
         &PatchParams::default(),

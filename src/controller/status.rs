@@ -229,6 +229,31 @@ pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool
     key(old) != key(new)
 }
 
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: changed members, with
+/// `null` for those `new` no longer has; arrays and non-objects are replaced whole.
+pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Map, Value};
+    let (Value::Object(old), Value::Object(new)) = (old, new) else {
+        return new.clone();
+    };
+    let mut patch = Map::new();
+    for (key, value) in new {
+        match old.get(key) {
+            Some(before) if before == value => {}
+            Some(before) => {
+                patch.insert(key.clone(), merge_patch(before, value));
+            }
+            None => {
+                patch.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for key in old.keys().filter(|k| !new.contains_key(*k)) {
+        patch.insert(key.clone(), Value::Null);
+    }
+    Value::Object(patch)
+}
+
 /// Sets condition `type_` in `conditions`, keeping its transition time when its status
 /// does not change.
 pub fn set_condition(
@@ -461,5 +486,48 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
             t1,
         );
         assert_eq!(conditions[0].last_transition_time.0.as_second(), 2_000);
+    }
+
+    #[test]
+    fn a_merge_patch_removes_what_the_new_status_left_out() {
+        let old = serde_json::json!({
+            "phase": "Building", "estimatedCompletion": "2026-01-01T00:00:00Z",
+            "builder": {"total": 1, "running": 1}, "failures": [{"instance": "a"}]
+        });
+        let new = serde_json::json!({
+            "phase": "Succeeded", "builder": {"total": 1, "running": 0}, "failures": []
+        });
+        let patch = merge_patch(&old, &new);
+        assert_eq!(
+            patch,
+            serde_json::json!({
+                "phase": "Succeeded", "estimatedCompletion": null,
+                "builder": {"running": 0}, "failures": []
+            })
+        );
+        assert_eq!(merge_patch(&new, &new), serde_json::json!({}));
+        // Applied as the API server applies it, the patch gives `new`.
+        let mut applied = old.clone();
+        json_merge(&mut applied, &patch);
+        assert_eq!(applied, new);
+    }
+
+    /// RFC 7386's apply, as the API server does it.
+    fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        let serde_json::Value::Object(patch) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = serde_json::json!({});
+        }
+        let map = target.as_object_mut().unwrap();
+        for (k, v) in patch {
+            if v.is_null() {
+                map.remove(k);
+            } else {
+                json_merge(map.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
     }
 }
