@@ -40,6 +40,22 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
     let max_workers = 4;
     let run = swebench_run("swebench-50", &env.registry, &ns.name, &ids, max_workers);
     runs.create(&PostParams::default(), &run).await.unwrap();
+    // While it builds, the status estimates when it will be done.
+    let eta = eventually(
+        Duration::from_secs(120),
+        "an estimated completion while building",
+        || async {
+            let status = runs.get("swebench-50").await.ok()?.status?;
+            (status.phase == Some(RunPhase::Building))
+                .then_some(status.estimated_completion)
+                .flatten()
+        },
+    )
+    .await;
+    assert!(
+        eta > chrono::Utc::now() - chrono::Duration::minutes(1),
+        "{eta}"
+    );
     let done = await_phase(
         &runs,
         "swebench-50",
@@ -71,7 +87,11 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
     assert_eq!(status.failed_total, 0);
     let rate = status.images_per_hour.unwrap();
     assert!(rate > 60.0, "{rate} images/hour over a one-minute run");
-    assert!(status.estimated_completion.is_some() && status.last_progress_at.is_some());
+    assert!(status.last_progress_at.is_some());
+    assert_eq!(
+        status.estimated_completion, None,
+        "a finished run has no estimate"
+    );
 
     // One record per planned node, for exactly the planned image.
     let records = records(&cms, "swebench-50").await;
