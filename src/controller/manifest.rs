@@ -225,11 +225,8 @@ impl Manifest {
         client: &Client,
         run: &ImageBuildRun,
     ) -> Result<BTreeMap<String, Record>, ManifestError> {
-        let mut records = BTreeMap::new();
-        for (_, _, shard) in read_shards(client, run).await? {
-            records.extend(shard);
-        }
-        Ok(records)
+        // Read as the operator reads it (a record found twice: the newer copy).
+        Ok(Manifest::from_shards(&[], read_shards(client, run).await?).records)
     }
 
     /// Every record, by Job name.
