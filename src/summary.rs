@@ -150,7 +150,7 @@ pub fn stats(mut values: Vec<u64>) -> Option<Stats> {
     let median = if n % 2 == 1 {
         values[n / 2] as f64
     } else {
-        (values[n / 2 - 1] + values[n / 2]) as f64 / 2.0
+        (values[n / 2 - 1] as f64 + values[n / 2] as f64) / 2.0
     };
     let rank = (n * 95).div_ceil(100);
     Some(Stats {
@@ -158,7 +158,7 @@ pub fn stats(mut values: Vec<u64>) -> Option<Stats> {
         median,
         p95: values[rank.max(1) - 1],
         max: values[n - 1],
-        total: values.iter().sum(),
+        total: values.iter().fold(0u64, |a, &v| a.saturating_add(v)),
     })
 }
 
@@ -268,7 +268,10 @@ pub fn summarize<'a>(
         started_at,
         completed_at,
         wall_clock_seconds,
-        image_seconds: records.iter().filter_map(|r| r.duration_seconds).sum(),
+        image_seconds: records
+            .iter()
+            .filter_map(|r| r.duration_seconds)
+            .fold(0u64, |a, v| a.saturating_add(v)),
         totals: all,
         phases,
         slowest,
@@ -434,6 +437,9 @@ mod tests {
         assert_eq!((s.median, s.p95, s.max), (50.5, 95, 100));
         let s = stats((1..=20).collect()).unwrap();
         assert_eq!(s.p95, 19);
+        // Reported seconds come from pods: no overflow, whatever they say.
+        let s = stats(vec![u64::MAX, u64::MAX]).unwrap();
+        assert_eq!((s.median, s.total), (u64::MAX as f64, u64::MAX));
     }
 
     #[test]

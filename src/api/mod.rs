@@ -13,7 +13,8 @@ pub use spec::{
     InstanceSource, PlacementSpec, RegistrySpec, RetryBackoff, RetrySpec, SecretRef, TimeoutsSpec,
 };
 pub use status::{
-    FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, PhaseCounts, Progress, RunPhase,
+    FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, MAX_MANIFESTS, PhaseCounts, Progress,
+    RunPhase,
 };
 
 /// API group of every resource the operator serves.

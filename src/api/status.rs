@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// Most recent failures kept in the status; the manifest has all of them.
 pub const MAX_FAILURE_RECORDS: usize = 20;
+/// Most manifest shards a run may have (the `maxItems` of `status.manifests`).
+pub const MAX_MANIFESTS: usize = 256;
 
 /// Observed state of an ImageBuildRun.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

@@ -33,7 +33,8 @@ pub fn transitions(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> Vec<
     }
     let (was, is) = (old.progress.builder.as_str(), new.progress.builder.as_str());
     if was != is {
-        let started = |s: &str| matches!(s, "Running" | "Retrying" | "Succeeded" | "Failed");
+        // Not "Failed": a builder can fail without running (the run's deadline passed).
+        let started = |s: &str| matches!(s, "Running" | "Retrying" | "Succeeded");
         if started(is) && !started(was) {
             events.push(normal(
                 "BuilderStarted",
@@ -220,6 +221,10 @@ mod tests {
             ["BuilderStarted", "BuilderSucceeded"]
         );
         assert_eq!(reasons(&pending, &at("Skipped")), ["BuilderSkipped"]);
+        assert!(
+            reasons(&pending, &at("Failed")).is_empty(),
+            "the run's Event says it"
+        );
         assert!(reasons(&pending, &pending).is_empty());
     }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::records::Record;
-use crate::api::ImageBuildRun;
+use crate::api::{ImageBuildRun, MAX_MANIFESTS};
 use crate::job::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
 use crate::plan::Plan;
 
@@ -141,7 +141,7 @@ async fn read_shards(
         let Some(i) = cm_name
             .strip_prefix(prefix)
             .and_then(|i| i.parse::<usize>().ok())
-            .filter(|i| shard_name(&name, *i) == cm_name)
+            .filter(|i| *i < MAX_MANIFESTS && shard_name(&name, *i) == cm_name)
         else {
             continue;
         };

@@ -266,6 +266,23 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     };
 
+    let shards = super::manifest::shard_count(plan.nodes.len());
+    if shards > crate::api::MAX_MANIFESTS {
+        let most = crate::api::MAX_MANIFESTS * super::manifest::RECORDS_PER_SHARD;
+        let message = format!(
+            "the run plans {} images; a run may have at most {most}: split the instances over several runs (instances.select or limit)",
+            plan.nodes.len()
+        );
+        fail_run(
+            &mut status,
+            "TooManyImages",
+            &message,
+            run.metadata.generation,
+            now,
+        );
+        write_status(&ctx, &run, &old, &status).await?;
+        return Ok(Requeue::await_change());
+    }
     let cached = ctx
         .runs
         .lock()
@@ -381,7 +398,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // From the manifest, so they survive restarts and deferred writes alike.
     let records = manifest.records();
     status.failures = status::failures(&plan, |name| records.get(name));
-    status.retries_exhausted = status::retries_exhausted(records.values());
+    status.retries_exhausted =
+        status::retries_exhausted(&plan, |name| records.get(name), run.spec.retry.attempts);
     status.manifests = manifest.names(&name);
     let all_records = || records.values();
     status.last_progress_at = all_records()
@@ -568,9 +586,7 @@ async fn write_status(
     }
     let runs: Api<ImageBuildRun> =
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-    // Only what changed; a field the new status leaves out is removed (null), which a
-    // merge patch of the whole new status would not do.
-    let patch = json!({"status": status::merge_patch(&json!(old), &json!(new))});
+    let patch = json!({"status": status::patch_body(new)});
     runs.patch_status(
         &run.name_any(),
         &PatchParams::default(),

@@ -106,10 +106,21 @@ pub fn failures<'a>(
         .collect()
 }
 
-/// Images that failed for good with a transient failure: every allowed attempt used.
-pub fn retries_exhausted<'a>(records: impl Iterator<Item = &'a Record>) -> u32 {
-    records
-        .filter(|r| r.status == RecordStatus::Failed && r.failure().class.is_transient())
+/// Images of the plan that failed for good with a transient failure after `attempts`
+/// attempts (not those a run deadline cut short), given each plan node's record.
+pub fn retries_exhausted<'a>(
+    plan: &Plan,
+    record: impl Fn(&str) -> Option<&'a Record>,
+    attempts: u32,
+) -> u32 {
+    plan.nodes
+        .iter()
+        .filter_map(|n| record(&n.job_name))
+        .filter(|r| {
+            r.status == RecordStatus::Failed
+                && r.failure().class.is_transient()
+                && r.attempt_count >= attempts
+        })
         .count() as u32
 }
 
@@ -229,29 +240,26 @@ pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool
     key(old) != key(new)
 }
 
-/// The JSON merge patch (RFC 7386) that turns `old` into `new`: changed members, with
-/// `null` for those `new` no longer has; arrays and non-objects are replaced whole.
-pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
-    use serde_json::{Map, Value};
-    let (Value::Object(old), Value::Object(new)) = (old, new) else {
-        return new.clone();
-    };
-    let mut patch = Map::new();
-    for (key, value) in new {
-        match old.get(key) {
-            Some(before) if before == value => {}
-            Some(before) => {
-                patch.insert(key.clone(), merge_patch(before, value));
-            }
-            None => {
-                patch.insert(key.clone(), value.clone());
-            }
+/// The status as a JSON merge patch (RFC 7386): all of it, with `null` for every field it
+/// leaves out, so a field that went away is removed whatever the copy the operator read
+/// held (a merge patch of the status alone would leave it).
+pub fn patch_body(status: &ImageBuildRunStatus) -> serde_json::Value {
+    static FIELDS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        let schema = schemars::schema_for!(ImageBuildRunStatus);
+        schema
+            .as_value()
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default()
+    });
+    let mut body = serde_json::to_value(status).expect("a status serializes");
+    if let Some(map) = body.as_object_mut() {
+        for field in FIELDS.iter() {
+            map.entry(field.clone()).or_insert(serde_json::Value::Null);
         }
     }
-    for key in old.keys().filter(|k| !new.contains_key(*k)) {
-        patch.insert(key.clone(), Value::Null);
-    }
-    Value::Object(patch)
+    body
 }
 
 /// Sets condition `type_` in `conditions`, keeping its transition time when its status
@@ -489,45 +497,22 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
     }
 
     #[test]
-    fn a_merge_patch_removes_what_the_new_status_left_out() {
-        let old = serde_json::json!({
-            "phase": "Building", "estimatedCompletion": "2026-01-01T00:00:00Z",
-            "builder": {"total": 1, "running": 1}, "failures": [{"instance": "a"}]
-        });
-        let new = serde_json::json!({
-            "phase": "Succeeded", "builder": {"total": 1, "running": 0}, "failures": []
-        });
-        let patch = merge_patch(&old, &new);
-        assert_eq!(
-            patch,
-            serde_json::json!({
-                "phase": "Succeeded", "estimatedCompletion": null,
-                "builder": {"running": 0}, "failures": []
-            })
-        );
-        assert_eq!(merge_patch(&new, &new), serde_json::json!({}));
-        // Applied as the API server applies it, the patch gives `new`.
-        let mut applied = old.clone();
-        json_merge(&mut applied, &patch);
-        assert_eq!(applied, new);
-    }
-
-    /// RFC 7386's apply, as the API server does it.
-    fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-        let serde_json::Value::Object(patch) = patch else {
-            *target = patch.clone();
-            return;
+    fn the_patch_removes_what_the_status_leaves_out() {
+        let status = ImageBuildRunStatus {
+            phase: Some(RunPhase::Succeeded),
+            ..Default::default()
         };
-        if !target.is_object() {
-            *target = serde_json::json!({});
+        let body = patch_body(&status);
+        assert_eq!(body["phase"], "Succeeded");
+        for field in [
+            "estimatedCompletion",
+            "failures",
+            "manifests",
+            "retriesExhausted",
+        ] {
+            assert!(body[field].is_null(), "{field}: {body}");
+            assert!(body.as_object().unwrap().contains_key(field), "{field}");
         }
-        let map = target.as_object_mut().unwrap();
-        for (k, v) in patch {
-            if v.is_null() {
-                map.remove(k);
-            } else {
-                json_merge(map.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-            }
-        }
+        assert_eq!(body["builder"]["total"], 0);
     }
 }
