@@ -67,6 +67,17 @@ pub fn shard_count(nodes: usize) -> usize {
     nodes.div_ceil(RECORDS_PER_SHARD).max(1)
 }
 
+/// Why a run of `nodes` images cannot be recorded (more shards than the status can
+/// name), if it cannot.
+pub fn too_many(nodes: usize) -> Option<String> {
+    let most = MAX_MANIFESTS * RECORDS_PER_SHARD;
+    (shard_count(nodes) > MAX_MANIFESTS).then(|| {
+        format!(
+            "the run plans {nodes} images; a run may have at most {most}: split the instances over several runs (instances.select or limit)"
+        )
+    })
+}
+
 /// The name of shard `i` of run `run`.
 pub fn shard_name(run: &str, i: usize) -> String {
     format!("{run}-manifest-{i}")
@@ -377,6 +388,8 @@ mod tests {
         assert_eq!(shard_count(250), 1);
         assert_eq!(shard_count(251), 2);
         assert_eq!(shard_count(20_001), 81);
+        assert_eq!(too_many(64_000), None);
+        assert!(too_many(64_001).unwrap().contains("at most 64000"));
         let names: Vec<String> = (0..601).map(|i| format!("j-{i:04}")).collect();
         let jobs: Vec<&str> = names.iter().map(String::as_str).collect();
 

@@ -266,13 +266,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     };
 
-    let shards = super::manifest::shard_count(plan.nodes.len());
-    if shards > crate::api::MAX_MANIFESTS {
-        let most = crate::api::MAX_MANIFESTS * super::manifest::RECORDS_PER_SHARD;
-        let message = format!(
-            "the run plans {} images; a run may have at most {most}: split the instances over several runs (instances.select or limit)",
-            plan.nodes.len()
-        );
+    if let Some(message) = super::manifest::too_many(plan.nodes.len()) {
         fail_run(
             &mut status,
             "TooManyImages",
