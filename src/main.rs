@@ -3,9 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use imagebuild_operator::cli::{self, Format, SummaryFormat};
+use imagebuild_operator::metrics::Metrics;
+use imagebuild_operator::metrics::api::CountRequests;
+use imagebuild_operator::metrics::server::{self, Health};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +52,9 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "IMAGEBUILD_LOG_FORMAT")]
         log_format: LogFormat,
+        /// Address of /metrics, /healthz and /readyz (port 0: any free port, logged).
+        #[arg(long, default_value = "0.0.0.0:8080", env = "IMAGEBUILD_METRICS_ADDR")]
+        metrics_address: String,
     },
     /// Resolve a run's instances and print its build plan.
     Plan {
@@ -88,9 +95,18 @@ async fn main() -> ExitCode {
             registry_concurrency,
             max_total_workers,
             log_format,
+            metrics_address,
         } => {
             init_logging(log_format);
-            let Some(client) = client().await else {
+            let listener = match server::bind(&metrics_address).await {
+                Ok(l) => l,
+                Err(err) => {
+                    tracing::error!("{err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let metrics = Arc::new(Metrics::new());
+            let Some(client) = counted_client(&metrics).await else {
                 return ExitCode::FAILURE;
             };
             tracing::info!(?namespaces, concurrency, ?max_total_workers, "starting");
@@ -100,8 +116,35 @@ async fn main() -> ExitCode {
                 registry_concurrency,
                 max_total_workers,
             };
-            imagebuild_operator::controller::run(client, options).await;
-            ExitCode::SUCCESS
+            let health = Arc::new(Health::default());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let endpoint = tokio::spawn(server::serve(
+                listener,
+                metrics.clone(),
+                health.clone(),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            let readiness = tokio::spawn(server::watch_readiness(
+                client.clone(),
+                health.clone(),
+                metrics.clone(),
+            ));
+            imagebuild_operator::controller::run(client, options, metrics, health).await;
+            readiness.abort();
+            let _ = stop.send(());
+            match endpoint.await {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "the metrics endpoint failed");
+                    ExitCode::FAILURE
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "the metrics endpoint panicked");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Plan {
             file,
@@ -134,6 +177,23 @@ async fn main() -> ExitCode {
 async fn client() -> Option<kube::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(err) => {
+            eprintln!("error: cannot reach the Kubernetes API: {err}");
+            None
+        }
+    }
+}
+
+/// Like [`client`], with every request counted in `metrics`.
+async fn counted_client(metrics: &Arc<Metrics>) -> Option<kube::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let built = async {
+        let config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+        let builder = kube::client::ClientBuilder::try_from(config).map_err(|e| e.to_string())?;
+        Ok::<_, String>(builder.with_layer(&CountRequests(metrics.clone())).build())
+    };
+    match built.await {
         Ok(c) => Some(c),
         Err(err) => {
             eprintln!("error: cannot reach the Kubernetes API: {err}");

@@ -164,7 +164,11 @@ pub struct RegistryChecker {
     config: Arc<DockerConfig>,
     permits: Arc<Semaphore>,
     backoff: Backoff,
+    observer: Option<Observer>,
 }
+
+/// Told the HTTP status code of every manifest request (`network` for no answer).
+pub type Observer = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl RegistryChecker {
     /// A checker with `config`'s credentials, at most `concurrency` requests at once.
@@ -184,7 +188,14 @@ impl RegistryChecker {
             config: Arc::new(config),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             backoff: Backoff::default(),
+            observer: None,
         }
+    }
+
+    /// The same checker, telling `observer` the status code of every request.
+    pub fn with_observer(mut self, observer: Observer) -> RegistryChecker {
+        self.observer = Some(observer);
+        self
     }
 
     /// The same checker with other retry settings.
@@ -210,6 +221,9 @@ impl RegistryChecker {
         let mut attempt = 1;
         loop {
             let result = self.client.fetch_manifest_digest(&reference, &auth).await;
+            if let Some(observe) = &self.observer {
+                observe(&status_code(&result));
+            }
             match classify(result) {
                 Answer::Done(presence) => return Ok(presence),
                 Answer::Refused(status) => {
@@ -240,6 +254,33 @@ impl RegistryChecker {
                 }
             }
         }
+    }
+}
+
+/// The HTTP status code behind a manifest request's result, as a label.
+fn status_code(result: &Result<String, OciDistributionError>) -> String {
+    use OciDistributionError as E;
+    let err = match result {
+        Ok(_) => return "200".into(),
+        Err(err) => err,
+    };
+    match err {
+        E::RegistryError { envelope, .. } => {
+            let code = envelope.errors.iter().find_map(|e| match e.code {
+                OciErrorCode::ManifestUnknown
+                | OciErrorCode::NameUnknown
+                | OciErrorCode::NotFound => Some("404"),
+                OciErrorCode::Unauthorized => Some("401"),
+                OciErrorCode::Denied => Some("403"),
+                OciErrorCode::Toomanyrequests => Some("429"),
+                _ => None,
+            });
+            code.unwrap_or("other").into()
+        }
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => "401".into(),
+        E::ServerError { code, .. } => code.to_string(),
+        E::RequestError(_) | E::IoError(_) => "network".into(),
+        _ => "other".into(),
     }
 }
 

@@ -8,7 +8,9 @@ pub mod reconcile;
 pub mod records;
 pub mod status;
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -19,6 +21,11 @@ use kube::{Api, Client};
 
 use crate::api::ImageBuildRun;
 use crate::job::MANAGER;
+use crate::metrics::Metrics;
+use crate::metrics::server::Health;
+
+/// How often caches and metrics of deleted runs are dropped.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -64,7 +71,8 @@ where
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C; returns after in-flight reconciles end.
-pub async fn run(client: Client, options: Options) {
+/// `health` learns when the watches have synced.
+pub async fn run(client: Client, options: Options, metrics: Arc<Metrics>, health: Arc<Health>) {
     let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
         vec![None]
     } else {
@@ -90,7 +98,9 @@ pub async fn run(client: Client, options: Options) {
             registry_concurrency: options.registry_concurrency,
             max_total_workers: options.max_total_workers,
         },
+        metrics.clone(),
     ));
+    let mut run_stores = Vec::new();
     let controllers = scopes.into_iter().map(|scope| {
         let (runs, jobs): (Api<ImageBuildRun>, Api<Job>) = match &scope {
             Some(ns) => (
@@ -100,13 +110,15 @@ pub async fn run(client: Client, options: Options) {
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
         let owned = managed();
-        Controller::new(runs, watcher::Config::default())
+        let controller = Controller::new(runs, watcher::Config::default());
+        run_stores.push(controller.store());
+        controller
             .owns(jobs, owned)
             .with_config(
                 kube::runtime::controller::Config::default().concurrency(options.concurrency),
             )
             .shutdown_on_signal()
-            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+            .run(timed, reconcile::error_policy, ctx.clone())
             .for_each(|result| async move {
                 match result {
                     Ok((run, _)) => tracing::debug!(run = %run, "reconciled"),
@@ -114,6 +126,50 @@ pub async fn run(client: Client, options: Options) {
                 }
             })
     });
+    let controllers: Vec<_> = controllers.collect();
+    tokio::spawn(prune(ctx.clone(), run_stores, health));
     futures::future::join_all(controllers).await;
     tracing::info!("controller stopped");
+}
+
+/// [`reconcile::reconcile`], timed and counted.
+async fn timed(
+    run: Arc<ImageBuildRun>,
+    ctx: Arc<reconcile::Ctx>,
+) -> Result<kube::runtime::controller::Action, reconcile::Error> {
+    let start = Instant::now();
+    let in_flight = ctx.metrics.reconciles_in_flight().clone();
+    in_flight.inc();
+    let result = reconcile::reconcile(run, ctx.clone()).await;
+    in_flight.dec();
+    ctx.metrics.reconciled(start.elapsed());
+    result
+}
+
+/// Once the run watches have synced, says so to `health`, then drops the caches and
+/// metrics of runs that are gone every [`PRUNE_INTERVAL`] (a deletion without finalizers
+/// reaches no reconcile).
+async fn prune(ctx: Arc<reconcile::Ctx>, stores: Vec<Store<ImageBuildRun>>, health: Arc<Health>) {
+    for store in &stores {
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
+    }
+    health.set_synced();
+    loop {
+        let live: HashSet<(String, String)> = stores
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|run| {
+                let ns = run.metadata.namespace.clone().unwrap_or_default();
+                let name = run.metadata.name.clone().unwrap_or_default();
+                (
+                    format!("{ns}/{name}"),
+                    run.metadata.uid.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        ctx.retain(|key, uid| live.contains(&(key.to_string(), uid.to_string())));
+        tokio::time::sleep(PRUNE_INTERVAL).await;
+    }
 }

@@ -165,7 +165,51 @@ fn harvest(
         started,
         finished,
         pod,
+        pod_pending: live.pod.as_ref().and_then(pod_pending),
     }
+}
+
+/// Seconds from a pod's creation to its first container starting (running or already
+/// terminated); `None` if it never started.
+pub fn pod_pending(pod: &Pod) -> Option<f64> {
+    let created = to_chrono(&pod.metadata.creation_timestamp.as_ref()?.0);
+    let started = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .filter_map(|c| {
+            let state = c.state.as_ref()?;
+            let at = match (&state.running, &state.terminated) {
+                (Some(r), _) => r.started_at.as_ref(),
+                (None, Some(t)) => t.started_at.as_ref(),
+                _ => None,
+            }?;
+            Some(to_chrono(&at.0))
+        })
+        .min()?;
+    Some(((started - created).num_milliseconds().max(0) as f64) / 1000.0)
+}
+
+/// When node `id` became ready to build: the latest of the run's start, its inputs'
+/// records, and the end of its backoff if it waits for a retry.
+pub fn ready_since(
+    plan: &Plan,
+    records: &BTreeMap<String, Record>,
+    id: NodeId,
+    run_started: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let node = &plan.nodes[id];
+    let inputs = node
+        .deps
+        .iter()
+        .filter_map(|&d| records.get(&plan.nodes[d].job_name))
+        .map(|r| r.time);
+    let backoff = records.get(&node.job_name).and_then(|r| r.not_before);
+    inputs
+        .chain(backoff)
+        .fold(run_started, |latest, t| latest.max(t))
 }
 
 fn finished_at(job: &Job) -> Option<DateTime<Utc>> {
@@ -374,5 +418,56 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         };
         assert_eq!(f.class, FailureClass::Unschedulable);
         assert_eq!(f.message, "0/4 nodes are available");
+    }
+
+    #[test]
+    fn pod_pending_is_creation_to_container_start() {
+        let pod = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"},
+                "status": status
+            }))
+            .unwrap()
+        };
+        let running = pod(
+            json!({"containerStatuses": [{"name": "b", "image": "i", "ready": true,
+            "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:07Z"}}}]}),
+        );
+        assert_eq!(pod_pending(&running), Some(7.0));
+        let done = pod(
+            json!({"containerStatuses": [{"name": "b", "image": "i", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": 0,
+            "startedAt": "2026-01-01T00:01:00Z"}}}]}),
+        );
+        assert_eq!(pod_pending(&done), Some(60.0));
+        assert_eq!(pod_pending(&pod(json!({"phase": "Pending"}))), None);
+    }
+
+    #[test]
+    fn an_image_is_ready_when_its_inputs_are_recorded_and_its_backoff_is_over() {
+        let (_, plan) = plan();
+        let t0: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        let asm = plan.nodes.len() - 1;
+        assert!(!plan.nodes[asm].deps.is_empty());
+        // Nothing recorded: ready since the run started.
+        assert_eq!(ready_since(&plan, &BTreeMap::new(), asm, t0), t0);
+        let mut records = BTreeMap::new();
+        for (i, &d) in plan.nodes[asm].deps.iter().enumerate() {
+            let node = &plan.nodes[d];
+            records.insert(
+                node.job_name.clone(),
+                Record::built(node, 1, at(10 * (i as i64 + 1))),
+            );
+        }
+        let last_input = at(10 * plan.nodes[asm].deps.len() as i64);
+        assert_eq!(ready_since(&plan, &records, asm, t0), last_input);
+        let failure = Failure::new(FailureClass::Evicted, "evicted");
+        let node = &plan.nodes[asm];
+        records.insert(
+            node.job_name.clone(),
+            Record::failed(node, &failure, 1, Some(at(500)), at(100)),
+        );
+        assert_eq!(ready_since(&plan, &records, asm, t0), at(500));
     }
 }

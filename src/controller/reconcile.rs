@@ -20,11 +20,12 @@ use serde_json::json;
 
 use super::events;
 use super::manifest::{Manifest, ManifestError};
-use super::observe::{LiveJob, observe};
+use super::observe::{LiveJob, observe, ready_since};
 use super::records::Record;
 use super::status;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::{JobInputs, LABEL_RUN_UID, MANAGER, PodAnnotations, build_job};
+use crate::metrics::{Metrics, RunSettings};
 use crate::plan::{self, Plan};
 use crate::registry::{DockerConfig, Presence, RegistryChecker};
 use crate::schedule::{self, Action, NodeState, Policy, Registry};
@@ -114,6 +115,8 @@ pub struct Ctx {
     pub pods: Vec<Store<Pod>>,
     /// Settings.
     pub config: Config,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
     runs: Mutex<HashMap<String, RunCache>>,
     fleet: Mutex<Fleet>,
@@ -128,6 +131,7 @@ impl Ctx {
         jobs: Vec<Store<Job>>,
         pods: Vec<Store<Pod>>,
         config: Config,
+        metrics: Arc<Metrics>,
     ) -> Ctx {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -139,10 +143,33 @@ impl Ctx {
             jobs,
             pods,
             config,
+            metrics,
             runs: Mutex::new(HashMap::new()),
             fleet: Mutex::new(Fleet::default()),
             status_written: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl Ctx {
+    /// Forgets every run `live` (given `namespace/name` and uid) rejects: their caches
+    /// and their metrics. Runs deleted without the operator seeing a deletion end here.
+    pub fn retain(&self, live: impl Fn(&str, &str) -> bool) {
+        let mut gone = Vec::new();
+        self.runs.lock().unwrap().retain(|key, cache| {
+            let keep = cache.uid.is_empty() || live(key, &cache.uid);
+            if !keep {
+                gone.push(key.clone());
+            }
+            keep
+        });
+        let known = |key: &str| !gone.iter().any(|g| g == key);
+        self.fleet.lock().unwrap().0.retain(|key, _| known(key));
+        self.status_written
+            .lock()
+            .unwrap()
+            .retain(|key, _| known(key));
+        self.metrics.retain(live);
     }
 }
 
@@ -213,9 +240,16 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ctx.runs.lock().unwrap().remove(&key);
         ctx.fleet.lock().unwrap().0.remove(&key);
         ctx.status_written.lock().unwrap().remove(&key);
+        ctx.metrics.forget(&ns, &name);
         return Ok(Requeue::await_change());
     }
+    ctx.metrics.track(&ns, &name, &uid);
     let old = run.status.clone().unwrap_or_default();
+    if !ctx.metrics.published(&ns, &name) {
+        // First look at the run in this process: its gauges start from its status.
+        let _publishing = ctx.metrics.publishing().await;
+        ctx.metrics.set_status(&ns, &name, &old);
+    }
     let mut status = old.clone();
     status.observed_generation = run.metadata.generation;
     status.started_at.get_or_insert(now);
@@ -313,6 +347,13 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             )
         }
     };
+    let run_settings = RunSettings {
+        suspended: run.spec.suspend,
+        max_workers: settings.max_workers,
+        deadline: policy.deadline,
+        unschedulable: observed.unschedulable.len() as u32,
+    };
+    ctx.metrics.set_settings(&ns, &name, &run_settings);
     let mut states = observed.states.clone();
 
     // Record first, then act: a crash in between leaves the Job, which is harvested again.
@@ -324,7 +365,22 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
     let progressed = !new_records.is_empty();
     if progressed {
+        let counted: Vec<(Record, Option<f64>)> = new_records
+            .iter()
+            .map(|(job, record)| {
+                let node = plan.nodes.iter().position(|n| &n.job_name == job);
+                let pending = node
+                    .and_then(|n| observed.outcomes.get(&n))
+                    .and_then(|h| h.pod_pending);
+                (record.clone(), pending)
+            })
+            .collect();
         manifest.write(&ctx.client, &run, new_records).await?;
+        for (record, pending) in &counted {
+            ctx.metrics.record(&ns, &name, record, *pending);
+        }
+        let records = manifest.records();
+        ctx.metrics.set_medians(&ns, &name, records.values());
     }
 
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -357,25 +413,33 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }))
     .await?;
     let mut creates = Vec::new();
+    let run_started = status.started_at.unwrap_or(now);
     for action in &actions {
         if let Action::CreateJob { node, attempt } = action {
+            let ready = ready_since(&plan, manifest.records(), *node, run_started);
             let node = &plan.nodes[*node];
             // The plan rendered every node and attempt, so this does not fail.
             let pod_annotations = annotations
                 .as_ref()
                 .and_then(|a| a.render(node, *attempt).ok())
                 .unwrap_or_default();
-            creates.push(
+            creates.push((
                 build_job(&inputs, node, *attempt, &pod_annotations)
                     .expect("every planned phase is in the spec"),
-            );
+                node.phase,
+                (now - ready).to_std().unwrap_or_default(),
+            ));
         }
     }
-    all_ok(creates.into_iter().map(|job| {
+    all_ok(creates.into_iter().map(|(job, phase, waited)| {
         let jobs = jobs_api.clone();
+        let metrics = ctx.metrics.clone();
         async move {
             match jobs.create(&PostParams::default(), &job).await {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    metrics.job_created(phase.as_str(), waited);
+                    Ok(())
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
                 Err(e) => Err(Error::from(e)),
             }
@@ -581,12 +645,18 @@ async fn write_status(
     let runs: Api<ImageBuildRun> =
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"status": status::patch_body(new)});
-    runs.patch_status(
-        &run.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    {
+        // The gauges change with the status, never seen apart by a scrape.
+        let _publishing = ctx.metrics.publishing().await;
+        runs.patch_status(
+            &run.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        ctx.metrics
+            .set_status(&run.namespace().unwrap_or_default(), &run.name_any(), new);
+    }
     let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
     ctx.status_written
         .lock()
@@ -761,11 +831,16 @@ async fn checker_for(run: &ImageBuildRun, ctx: &Ctx) -> Result<RegistryChecker, 
             DockerConfig::parse(&data.0).map_err(|e| format!("push Secret {}: {e}", secret.name))?
         }
     };
+    let metrics = ctx.metrics.clone();
+    let name = run.name_any();
     Ok(RegistryChecker::new(
         config,
         run.spec.registry.insecure,
         ctx.config.registry_concurrency,
-    ))
+    )
+    .with_observer(Arc::new(move |code| {
+        metrics.registry_request(&ns, &name, code)
+    })))
 }
 
 fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus) -> Policy {
@@ -894,7 +969,8 @@ fn record_for(
 }
 
 /// Errors are retried with backoff, logged by the caller.
-pub fn error_policy(_run: Arc<ImageBuildRun>, err: &Error, _ctx: Arc<Ctx>) -> Requeue {
-    tracing::warn!(error = %err, kind = err.kind(), "reconcile failed");
+pub fn error_policy(run: Arc<ImageBuildRun>, err: &Error, ctx: Arc<Ctx>) -> Requeue {
+    tracing::warn!(run = %run.name_any(), error = %err, kind = err.kind(), "reconcile failed");
+    ctx.metrics.reconcile_failed(err.kind());
     Requeue::requeue(Duration::from_secs(5))
 }

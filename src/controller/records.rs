@@ -112,6 +112,8 @@ pub struct Harvest {
     pub finished: Option<DateTime<Utc>>,
     /// Its pod, `namespace/name`.
     pub pod: Option<String>,
+    /// Seconds its pod waited from creation to its container starting.
+    pub pod_pending: Option<f64>,
 }
 
 impl Record {
@@ -330,6 +332,7 @@ mod tests {
             started: Some(at),
             finished: Some(at + chrono::Duration::seconds(75)),
             pod: Some("ns/run-asm-a-a-1-0123456789-x1".into()),
+            pod_pending: None,
         };
         let record = Record::failed(&n, &failure, 2, None, at).with_job(&harvest);
         let json = serde_json::to_value(&record).unwrap();

@@ -22,6 +22,7 @@ pub struct Env {
     pub auth_dockerconfig: PathBuf,
     pub prometheus: String,
     pub prometheus_targets: PathBuf,
+    pub prometheus_rules: PathBuf,
     pub metrics_addr: String,
 }
 
@@ -47,6 +48,7 @@ impl Env {
             auth_dockerconfig: var("IMAGEBUILD_AUTH_REGISTRY_DOCKERCONFIG").into(),
             prometheus: var("IMAGEBUILD_PROMETHEUS"),
             prometheus_targets: var("IMAGEBUILD_PROMETHEUS_TARGETS").into(),
+            prometheus_rules: var("IMAGEBUILD_PROMETHEUS_RULES").into(),
             metrics_addr: var("IMAGEBUILD_METRICS_ADDR"),
         };
         var("KUBECONFIG");
@@ -208,8 +210,15 @@ impl Operator {
         Self::start_with(namespace, &[])
     }
 
-    /// Starts it with extra arguments to `run`.
+    /// Starts it with extra arguments to `run`. Its metrics endpoint listens on a free
+    /// loopback port (see [`Operator::metrics_addr`]) unless `args` name one.
     pub fn start_with(namespace: &str, args: &[&str]) -> Operator {
+        let any_port = ["--metrics-address", "127.0.0.1:0"];
+        let endpoint: &[&str] = if args.contains(&"--metrics-address") {
+            &[]
+        } else {
+            &any_port
+        };
         let log = std::env::temp_dir().join(format!(
             "imagebuild-operator-{namespace}-{}.log",
             rand::random::<u32>()
@@ -218,6 +227,7 @@ impl Operator {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_imagebuild-operator"))
             .args(["run", "--namespace", namespace])
             .args(args)
+            .args(endpoint)
             .env("RUST_LOG", "info,imagebuild_operator=debug")
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().unwrap())
@@ -243,6 +253,28 @@ impl Operator {
             std::thread::sleep(Duration::from_millis(100));
         }
         None
+    }
+
+    /// The address of its /metrics, /healthz and /readyz, as it logged it on start.
+    pub fn metrics_addr(&self) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            let found = log
+                .lines()
+                .filter(|l| l.contains("serving /metrics"))
+                .find_map(|l| l.split("address=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string);
+            if let Some(address) = found {
+                return address;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the operator logged no metrics address in 30 s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Its process id.
