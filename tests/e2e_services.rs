@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::cluster::{Env, eventually, install_crypto_provider};
 use common::oci::{oci, pushed_digest, reference, tiny_image};
+use common::prometheus::query;
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 
@@ -89,31 +90,6 @@ async fn authenticated_registry_needs_its_credentials() {
 }
 
 /// Instant-query result of Prometheus as (labels, value) pairs.
-async fn query(env: &Env, promql: &str) -> Vec<(serde_json::Value, String)> {
-    let url = format!("{}/api/v1/query", env.prometheus);
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(url)
-        .query(&[("query", promql)])
-        .send()
-        .await
-        .expect("Prometheus answers")
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(body["status"], "success", "{body}");
-    body["data"]["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["metric"].clone(),
-                r["value"][1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn prometheus_scrapes_a_target_and_answers_a_query() {
     let env = Env::get();

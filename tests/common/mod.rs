@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod oci;
+pub mod prometheus;
 pub mod runs;
 
 use imagebuild_operator::api::ImageBuildRunSpec;
