@@ -151,11 +151,23 @@ async fn timed(
 /// reaches no reconcile).
 async fn prune(ctx: Arc<reconcile::Ctx>, stores: Vec<Store<ImageBuildRun>>, health: Arc<Health>) {
     for store in &stores {
-        if store.wait_until_ready().await.is_err() {
-            return;
+        // The controller waits on the same store, and the store wakes only one waiter:
+        // look again every second rather than wait to be woken.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the run watch ended before it synced");
+                    return;
+                }
+                Err(_) => continue,
+            }
         }
     }
     health.set_synced();
+    tracing::info!("watches synced");
+    // Said at once, not at the next readiness check.
+    ctx.metrics.set_ready(health.ready());
     loop {
         let live: HashSet<(String, String)> = stores
             .iter()
