@@ -76,3 +76,33 @@ async fn persistent_errors_end_as_unavailable_after_the_attempts() {
     );
     assert_eq!(count.load(Ordering::SeqCst), 4);
 }
+
+#[tokio::test]
+async fn the_observer_hears_the_status_code_of_every_attempt() {
+    for (status, code) in [
+        (StatusCode::SERVICE_UNAVAILABLE, "503"),
+        (StatusCode::TOO_MANY_REQUESTS, "429"),
+    ] {
+        let (addr, _) = flaky_registry(status, 2).await;
+        let heard = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let ears = heard.clone();
+        let got = checker()
+            .with_observer(Arc::new(move |c| ears.lock().unwrap().push(c.to_string())))
+            .check(&format!("{addr}/repo:tag"))
+            .await;
+        assert!(got.is_ok(), "{got:?}");
+        assert_eq!(*heard.lock().unwrap(), vec![code, code, "200"], "{status}");
+    }
+    // Nothing listening: no status code.
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let ears = heard.clone();
+    let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let got = checker()
+        .with_observer(Arc::new(move |c| ears.lock().unwrap().push(c.to_string())))
+        .check(&format!("{addr}/repo:tag"))
+        .await;
+    assert!(got.is_err());
+    assert_eq!(*heard.lock().unwrap(), vec!["network"; 4]);
+}

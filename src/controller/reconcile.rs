@@ -379,8 +379,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         for (record, pending) in &counted {
             ctx.metrics.record(&ns, &name, record, *pending);
         }
-        let records = manifest.records();
-        ctx.metrics.set_medians(&ns, &name, records.values());
+    }
+    if progressed || ctx.metrics.medians_unset(&ns, &name) {
+        ctx.metrics
+            .set_medians(&ns, &name, manifest.records().values());
     }
 
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);

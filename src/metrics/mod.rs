@@ -73,6 +73,8 @@ struct RunSeries {
     codes: BTreeSet<String>,
     /// Whether its status gauges were set by this process.
     published: bool,
+    /// Whether its medians were set by this process.
+    medians: bool,
 }
 
 /// Settings of a run that are not in its status, set on every reconcile.
@@ -249,7 +251,7 @@ impl Metrics {
             )),
             registry_requests: register!(counter(
                 "imagebuild_registry_requests_total",
-                "Manifest requests of the operator's registry checks, by HTTP status code (network for no answer).",
+                "Attempts of the operator's registry existence checks, by HTTP status code of the answer (network for none).",
                 &with(&["code"])
             )),
             build_duration: register!(histogram(
@@ -502,8 +504,20 @@ impl Metrics {
         }
     }
 
+    /// Whether the run's medians wait for their first computation in this process.
+    pub fn medians_unset(&self, ns: &str, run: &str) -> bool {
+        self.runs
+            .lock()
+            .unwrap()
+            .get(&key(ns, run))
+            .is_some_and(|s| !s.medians)
+    }
+
     /// Sets the median Job durations of the run's built images, by phase.
     pub fn set_medians<'a>(&self, ns: &str, run: &str, records: impl Iterator<Item = &'a Record>) {
+        if let Some(series) = self.runs.lock().unwrap().get_mut(&key(ns, run)) {
+            series.medians = true;
+        }
         let mut durations: [Vec<u64>; 4] = Default::default();
         for record in records.filter(|r| r.status == RecordStatus::Built) {
             if let (Some(i), Some(d)) = (phase_index(&record.phase), record.duration_seconds) {
