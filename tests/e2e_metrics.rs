@@ -256,6 +256,16 @@ async fn a_stuck_run_fires_its_alert_and_a_healthy_run_fires_nothing() {
         format!(r#"[{{"targets":["{addr}"],"labels":{{"test":"{token}"}}}}]"#),
     )
     .unwrap();
+    // Scraped before the rules load, so that "no target" is never true for a moment.
+    eventually(
+        Duration::from_secs(30),
+        "Prometheus to scrape the operator",
+        || async {
+            let up = query(&env, &format!("up{{test=\"{token}\"}} == 1")).await;
+            (!up.is_empty()).then_some(())
+        },
+    )
+    .await;
     let selector = format!("alerts.operatorDown.selector=test=\"{token}\"");
     let rules = rendered_rules(&[
         "alerts.runStuck.noProgressSeconds=20",

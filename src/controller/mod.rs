@@ -137,11 +137,18 @@ async fn timed(
     run: Arc<ImageBuildRun>,
     ctx: Arc<reconcile::Ctx>,
 ) -> Result<kube::runtime::controller::Action, reconcile::Error> {
+    /// Counts a reconcile in flight until dropped, however the reconcile ends.
+    struct InFlight(prometheus::IntGauge);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
     let start = Instant::now();
-    let in_flight = ctx.metrics.reconciles_in_flight().clone();
-    in_flight.inc();
+    let gauge = ctx.metrics.reconciles_in_flight().clone();
+    gauge.inc();
+    let _in_flight = InFlight(gauge);
     let result = reconcile::reconcile(run, ctx.clone()).await;
-    in_flight.dec();
     ctx.metrics.reconciled(start.elapsed());
     result
 }

@@ -25,7 +25,7 @@ use super::records::Record;
 use super::status;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::{JobInputs, LABEL_RUN_UID, MANAGER, PodAnnotations, build_job};
-use crate::metrics::{Metrics, RunSettings};
+use crate::metrics::{Metrics, RunId, RunSettings};
 use crate::plan::{self, Plan};
 use crate::registry::{DockerConfig, Presence, RegistryChecker};
 use crate::schedule::{self, Action, NodeState, Policy, Registry};
@@ -244,11 +244,16 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         return Ok(Requeue::await_change());
     }
     ctx.metrics.track(&ns, &name, &uid);
+    let id = RunId {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+    };
     let old = run.status.clone().unwrap_or_default();
-    if !ctx.metrics.published(&ns, &name) {
+    if !ctx.metrics.published(&id) {
         // First look at the run in this process: its gauges start from its status.
         let _publishing = ctx.metrics.publishing().await;
-        ctx.metrics.set_status(&ns, &name, &old);
+        ctx.metrics.set_status(&id, &old);
     }
     let mut status = old.clone();
     status.observed_generation = run.metadata.generation;
@@ -353,36 +358,36 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         deadline: policy.deadline,
         unschedulable: observed.unschedulable.len() as u32,
     };
-    ctx.metrics.set_settings(&ns, &name, &run_settings);
+    ctx.metrics.set_settings(&id, &run_settings);
     let mut states = observed.states.clone();
 
     // Record first, then act: a crash in between leaves the Job, which is harvested again.
     let mut new_records = BTreeMap::new();
+    // What the metrics count: records that say something new (a retry harvested again
+    // from a Job not yet gone says nothing new), with their pods' pending time.
+    let mut counted: Vec<(Record, Option<f64>)> = Vec::new();
     for action in &actions {
         if let Some((node, record)) = record_for(&plan, &states, &observed.outcomes, action, now) {
-            new_records.insert(plan.nodes[node].job_name.clone(), record);
+            let job = &plan.nodes[node].job_name;
+            let known = manifest.records().get(job).is_some_and(|r| {
+                (r.status, r.attempt_count) == (record.status, record.attempt_count)
+            });
+            if !known {
+                let pending = observed.outcomes.get(&node).and_then(|h| h.pod_pending);
+                counted.push((record.clone(), pending));
+            }
+            new_records.insert(job.clone(), record);
         }
     }
     let progressed = !new_records.is_empty();
     if progressed {
-        let counted: Vec<(Record, Option<f64>)> = new_records
-            .iter()
-            .map(|(job, record)| {
-                let node = plan.nodes.iter().position(|n| &n.job_name == job);
-                let pending = node
-                    .and_then(|n| observed.outcomes.get(&n))
-                    .and_then(|h| h.pod_pending);
-                (record.clone(), pending)
-            })
-            .collect();
         manifest.write(&ctx.client, &run, new_records).await?;
         for (record, pending) in &counted {
-            ctx.metrics.record(&ns, &name, record, *pending);
+            ctx.metrics.record(&id, record, *pending);
         }
     }
-    if progressed || ctx.metrics.medians_unset(&ns, &name) {
-        ctx.metrics
-            .set_medians(&ns, &name, manifest.records().values());
+    if progressed || ctx.metrics.medians_unset(&id) {
+        ctx.metrics.set_medians(&id, manifest.records().values());
     }
 
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -656,8 +661,17 @@ async fn write_status(
             &Patch::Merge(&patch),
         )
         .await?;
-        ctx.metrics
-            .set_status(&run.namespace().unwrap_or_default(), &run.name_any(), new);
+        let (ns, name, uid) = (
+            run.namespace().unwrap_or_default(),
+            run.name_any(),
+            run.uid().unwrap_or_default(),
+        );
+        let id = RunId {
+            namespace: &ns,
+            name: &name,
+            uid: &uid,
+        };
+        ctx.metrics.set_status(&id, new);
     }
     let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
     ctx.status_written
@@ -834,14 +848,19 @@ async fn checker_for(run: &ImageBuildRun, ctx: &Ctx) -> Result<RegistryChecker, 
         }
     };
     let metrics = ctx.metrics.clone();
-    let name = run.name_any();
+    let (name, uid) = (run.name_any(), run.uid().unwrap_or_default());
     Ok(RegistryChecker::new(
         config,
         run.spec.registry.insecure,
         ctx.config.registry_concurrency,
     )
     .with_observer(Arc::new(move |code| {
-        metrics.registry_request(&ns, &name, code)
+        let id = RunId {
+            namespace: &ns,
+            name: &name,
+            uid: &uid,
+        };
+        metrics.registry_request(&id, code)
     })))
 }
 

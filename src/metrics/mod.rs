@@ -77,6 +77,18 @@ struct RunSeries {
     medians: bool,
 }
 
+/// A run as the metrics know it: its series change only while it is tracked under this
+/// uid, so a reconcile that outlives the run's deletion (or recreation) revives nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct RunId<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its uid.
+    pub uid: &'a str,
+}
+
 /// Settings of a run that are not in its status, set on every reconcile.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RunSettings {
@@ -256,7 +268,7 @@ impl Metrics {
             )),
             build_duration: register!(histogram(
                 "imagebuild_build_duration_seconds",
-                "Duration of finished build Jobs (start to end), by image phase.",
+                "Duration of the Jobs that built an image (start to end), by image phase.",
                 &BUILD_BUCKETS
             )),
             queue_wait: register!(histogram(
@@ -394,6 +406,14 @@ impl Metrics {
         self.runs.lock().unwrap().len()
     }
 
+    /// Runs `f` on the run's bookkeeping, holding it, if the run is tracked under its uid.
+    fn with_live<R>(&self, run: &RunId, f: impl FnOnce(&mut RunSeries) -> R) -> Option<R> {
+        let mut runs = self.runs.lock().unwrap();
+        runs.get_mut(&key(run.namespace, run.name))
+            .filter(|s| s.uid == run.uid)
+            .map(f)
+    }
+
     fn remove_series(&self, ns: &str, run: &str, series: &RunSeries) {
         let r = [ns, run];
         for v in [
@@ -444,19 +464,19 @@ impl Metrics {
 
     /// Whether the run's status gauges were set by this process (else they wait for the
     /// first write, or are taken from the status as read).
-    pub fn published(&self, ns: &str, run: &str) -> bool {
-        self.runs
-            .lock()
-            .unwrap()
-            .get(&key(ns, run))
-            .is_some_and(|s| s.published)
+    pub fn published(&self, run: &RunId) -> bool {
+        self.with_live(run, |s| s.published).unwrap_or(true)
     }
 
     /// Sets the gauges that mirror the status.
-    pub fn set_status(&self, ns: &str, run: &str, status: &ImageBuildRunStatus) {
-        if let Some(series) = self.runs.lock().unwrap().get_mut(&key(ns, run)) {
+    pub fn set_status(&self, id: &RunId, status: &ImageBuildRunStatus) {
+        self.with_live(id, |series| {
             series.published = true;
-        }
+            self.status_gauges(id.namespace, id.name, status);
+        });
+    }
+
+    fn status_gauges(&self, ns: &str, run: &str, status: &ImageBuildRunStatus) {
         let counts: [&PhaseCounts; 4] = [
             &status.builder,
             &status.bases,
@@ -505,67 +525,73 @@ impl Metrics {
     }
 
     /// Whether the run's medians wait for their first computation in this process.
-    pub fn medians_unset(&self, ns: &str, run: &str) -> bool {
-        self.runs
-            .lock()
-            .unwrap()
-            .get(&key(ns, run))
-            .is_some_and(|s| !s.medians)
+    pub fn medians_unset(&self, run: &RunId) -> bool {
+        self.with_live(run, |s| !s.medians).unwrap_or(false)
     }
 
     /// Sets the median Job durations of the run's built images, by phase.
-    pub fn set_medians<'a>(&self, ns: &str, run: &str, records: impl Iterator<Item = &'a Record>) {
-        if let Some(series) = self.runs.lock().unwrap().get_mut(&key(ns, run)) {
+    pub fn set_medians<'a>(&self, id: &RunId, records: impl Iterator<Item = &'a Record>) {
+        let (ns, run) = (id.namespace, id.name);
+        self.with_live(id, |series| {
             series.medians = true;
-        }
-        let mut durations: [Vec<u64>; 4] = Default::default();
-        for record in records.filter(|r| r.status == RecordStatus::Built) {
-            if let (Some(i), Some(d)) = (phase_index(&record.phase), record.duration_seconds) {
-                durations[i].push(d);
-            }
-        }
-        for (phase, values) in PHASES.iter().zip(durations) {
-            match crate::summary::stats(values) {
-                Some(stats) => self
-                    .run_median
-                    .with_label_values(&[ns, run, phase])
-                    .set(stats.median),
-                None => {
-                    let _ = self.run_median.remove_label_values(&[ns, run, phase]);
+            let mut durations: [Vec<u64>; 4] = Default::default();
+            for record in records.filter(|r| r.status == RecordStatus::Built) {
+                if let (Some(i), Some(d)) = (phase_index(&record.phase), record.duration_seconds) {
+                    durations[i].push(d);
                 }
             }
-        }
+            for (phase, values) in PHASES.iter().zip(durations) {
+                match crate::summary::stats(values) {
+                    Some(stats) => self
+                        .run_median
+                        .with_label_values(&[ns, run, phase])
+                        .set(stats.median),
+                    None => {
+                        let _ = self.run_median.remove_label_values(&[ns, run, phase]);
+                    }
+                }
+            }
+        });
     }
 
     /// Sets the gauges of the run's settings and pods.
-    pub fn set_settings(&self, ns: &str, run: &str, settings: &RunSettings) {
-        let r = [ns, run];
-        self.run_suspended
-            .with_label_values(&r)
-            .set(i64::from(settings.suspended));
-        self.run_max_workers
-            .with_label_values(&r)
-            .set(i64::from(settings.max_workers));
-        self.run_unschedulable
-            .with_label_values(&r)
-            .set(i64::from(settings.unschedulable));
-        match settings.deadline {
-            Some(t) => self
-                .run_deadline
+    pub fn set_settings(&self, id: &RunId, settings: &RunSettings) {
+        let r = [id.namespace, id.name];
+        self.with_live(id, |_| {
+            self.run_suspended
                 .with_label_values(&r)
-                .set(t.timestamp_millis() as f64 / 1000.0),
-            None => {
-                let _ = self.run_deadline.remove_label_values(&r);
+                .set(i64::from(settings.suspended));
+            self.run_max_workers
+                .with_label_values(&r)
+                .set(i64::from(settings.max_workers));
+            self.run_unschedulable
+                .with_label_values(&r)
+                .set(i64::from(settings.unschedulable));
+            match settings.deadline {
+                Some(t) => self
+                    .run_deadline
+                    .with_label_values(&r)
+                    .set(t.timestamp_millis() as f64 / 1000.0),
+                None => {
+                    let _ = self.run_deadline.remove_label_values(&r);
+                }
             }
-        }
+        });
     }
 
     /// Counts a record the run just wrote; `pod_pending` is its pod's wait to start.
-    pub fn record(&self, ns: &str, run: &str, record: &Record, pod_pending: Option<f64>) {
+    pub fn record(&self, id: &RunId, record: &Record, pod_pending: Option<f64>) {
         let phase = record.phase.as_str();
         if phase_index(phase).is_none() {
             return;
         }
+        self.with_live(id, |_| {
+            self.count(id.namespace, id.name, record, pod_pending)
+        });
+    }
+
+    fn count(&self, ns: &str, run: &str, record: &Record, pod_pending: Option<f64>) {
+        let phase = record.phase.as_str();
         let class = record.failure_class.as_deref().unwrap_or("BuildError");
         let result = match record.status {
             RecordStatus::Built => "succeeded",
@@ -597,7 +623,9 @@ impl Metrics {
         self.builds
             .with_label_values(&[ns, run, phase, result])
             .inc();
-        if let Some(seconds) = attempt_seconds(record) {
+        if record.status == RecordStatus::Built
+            && let Some(seconds) = attempt_seconds(record)
+        {
             self.build_duration
                 .with_label_values(&[phase])
                 .observe(seconds);
@@ -619,16 +647,13 @@ impl Metrics {
     }
 
     /// Counts one registry request of the run's checks.
-    pub fn registry_request(&self, ns: &str, run: &str, code: &str) {
-        if let Some(series) = self.runs.lock().unwrap().get_mut(&key(ns, run)) {
+    pub fn registry_request(&self, id: &RunId, code: &str) {
+        self.with_live(id, |series| {
             series.codes.insert(code.to_string());
-        } else {
-            // The run is gone: no series to revive.
-            return;
-        }
-        self.registry_requests
-            .with_label_values(&[ns, run, code])
-            .inc();
+            self.registry_requests
+                .with_label_values(&[id.namespace, id.name, code])
+                .inc();
+        });
     }
 
     /// Observes one reconcile.
@@ -726,9 +751,19 @@ mod tests {
             ..Default::default()
         };
         let built = record("base", RecordStatus::Built, 1, None);
-        m.set_status("ns", "r1", &status);
-        m.set_medians("ns", "r1", [&built].into_iter());
-        assert!(m.published("ns", "r1") && !m.published("ns", "r2"));
+        let r1 = RunId {
+            namespace: "ns",
+            name: "r1",
+            uid: "u1",
+        };
+        let r2 = RunId {
+            name: "r2",
+            uid: "u2",
+            ..r1
+        };
+        m.set_status(&r1, &status);
+        m.set_medians(&r1, [&built].into_iter());
+        assert!(m.published(&r1) && !m.published(&r2));
         let text = m.gather().await;
         let v = |p: &str| value(&text, p);
         assert_eq!(
@@ -766,6 +801,12 @@ mod tests {
         );
 
         m.forget("ns", "r1");
+        // A reconcile that outlived the deletion revives nothing.
+        m.set_status(&r1, &status);
+        m.set_settings(&r1, &RunSettings::default());
+        m.set_medians(&r1, [&built].into_iter());
+        m.record(&r1, &built, Some(1.0));
+        m.registry_request(&r1, "404");
         let text = m.gather().await;
         assert_eq!(series(&text, "r1"), Vec::<String>::new());
         assert!(!series(&text, "r2").is_empty());
@@ -778,17 +819,20 @@ mod tests {
     async fn a_recreated_run_starts_from_zero() {
         let m = Metrics::new();
         m.track("ns", "r", "old");
-        m.record(
-            "ns",
-            "r",
-            &record("base", RecordStatus::Built, 1, None),
-            None,
-        );
+        let old = RunId {
+            namespace: "ns",
+            name: "r",
+            uid: "old",
+        };
+        m.record(&old, &record("base", RecordStatus::Built, 1, None), None);
         m.track("ns", "r", "old");
         let p =
             r#"imagebuild_builds_total{namespace="ns",phase="base",result="succeeded",run="r"}"#;
         assert_eq!(value(&m.gather().await, p), Some(1.0));
         m.track("ns", "r", "new");
+        assert_eq!(value(&m.gather().await, p), Some(0.0));
+        // The old run's late reconcile does not count into the new one.
+        m.record(&old, &record("base", RecordStatus::Built, 1, None), None);
         assert_eq!(value(&m.gather().await, p), Some(0.0));
     }
 
@@ -809,12 +853,23 @@ mod tests {
             ),
             record("base", RecordStatus::SkippedRemoteExists, 0, None),
         ];
+        let id = RunId {
+            namespace: "ns",
+            name: "r",
+            uid: "u",
+        };
         for r in &records {
-            m.record("ns", "r", r, Some(1.5));
+            m.record(&id, r, Some(1.5));
         }
         m.job_created("assembly", Duration::from_secs(7));
-        m.registry_request("ns", "r", "404");
-        m.registry_request("gone", "r", "404");
+        m.registry_request(&id, "404");
+        m.registry_request(
+            &RunId {
+                namespace: "gone",
+                ..id
+            },
+            "404",
+        );
         let text = m.gather().await;
         let v = |p: &str| value(&text, p);
         let builds = |result: &str| {
@@ -846,14 +901,14 @@ mod tests {
             ),
             Some(1.0)
         );
-        // Three attempts ran: three durations and three pod waits.
+        // Three attempts ran: three pod waits; one built, one duration.
         assert_eq!(
             v(r#"imagebuild_build_duration_seconds_count{phase="assembly"}"#),
-            Some(3.0)
+            Some(1.0)
         );
         assert_eq!(
             v(r#"imagebuild_build_duration_seconds_sum{phase="assembly"}"#),
-            Some(126.0)
+            Some(42.0)
         );
         assert_eq!(
             v(r#"imagebuild_pod_pending_seconds_count{phase="assembly"}"#),

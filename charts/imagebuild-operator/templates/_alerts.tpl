@@ -141,8 +141,9 @@ groups:
     annotations:
       summary: The imagebuild operator is down
       description: >-
-        Prometheus has not scraped the imagebuild operator
-        ({{`{{ $labels.instance }}`}}) for {{ .for }}: no run makes progress.
+        {{`{{ with $labels.instance }}`}}Prometheus has not scraped the imagebuild operator at
+        {{`{{ . }}{{ else }}`}}Prometheus has no scrape target for the imagebuild operator
+        ({{ .selector }}){{`{{ end }}`}} for {{ .for }}: no run makes progress.
       runbook_url: {{ $runbook }}#imagebuildoperatordown
   {{- end }}{{ end }}
   {{- with $a.operatorNotReady }}{{ if .enabled }}
