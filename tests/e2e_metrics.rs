@@ -107,7 +107,26 @@ async fn metrics_agree_with_the_status_and_go_with_the_run_and_the_operator() {
 
     let name = "agree";
     let ids = swebench_ids(20);
-    let run = swebench_run(name, &env.registry, &ns.name, &ids, 3);
+    let mut run = swebench_run(name, &env.registry, &ns.name, &ids, 3);
+    // One assembly is throttled on its first attempt (then built), one fails its build.
+    run.spec.vars.insert("throttled".into(), ids[3].clone());
+    run.spec.vars.insert("broken".into(), ids[7].clone());
+    let throttle = "phase == 'assembly' and instanceId == throttled and attempt == 1";
+    let broken = "phase == 'assembly' and instanceId == broken";
+    run.spec.placement.pod_annotations = annotations(&[
+        (
+            "sim.imagebuild.dev/exit-code",
+            &format!("{{% if ({throttle}) or ({broken}) %}}1{{% endif %}}"),
+        ),
+        (
+            "sim.imagebuild.dev/message",
+            &format!(
+                "{{% if {throttle} %}}error: failed to push: 429 Too Many Requests: toomanyrequests\
+                 {{% elif {broken} %}}ERROR: failed to solve: exit code: 2{{% endif %}}"
+            ),
+        ),
+    ]);
+    run.spec.retry.backoff.initial = "1s".into();
     runs.create(&PostParams::default(), &run).await.unwrap();
 
     // Status, scrape, status: when the status did not change around the scrape, the
@@ -140,12 +159,13 @@ async fn metrics_agree_with_the_status_and_go_with_the_run_and_the_operator() {
         while_building >= 3,
         "{while_building} comparisons while building"
     );
-    assert_eq!(last.phase, Some(RunPhase::Succeeded));
+    assert_eq!(last.phase, Some(RunPhase::PartiallySucceeded));
     let samples = scrape(&addr).await;
     assert_agree(&samples, &ns.name, name, &last);
 
     // The counters and histograms add up to the run: 1 builder, 20 bases, 20 assemblies,
-    // each built once, each checked once in the registry (missing).
+    // each checked once in the registry (missing); 40 built, one of them on a second
+    // attempt after a throttled push; one failed its build: 42 Jobs.
     let images = 41.0;
     let r = [("namespace", ns.name.as_str()), ("run", name)];
     let counter = |metric: &str, extra: &[(&'static str, &'static str)]| {
@@ -154,24 +174,58 @@ async fn metrics_agree_with_the_status_and_go_with_the_run_and_the_operator() {
     };
     assert_eq!(
         counter("imagebuild_builds_total", &[("result", "succeeded")]),
-        images
+        40.0
     );
     assert_eq!(
-        counter("imagebuild_builds_total", &[("result", "failed")]),
-        0.0
+        counter(
+            "imagebuild_builds_total",
+            &[("result", "failed"), ("phase", "assembly")]
+        ),
+        1.0
     );
-    assert_eq!(counter("imagebuild_build_failures_total", &[]), 0.0);
+    assert_eq!(
+        counter(
+            "imagebuild_builds_total",
+            &[("result", "retried"), ("phase", "assembly")]
+        ),
+        1.0
+    );
+    assert_eq!(counter("imagebuild_builds_total", &[]), 42.0);
+    assert_eq!(
+        counter(
+            "imagebuild_build_failures_total",
+            &[("class", "BuildError")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            "imagebuild_build_failures_total",
+            &[("class", "RegistryThrottled")]
+        ),
+        1.0
+    );
+    assert_eq!(counter("imagebuild_build_failures_total", &[]), 2.0);
+    assert_eq!(
+        counter(
+            "imagebuild_retries_total",
+            &[("class", "RegistryThrottled")]
+        ),
+        1.0
+    );
+    assert_eq!(counter("imagebuild_retries_total", &[]), 1.0);
     assert_eq!(counter("imagebuild_skips_total", &[]), 0.0);
     assert_eq!(
         counter("imagebuild_registry_requests_total", &[("code", "404")]),
         images
     );
-    for histogram in [
-        "imagebuild_build_duration_seconds_count",
-        "imagebuild_queue_wait_seconds_count",
-        "imagebuild_pod_pending_seconds_count",
+    // Durations of the 40 builds; a queue wait per Job created, a pending time per pod.
+    for (histogram, count) in [
+        ("imagebuild_build_duration_seconds_count", 40.0),
+        ("imagebuild_queue_wait_seconds_count", 42.0),
+        ("imagebuild_pod_pending_seconds_count", 42.0),
     ] {
-        assert_eq!(sum(&samples, histogram, &[]), Some(images), "{histogram}");
+        assert_eq!(sum(&samples, histogram, &[]), Some(count), "{histogram}");
     }
     assert_eq!(
         sum(
@@ -179,7 +233,7 @@ async fn metrics_agree_with_the_status_and_go_with_the_run_and_the_operator() {
             "imagebuild_build_duration_seconds_count",
             &[("phase", "assembly")]
         ),
-        Some(20.0)
+        Some(19.0)
     );
     let medians = matching(&samples, "imagebuild_run_build_duration_median_seconds", &r);
     assert_eq!(medians.len(), 3, "builder, base and assembly medians");
@@ -189,7 +243,7 @@ async fn metrics_agree_with_the_status_and_go_with_the_run_and_the_operator() {
         &[("verb", "POST"), ("code", "201")],
     )
     .unwrap();
-    assert!(creates >= images, "{creates} creates for {images} Jobs");
+    assert!(creates >= 42.0, "{creates} creates for 42 Jobs");
     assert!(
         sum(
             &samples,
