@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Operator, eventually, setup};
+use common::prometheus::sum;
 use common::runs::{
     Seen, annotations, await_phase, count_status_writes, events, job_of, manifest_shards, plan,
     records, swebench_ids, swebench_run, watch_jobs, watch_jobs_pushing,
@@ -514,6 +515,17 @@ async fn a_large_run_fits_its_objects_and_counts_right() {
     let elapsed = started.elapsed();
     let peak_kib = operator.peak_rss_kib();
     let cpu = operator.cpu_seconds();
+    let scraped = Instant::now();
+    let page = reqwest::get(format!("http://{}/metrics", operator.metrics_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape_ms = scraped.elapsed().as_secs_f64() * 1000.0;
+    let samples = prometheus_parse::Scrape::parse(page.lines().map(|l| Ok(l.to_string())))
+        .unwrap()
+        .samples;
 
     let status = done.status.clone().unwrap();
     let status_bytes = serde_json::to_vec(&done.status).unwrap().len();
@@ -545,6 +557,13 @@ async fn a_large_run_fits_its_objects_and_counts_right() {
         sizes.iter().sum::<usize>()
     );
     println!("  status writes: {status_writes}");
+    let requests = sum(&samples, "imagebuild_kubernetes_requests_total", &[]).unwrap();
+    println!(
+        "  metrics: {} bytes, {} samples, scraped in {scrape_ms:.1} ms; {requests} API requests ({:.2} per image)",
+        page.len(),
+        samples.len(),
+        requests / nodes as f64
+    );
     println!(
         "  operator: peak RSS {} MiB, CPU {} s",
         peak_kib.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
@@ -592,6 +611,14 @@ async fn a_large_run_fits_its_objects_and_counts_right() {
         "the list is bounded"
     );
     assert_eq!(status.failed_total as usize, broken.len());
+    // The metrics count what the status counts.
+    let r = [("namespace", ns.name.as_str()), ("run", "scale")];
+    let builds = |result: &'static str| {
+        let labels: Vec<(&str, &str)> = r.iter().copied().chain([("result", result)]).collect();
+        sum(&samples, "imagebuild_builds_total", &labels).unwrap()
+    };
+    assert_eq!(builds("succeeded"), f64::from(s_built));
+    assert_eq!(builds("failed"), f64::from(s_failed));
     let log = operator.log();
     assert!(
         !log.contains("too large") && !log.contains("reconcile failed"),
