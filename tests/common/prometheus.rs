@@ -52,12 +52,11 @@ pub fn sum(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> Option<
     (!found.is_empty()).then(|| found.iter().map(|s| number(s)).sum())
 }
 
-/// The result of an instant query: each series' labels and value.
-pub async fn query(env: &Env, promql: &str) -> Vec<(serde_json::Value, String)> {
-    let url = format!("{}/api/v1/query", env.prometheus);
+/// The `data` of a successful answer of Prometheus' HTTP API at `path` with `params`.
+async fn api(env: &Env, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
     let body: serde_json::Value = reqwest::Client::new()
-        .get(url)
-        .query(&[("query", promql)])
+        .get(format!("{}{path}", env.prometheus))
+        .query(params)
         .send()
         .await
         .expect("Prometheus answers")
@@ -65,7 +64,13 @@ pub async fn query(env: &Env, promql: &str) -> Vec<(serde_json::Value, String)> 
         .await
         .unwrap();
     assert_eq!(body["status"], "success", "{body}");
-    body["data"]["result"]
+    body["data"].clone()
+}
+
+/// The result of an instant query: each series' labels and value.
+pub async fn query(env: &Env, promql: &str) -> Vec<(serde_json::Value, String)> {
+    let data = api(env, "/api/v1/query", &[("query", promql)]).await;
+    data["result"]
         .as_array()
         .unwrap()
         .iter()
@@ -80,29 +85,14 @@ pub async fn query(env: &Env, promql: &str) -> Vec<(serde_json::Value, String)> 
 
 /// Every alert Prometheus holds, pending or firing (its alerts API).
 pub async fn alerts(env: &Env) -> Vec<serde_json::Value> {
-    let body: serde_json::Value = reqwest::get(format!("{}/api/v1/alerts", env.prometheus))
-        .await
-        .expect("Prometheus answers")
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(body["status"], "success", "{body}");
-    body["data"]["alerts"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let data = api(env, "/api/v1/alerts", &[]).await;
+    data["alerts"].as_array().cloned().unwrap_or_default()
 }
 
 /// The names of the alerting rules Prometheus has loaded.
 pub async fn alert_rules(env: &Env) -> Vec<String> {
-    let body: serde_json::Value =
-        reqwest::get(format!("{}/api/v1/rules?type=alert", env.prometheus))
-            .await
-            .expect("Prometheus answers")
-            .json()
-            .await
-            .unwrap();
-    body["data"]["groups"]
+    let data = api(env, "/api/v1/rules", &[("type", "alert")]).await;
+    data["groups"]
         .as_array()
         .into_iter()
         .flatten()
