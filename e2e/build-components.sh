@@ -42,7 +42,8 @@ die() { log "ERROR: $*"; exit 1; }
 [[ -f "$VERSIONS_FILE" ]] || die "missing $VERSIONS_FILE"
 
 # ---- cache key (cheap: no go invocation on the warm path) -------------------
-pins=$(grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$VERSIONS_FILE" | sort)
+# PROMETHEUS_OPERATOR_VERSION pins CRDs e2e/cluster fetches, not a component built here.
+pins=$(grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$VERSIONS_FILE" | grep -v '^PROMETHEUS_OPERATOR_VERSION=' | sort)
 # shellcheck disable=SC1090
 source <(printf '%s\n' "$pins")
 for v in KUBERNETES_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION GO_MIN_VERSION; do

@@ -10,7 +10,8 @@ mod common;
 
 use std::path::Path;
 
-use common::prometheus::{rendered_rules, tool};
+use common::prometheus::rendered_rules;
+use common::tool;
 use serde_yaml_ng::Value;
 
 const RULES: &str = "prometheus/alerts.yml";

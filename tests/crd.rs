@@ -14,6 +14,17 @@ fn committed_crd_is_current() {
 }
 
 #[test]
+fn the_charts_crd_is_the_generated_crd() {
+    let chart = "charts/imagebuild-operator/crds/imagebuild.dev_imagebuildruns.yaml";
+    let in_chart = std::fs::read_to_string(chart).expect("the chart carries the CRD");
+    let generated = std::fs::read_to_string(CRD_PATH).unwrap();
+    assert!(
+        in_chart == generated,
+        "{chart} differs from {CRD_PATH}: copy it (cp {CRD_PATH} {chart})"
+    );
+}
+
+#[test]
 fn crd_carries_columns_short_name_and_status() {
     let crd: serde_json::Value = serde_yaml_ng::from_str(&render().unwrap()).unwrap();
     assert_eq!(crd["spec"]["names"]["shortNames"][0], "ibr");

@@ -213,6 +213,11 @@ impl Operator {
     /// Starts it with extra arguments to `run`. Its metrics endpoint listens on a free
     /// loopback port (see [`Operator::metrics_addr`]) unless `args` name one.
     pub fn start_with(namespace: &str, args: &[&str]) -> Operator {
+        Self::start_as(namespace, args, None)
+    }
+
+    /// Starts it with the credentials of `kubeconfig` (default: the environment's admin).
+    pub fn start_as(namespace: &str, args: &[&str], kubeconfig: Option<&Path>) -> Operator {
         let any_port = ["--metrics-address", "127.0.0.1:0"];
         let endpoint: &[&str] = if args.contains(&"--metrics-address") {
             &[]
@@ -228,6 +233,7 @@ impl Operator {
             .args(["run", "--namespace", namespace])
             .args(args)
             .args(endpoint)
+            .envs(kubeconfig.map(|k| ("KUBECONFIG", k)))
             .env("RUST_LOG", "info,imagebuild_operator=debug")
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().unwrap())

@@ -6,6 +6,8 @@ pub mod oci;
 pub mod prometheus;
 pub mod runs;
 
+use std::process::Command;
+
 use imagebuild_operator::api::ImageBuildRunSpec;
 use imagebuild_operator::instances::RawInstance;
 use imagebuild_operator::plan::{self, Plan};
@@ -76,4 +78,21 @@ pub fn swebench() -> (imagebuild_operator::api::ImageBuildRun, Plan) {
     let ids = std::path::PathBuf::from(SWEBENCH_IDS);
     let plan = block_on(plan_run(&run, Some(&ids))).unwrap();
     (run, plan)
+}
+
+/// Runs `program` with `args`; its stdout, or a panic with its stderr.
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} ({e}): run the suite with `e2e/cluster test`, which installs it")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

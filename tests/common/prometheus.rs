@@ -1,11 +1,10 @@
 //! Reading metrics: the operator's `/metrics` page (parsed with prometheus-parse) and
 //! the environment's Prometheus (queries, alerts, rule reloads).
 
-use std::process::Command;
-
 use prometheus_parse::{Sample, Scrape, Value};
 
 use super::cluster::Env;
+use super::tool;
 
 /// The chart whose PrometheusRule holds the alerts.
 pub const CHART: &str = "charts/imagebuild-operator";
@@ -109,23 +108,6 @@ pub async fn reload(env: &Env) {
         .await
         .expect("Prometheus answers");
     assert!(answer.status().is_success(), "reload: {}", answer.status());
-}
-
-/// Runs `program` with `args`; its stdout, or a panic with its stderr.
-pub fn tool(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program} ({e}): run the suite with `e2e/cluster test`, which installs it")
-        });
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The chart's rule groups as a plain rule file, rendered with `sets` (helm `--set`).

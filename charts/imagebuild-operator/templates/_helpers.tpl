@@ -28,3 +28,53 @@ labels:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end -}}
+
+{{/* Labels that select the operator's pod. */}}
+{{- define "imagebuild-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The ServiceAccount the operator runs as. */}}
+{{- define "imagebuild-operator.serviceAccountName" -}}
+{{- default (include "imagebuild-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/*
+The RBAC rules of the operator, each with why it needs it. Used by the ClusterRole
+(all namespaces) or by a Role in each watched namespace.
+*/}}
+{{- define "imagebuild-operator.rules" -}}
+# Runs: watched (list, watch) and read; their status is the operator's to write.
+- apiGroups: [imagebuild.dev]
+  resources: [imagebuildruns]
+  verbs: [get, list, watch]
+- apiGroups: [imagebuild.dev]
+  resources: [imagebuildruns/status]
+  verbs: [get, patch, update]
+# Build Jobs: created per image, watched for results, deleted once recorded or when
+# their run goes.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+# Build pods: read only, for where a build ran, why it is pending, and its exit report.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+# ConfigMaps: the manifest shards the runs own (created, replaced, deleted with stale
+# shards), and instance lists a run names in spec.instances.configMap (read).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, create, update, delete]
+# Events on runs: created, and patched when kube-runtime's recorder folds repeats.
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- if .Values.rbac.readPushSecrets }}
+# Secrets: read (get only, never list) the spec.registry.pushSecretRef a run names, to
+# check the registry with its credentials.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
+{{- end -}}

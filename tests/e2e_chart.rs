@@ -1,0 +1,324 @@
+//! The Helm chart against the real control plane: it lints and renders with the defaults
+//! and with every toggle on, and the API server accepts every object (server-side
+//! dry-run, with the Prometheus operator's CRDs installed); installed, its ServiceAccount
+//! has exactly the permissions a whole run needs (the operator runs out of cluster with a
+//! token of it) and no others; upgrade and uninstall leave no stray objects, and the CRD
+//! stays.
+//!
+//! Needs `e2e/cluster up`; run with `e2e/cluster test`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::cluster::{Operator, TestNamespace, install_crypto_provider, setup};
+use common::runs::{await_phase, swebench_ids, swebench_run};
+use common::tool;
+use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client};
+
+const CHART: &str = "charts/imagebuild-operator";
+
+/// Every toggle of the chart on, for a release in `ns` watching `watched`.
+fn all_toggles(watched: &str) -> Vec<String> {
+    [
+        "serviceMonitor.enabled=true",
+        "prometheusRule.enabled=true",
+        "networkPolicy.enabled=true",
+        "podDisruptionBudget.enabled=true",
+        "maxTotalWorkers=50",
+        "logFormat=text",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("watchNamespaces={{{watched}}}")])
+    .collect()
+}
+
+fn with_sets<'a>(mut args: Vec<&'a str>, sets: &'a [String]) -> Vec<&'a str> {
+    for set in sets {
+        args.extend(["--set", set.as_str()]);
+    }
+    args
+}
+
+/// The Prometheus operator's CRDs, which `e2e/cluster up` fetched.
+fn install_prometheus_operator_crds() {
+    let dir = std::env::var("IMAGEBUILD_PROMETHEUS_OPERATOR_CRDS")
+        .expect("IMAGEBUILD_PROMETHEUS_OPERATOR_CRDS: run the suite with `e2e/cluster test`");
+    tool(
+        "kubectl",
+        &["apply", "--server-side", "--force-conflicts", "-f", &dir],
+    );
+    tool(
+        "kubectl",
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn the_chart_lints_renders_and_every_object_is_accepted() {
+    let (_env, _logs, ns) = setup("e2e-chart").await;
+    install_prometheus_operator_crds();
+    let toggles = all_toggles(&ns.name);
+    for sets in [vec![], toggles.clone()] {
+        let lint = tool("helm", &with_sets(vec!["lint", "--strict", CHART], &sets));
+        assert!(lint.contains("0 chart(s) failed"), "{lint}");
+        let rendered = tool(
+            "helm",
+            &with_sets(
+                vec!["template", "imagebuild", CHART, "--namespace", &ns.name],
+                &sets,
+            ),
+        );
+        let file = std::env::temp_dir().join(format!("chart-{}.yaml", ns.name));
+        std::fs::write(&file, &rendered).unwrap();
+        let applied = tool(
+            "kubectl",
+            &["apply", "--dry-run=server", "-f", file.to_str().unwrap()],
+        );
+        let kinds: Vec<&str> = applied
+            .lines()
+            .filter_map(|l| l.split('/').next())
+            .collect();
+        let expected: &[&str] = if sets.is_empty() {
+            &[
+                "serviceaccount",
+                "clusterrole.rbac.authorization.k8s.io",
+                "clusterrolebinding.rbac.authorization.k8s.io",
+                "service",
+                "deployment.apps",
+            ]
+        } else {
+            &[
+                "serviceaccount",
+                "role.rbac.authorization.k8s.io",
+                "rolebinding.rbac.authorization.k8s.io",
+                "service",
+                "deployment.apps",
+                "networkpolicy.networking.k8s.io",
+                "poddisruptionbudget.policy",
+                "prometheusrule.monitoring.coreos.com",
+                "servicemonitor.monitoring.coreos.com",
+            ]
+        };
+        for kind in expected {
+            assert!(kinds.contains(kind), "{kind} not applied:\n{applied}");
+        }
+        assert_eq!(kinds.len(), expected.len(), "{applied}");
+        if sets.is_empty() {
+            assert!(!rendered.contains("kind: PrometheusRule"));
+        } else {
+            assert!(rendered.contains(&format!("--namespace={}", ns.name)));
+            assert!(rendered.contains("--max-total-workers=50"));
+        }
+    }
+
+    // The values schema refuses what the operator cannot do.
+    let two = vec![
+        "template".to_string(),
+        "x".into(),
+        CHART.into(),
+        "--set".into(),
+        "replicaCount=2".into(),
+    ];
+    let out = std::process::Command::new("helm")
+        .args(&two)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replicaCount"));
+}
+
+/// A kubeconfig for the environment's API server with `token` as the only credential.
+fn token_kubeconfig(token: &str, path: &Path) {
+    let admin: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": cluster}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
+        "current-context": "operator",
+    });
+    std::fs::write(path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
+}
+
+async fn client_from(path: &Path) -> Client {
+    install_crypto_provider();
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// Objects of the release, namespaced ones in `ns`, as `kind/name`.
+fn release_objects(release: &str, ns: &str) -> Vec<String> {
+    let selector = format!("app.kubernetes.io/instance={release}");
+    let namespaced = tool(
+        "kubectl",
+        &[
+            "get",
+            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,poddisruptionbudgets",
+            "-n",
+            ns,
+            "-l",
+            &selector,
+            "-o",
+            "name",
+        ],
+    );
+    let cluster = tool(
+        "kubectl",
+        &[
+            "get",
+            "clusterroles,clusterrolebindings",
+            "-l",
+            &selector,
+            "-o",
+            "name",
+        ],
+    );
+    let releases = tool(
+        "kubectl",
+        &[
+            "get",
+            "secrets",
+            "-n",
+            ns,
+            "-l",
+            &format!("owner=helm,name={release}"),
+            "-o",
+            "name",
+        ],
+    );
+    namespaced
+        .lines()
+        .chain(cluster.lines())
+        .chain(releases.lines())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
+    let (env, _logs, system) = setup("e2e-helm").await;
+    let client = env.client().await;
+    let work = TestNamespace::create(&client, "e2e-helm-runs").await;
+    let release = format!("ibo-{}", &system.name[system.name.len() - 6..]);
+
+    tool(
+        "helm",
+        &[
+            "install",
+            &release,
+            CHART,
+            "--namespace",
+            &system.name,
+            "--wait=false",
+        ],
+    );
+    let sa = format!("{release}-imagebuild-operator");
+    let token = tool(
+        "kubectl",
+        &[
+            "create",
+            "token",
+            &sa,
+            "-n",
+            &system.name,
+            "--duration",
+            "1h",
+        ],
+    );
+    let kubeconfig: PathBuf = std::env::temp_dir().join(format!("{release}.kubeconfig"));
+    token_kubeconfig(token.trim(), &kubeconfig);
+
+    // A whole run, with only the chart's permissions.
+    let operator = Operator::start_as(&work.name, &[], Some(&kubeconfig));
+    let runs: Api<ImageBuildRun> = work.api();
+    let run = swebench_run("helm", &env.registry, &work.name, &swebench_ids(4), 3);
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let done = await_phase(&runs, "helm", RunPhase::Succeeded, Duration::from_secs(120)).await;
+    assert_eq!(done.status.unwrap().assemblies.succeeded, 4);
+    let log = operator.log();
+    assert!(!log.contains("forbidden"), "{log}");
+    drop(operator);
+
+    // Anything else is refused.
+    let limited = client_from(&kubeconfig).await;
+    let deployments: Api<Deployment> = Api::namespaced(limited.clone(), &system.name);
+    let refused = deployments
+        .delete(
+            &format!("{release}-imagebuild-operator"),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(e) if e.code == 403),
+        "{refused:?}"
+    );
+    let secrets: Api<Secret> = Api::namespaced(limited.clone(), &work.name);
+    let listed = secrets.list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        matches!(&listed, kube::Error::Api(e) if e.code == 403),
+        "Secrets are read by name only: {listed:?}"
+    );
+
+    // An upgrade to one watched namespace swaps the ClusterRole for a Role there.
+    let watched = format!("watchNamespaces={{{}}}", work.name);
+    tool(
+        "helm",
+        &[
+            "upgrade",
+            &release,
+            CHART,
+            "--namespace",
+            &system.name,
+            "--set",
+            &watched,
+        ],
+    );
+    let after = release_objects(&release, &system.name);
+    assert!(
+        !after.iter().any(|o| o.starts_with("clusterrole")),
+        "{after:?}"
+    );
+    let roles = tool(
+        "kubectl",
+        &["get", "roles,rolebindings", "-n", &work.name, "-o", "name"],
+    );
+    assert_eq!(roles.lines().count(), 2, "{roles}");
+
+    // Uninstall leaves nothing of the release, and keeps the CRD (and so the runs).
+    tool(
+        "helm",
+        &["uninstall", &release, "--namespace", &system.name, "--wait"],
+    );
+    let left = release_objects(&release, &system.name);
+    assert_eq!(left, Vec::<String>::new());
+    let roles = tool(
+        "kubectl",
+        &["get", "roles,rolebindings", "-n", &work.name, "-o", "name"],
+    );
+    assert_eq!(roles.trim(), "", "{roles}");
+    tool("kubectl", &["get", "crd", "imagebuildruns.imagebuild.dev"]);
+    assert!(runs.get("helm").await.is_ok());
+    let _ = std::fs::remove_file(kubeconfig);
+}
