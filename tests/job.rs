@@ -320,3 +320,84 @@ fn pod_annotation_errors_name_the_field() {
         );
     }
 }
+
+#[test]
+fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
+    let (mut run, plan) = swebench();
+    run.spec.registry.insecure = true;
+    let base = node(&plan, Phase::Base, None);
+    let inputs = JobInputs {
+        run_name: "swebench-verified",
+        namespace: "imagebuild",
+        run_uid: "00000000-0000-4000-8000-000000000001",
+        spec: &run.spec,
+        build_timeout: Duration::from_secs(2000),
+    };
+    let job = job::build_job(&inputs, base, 1, &BTreeMap::new()).unwrap();
+    let env =
+        serde_json::to_value(&job).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
+            .clone();
+    let http = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "IMAGEBUILD_HTTP_REGISTRIES")
+        .expect("the registry hosts for BuildKit");
+    // The base is pushed to ghcr.io; its upstream (docker.io) keeps HTTPS.
+    assert_eq!(http["value"], "ghcr.io");
+    assert_eq!(job::http_registries(base), vec!["ghcr.io".to_string()]);
+
+    let mut secure = run.spec.clone();
+    secure.registry.insecure = false;
+    let inputs = JobInputs {
+        spec: &secure,
+        ..inputs
+    };
+    let job = job::build_job(&inputs, base, 1, &BTreeMap::new()).unwrap();
+    let env =
+        serde_json::to_value(&job).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
+            .to_string();
+    assert!(!env.contains("IMAGEBUILD_HTTP_REGISTRIES"), "{env}");
+}
+
+#[test]
+fn the_wrapper_gives_buildkitd_the_http_registries() {
+    let dir = std::env::temp_dir().join(format!(
+        "imagebuild-wrapper-http-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A stand-in for buildctl-daemonless.sh: shows the flags buildkitd would get.
+    let fake = dir.join("daemonless");
+    std::fs::write(&fake, "#!/bin/sh\necho \"flags:$BUILDKITD_FLAGS\"\n").unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(job::WRAPPER)
+        .arg("imagebuild-build")
+        .arg("sh")
+        .arg(&fake)
+        .env("IMAGEBUILD_WORK_DIR", &dir)
+        .env("IMAGEBUILD_TERMINATION_LOG", dir.join("result"))
+        .env("BUILDKITD_FLAGS", "--oci-worker-no-process-sandbox")
+        .env(
+            "IMAGEBUILD_HTTP_REGISTRIES",
+            "kind-registry:5000 localhost:5001",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let config = dir.join("buildkitd.toml");
+    assert!(
+        stdout.contains(&format!(
+            "flags:--oci-worker-no-process-sandbox --config={}",
+            config.display()
+        )),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "[registry.\"kind-registry:5000\"]\n  http = true\n  insecure = true\n\
+         [registry.\"localhost:5001\"]\n  http = true\n  insecure = true\n"
+    );
+}

@@ -23,6 +23,18 @@ use crate::plan::{Node, is_dns1123_label};
 /// The wrapper script the build container runs (`sh -c`).
 pub const WRAPPER: &str = include_str!("wrapper.sh");
 
+/// The registry hosts of the images a node pushes (its image and cache), sorted, once each.
+pub fn http_registries(node: &Node) -> Vec<String> {
+    let mut hosts: Vec<String> = std::iter::once(&node.image)
+        .chain(node.cache_ref.as_ref())
+        .filter_map(|image| image.parse::<oci_client::Reference>().ok())
+        .map(|r| r.registry().to_string())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
 /// Value of `app.kubernetes.io/managed-by` on everything the operator creates.
 pub const MANAGER: &str = "imagebuild-operator";
 /// Label: the run a Job belongs to (its name, hashed when longer than a label value).
@@ -146,6 +158,14 @@ pub fn build_job(
     }
     if let Some(inline) = &build.context.inline {
         env.push(json!({"name": "IMAGEBUILD_DOCKERFILE", "value": inline}));
+    }
+    if spec.registry.insecure {
+        // The run's own registry, to pull the images it built (a base, the builder) over
+        // plain HTTP too; upstream images keep HTTPS.
+        let hosts = http_registries(node);
+        if !hosts.is_empty() {
+            env.push(json!({"name": "IMAGEBUILD_HTTP_REGISTRIES", "value": hosts.join(" ")}));
+        }
     }
     if let Some(cm) = &build.context.config_map {
         mounts.push(json!({"name": "context", "mountPath": CONTEXT_DIR, "readOnly": true}));

@@ -3,13 +3,22 @@
 # operator reads back: the exit code, the pushed image's digest, the seconds spent in the
 # whole build and in pushing, and the tail of the output when the build failed.
 # Environment: IMAGEBUILD_DOCKERFILE, the Dockerfile text of an inline context;
-# IMAGEBUILD_WORK_DIR and IMAGEBUILD_TERMINATION_LOG, for tests.
+# IMAGEBUILD_HTTP_REGISTRIES, registry hosts BuildKit speaks plain HTTP to (pulls and
+# pushes; spec.registry.insecure); IMAGEBUILD_WORK_DIR and IMAGEBUILD_TERMINATION_LOG,
+# for tests.
 set -u
 work=${IMAGEBUILD_WORK_DIR:-/work}
 result=${IMAGEBUILD_TERMINATION_LOG:-/dev/termination-log}
 if [ -n "${IMAGEBUILD_DOCKERFILE:-}" ]; then
   mkdir -p "$work/context"
   printf '%s\n' "$IMAGEBUILD_DOCKERFILE" >"$work/context/Dockerfile"
+fi
+if [ -n "${IMAGEBUILD_HTTP_REGISTRIES:-}" ]; then
+  for host in $IMAGEBUILD_HTTP_REGISTRIES; do
+    printf '[registry."%s"]\n  http = true\n  insecure = true\n' "$host"
+  done >"$work/buildkitd.toml"
+  BUILDKITD_FLAGS="${BUILDKITD_FLAGS:-} --config=$work/buildkitd.toml"
+  export BUILDKITD_FLAGS
 fi
 start=$(date +%s)
 {
