@@ -10,6 +10,7 @@ pub mod controller;
 pub mod crd;
 pub mod instances;
 pub mod job;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod registry;

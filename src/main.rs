@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use imagebuild_operator::cli::{self, Format, SummaryFormat};
+use imagebuild_operator::leader::{Leadership, LeaseConfig};
 use imagebuild_operator::metrics::Metrics;
 use imagebuild_operator::metrics::api::CountRequests;
 use imagebuild_operator::metrics::server::{self, Health};
@@ -55,6 +56,22 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz (port 0: any free port, logged).
         #[arg(long, default_value = "0.0.0.0:8080", env = "IMAGEBUILD_METRICS_ADDR")]
         metrics_address: String,
+        /// Run only while holding a Lease (for more than one replica).
+        #[arg(long, env = "IMAGEBUILD_LEADER_ELECTION")]
+        leader_election: bool,
+        /// The Lease's namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// The Lease's name.
+        #[arg(long, default_value = "imagebuild-operator")]
+        lease_name: String,
+        /// Seconds a lease lasts unless renewed; it is renewed 5 s (or a third of it,
+        /// if less) before it ends.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
+        lease_duration: u64,
+        /// This candidate's identity (default: the pod's name, else host and pid).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
     /// Resolve a run's instances and print its build plan.
     Plan {
@@ -96,6 +113,11 @@ async fn main() -> ExitCode {
             max_total_workers,
             log_format,
             metrics_address,
+            leader_election,
+            lease_namespace,
+            lease_name,
+            lease_duration,
+            identity,
         } => {
             init_logging(log_format);
             let listener = match server::bind(&metrics_address).await {
@@ -110,12 +132,6 @@ async fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             };
             tracing::info!(?namespaces, concurrency, ?max_total_workers, "starting");
-            let options = imagebuild_operator::controller::Options {
-                namespaces,
-                concurrency,
-                registry_concurrency,
-                max_total_workers,
-            };
             let health = Arc::new(Health::default());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let endpoint = tokio::spawn(server::serve(
@@ -131,7 +147,64 @@ async fn main() -> ExitCode {
                 health.clone(),
                 metrics.clone(),
             ));
+            let lease = leader_election.then(|| LeaseConfig {
+                namespace: lease_namespace,
+                name: lease_name,
+                identity: identity.unwrap_or_else(default_identity),
+                duration: lease_duration,
+                grace: (lease_duration / 3).clamp(1, 5),
+            });
+            let mut options = imagebuild_operator::controller::Options {
+                namespaces,
+                concurrency,
+                registry_concurrency,
+                max_total_workers,
+                leading: None,
+                identity: lease.as_ref().map(|l| l.identity.clone()),
+            };
+            let mut keeper = None;
+            if let Some(lease) = &lease {
+                health.set_standby(true);
+                let leadership = tokio::select! {
+                    l = Leadership::acquire(client.clone(), lease) => l,
+                    _ = terminated() => {
+                        tracing::info!("stopped while standing by");
+                        let _ = stop.send(());
+                        let _ = endpoint.await;
+                        return ExitCode::SUCCESS;
+                    }
+                };
+                let mut leadership = match leadership {
+                    Ok(l) => l,
+                    Err(err) => {
+                        tracing::error!("{err}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                health.set_standby(false);
+                options.leading = Some(leadership.leading());
+                let (release, released) = tokio::sync::oneshot::channel::<()>();
+                keeper = Some((
+                    release,
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = leadership.lost() => {
+                                // Nothing is written past this point (the fence), and the
+                                // process restarts as a candidate.
+                                tracing::error!("lost the lease: exiting");
+                                std::process::exit(1);
+                            }
+                            _ = released => leadership.release().await,
+                        }
+                    }),
+                ));
+            }
+            metrics.set_leader(true);
             imagebuild_operator::controller::run(client, options, metrics, health).await;
+            if let Some((release, task)) = keeper {
+                let _ = release.send(());
+                let _ = task.await;
+            }
             readiness.abort();
             let _ = stop.send(());
             match endpoint.await {
@@ -182,6 +255,26 @@ async fn client() -> Option<kube::Client> {
             eprintln!("error: cannot reach the Kubernetes API: {err}");
             None
         }
+    }
+}
+
+/// This candidate's identity without a pod name: host and process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "imagebuild-operator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -32,6 +32,8 @@ fn all_toggles(watched: &str) -> Vec<String> {
         "podDisruptionBudget.enabled=true",
         "maxTotalWorkers=50",
         "logFormat=text",
+        "replicaCount=2",
+        "leaderElection.enabled=true",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -104,6 +106,9 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
                 "serviceaccount",
                 "role.rbac.authorization.k8s.io",
                 "rolebinding.rbac.authorization.k8s.io",
+                // The Lease's Role and RoleBinding.
+                "role.rbac.authorization.k8s.io",
+                "rolebinding.rbac.authorization.k8s.io",
                 "service",
                 "deployment.apps",
                 "networkpolicy.networking.k8s.io",
@@ -121,10 +126,11 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
         } else {
             assert!(rendered.contains(&format!("--namespace={}", ns.name)));
             assert!(rendered.contains("--max-total-workers=50"));
+            assert!(rendered.contains("--leader-election"));
         }
     }
 
-    // The values schema refuses what the operator cannot do.
+    // The values schema refuses two replicas without leader election.
     let two = vec![
         "template".to_string(),
         "x".into(),
@@ -137,7 +143,8 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("replicaCount"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/leaderElection/enabled"), "{err}");
 }
 
 /// A kubeconfig for the environment's API server with `token` as the only credential.
@@ -231,6 +238,8 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
             "--namespace",
             &system.name,
             "--wait=false",
+            "--set",
+            "leaderElection.enabled=true",
         ],
     );
     let sa = format!("{release}-imagebuild-operator");
@@ -249,8 +258,12 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
     let kubeconfig: PathBuf = std::env::temp_dir().join(format!("{release}.kubeconfig"));
     token_kubeconfig(token.trim(), &kubeconfig);
 
-    // A whole run, with only the chart's permissions.
-    let operator = Operator::start_as(&work.name, &[], Some(&kubeconfig));
+    // A whole run, with only the chart's permissions (leader election included).
+    let operator = Operator::start_as(
+        &work.name,
+        &["--leader-election", "--lease-namespace", &system.name],
+        Some(&kubeconfig),
+    );
     let runs: Api<ImageBuildRun> = work.api();
     let run = swebench_run("helm", &env.registry, &work.name, &swebench_ids(4), 3);
     runs.create(&PostParams::default(), &run).await.unwrap();

@@ -38,6 +38,10 @@ pub struct Options {
     pub registry_concurrency: usize,
     /// Build Jobs in flight across all runs, shared fairly between them.
     pub max_total_workers: Option<u32>,
+    /// With leader election: false once the lease is lost (nothing is written then).
+    pub leading: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Who dispatches (the leader's identity), noted on every Job it creates.
+    pub identity: Option<String>,
 }
 
 /// Watches only what the operator made.
@@ -97,6 +101,8 @@ pub async fn run(client: Client, options: Options, metrics: Arc<Metrics>, health
         reconcile::Config {
             registry_concurrency: options.registry_concurrency,
             max_total_workers: options.max_total_workers,
+            leading: options.leading.clone(),
+            identity: options.identity.clone(),
         },
         metrics.clone(),
     ));

@@ -24,7 +24,9 @@ use super::observe::{LiveJob, observe, ready_since};
 use super::records::Record;
 use super::status;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
-use crate::job::{JobInputs, LABEL_RUN_UID, MANAGER, PodAnnotations, build_job};
+use crate::job::{
+    ANNOTATION_DISPATCHED_BY, JobInputs, LABEL_RUN_UID, MANAGER, PodAnnotations, build_job,
+};
 use crate::metrics::{Metrics, RunId, RunSettings};
 use crate::plan::{self, Plan};
 use crate::registry::{DockerConfig, Presence, RegistryChecker};
@@ -69,6 +71,20 @@ pub struct Config {
     pub registry_concurrency: usize,
     /// Build Jobs in flight across all runs (`--max-total-workers`), shared fairly.
     pub max_total_workers: Option<u32>,
+    /// With leader election: false once the lease is lost.
+    pub leading: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The dispatcher's identity, for the `imagebuild.dev/dispatched-by` annotation.
+    pub identity: Option<String>,
+}
+
+impl Config {
+    /// Whether this operator may write: always without leader election; with it, only
+    /// while it holds the lease (the fence between a lost lease and the process' exit).
+    pub fn may_write(&self) -> bool {
+        self.leading
+            .as_ref()
+            .is_none_or(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 /// What each run has in flight and could use, for sharing `max_total_workers`.
@@ -236,6 +252,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let uid = run.uid().unwrap_or_default();
     let now = Utc::now();
     let key = format!("{ns}/{name}");
+    if !ctx.config.may_write() {
+        return Ok(Requeue::await_change());
+    }
     if run.metadata.deletion_timestamp.is_some() {
         ctx.runs.lock().unwrap().remove(&key);
         ctx.fleet.lock().unwrap().0.remove(&key);
@@ -380,6 +399,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     }
     let progressed = !new_records.is_empty();
+    if !ctx.config.may_write() {
+        return Ok(Requeue::await_change());
+    }
     if progressed {
         manifest.write(&ctx.client, &run, new_records).await?;
         for (record, pending) in &counted {
@@ -430,13 +452,19 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
                 .as_ref()
                 .and_then(|a| a.render(node, *attempt).ok())
                 .unwrap_or_default();
-            creates.push((
-                build_job(&inputs, node, *attempt, &pod_annotations)
-                    .expect("every planned phase is in the spec"),
-                node.phase,
-                (now - ready).to_std().unwrap_or_default(),
-            ));
+            let mut job = build_job(&inputs, node, *attempt, &pod_annotations)
+                .expect("every planned phase is in the spec");
+            if let Some(identity) = &ctx.config.identity {
+                job.metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert(ANNOTATION_DISPATCHED_BY.into(), identity.clone());
+            }
+            creates.push((job, node.phase, (now - ready).to_std().unwrap_or_default()));
         }
+    }
+    if !ctx.config.may_write() {
+        return Ok(Requeue::await_change());
     }
     all_ok(creates.into_iter().map(|(job, phase, waited)| {
         let jobs = jobs_api.clone();
@@ -646,7 +674,7 @@ async fn write_status(
     old: &ImageBuildRunStatus,
     new: &ImageBuildRunStatus,
 ) -> Result<(), Error> {
-    if old == new {
+    if old == new || !ctx.config.may_write() {
         return Ok(());
     }
     let runs: Api<ImageBuildRun> =

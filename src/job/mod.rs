@@ -35,6 +35,9 @@ pub fn http_registries(node: &Node) -> Vec<String> {
     hosts
 }
 
+/// On a Job, the identity of the operator that created it (with leader election).
+pub const ANNOTATION_DISPATCHED_BY: &str = "imagebuild.dev/dispatched-by";
+
 /// Value of `app.kubernetes.io/managed-by` on everything the operator creates.
 pub const MANAGER: &str = "imagebuild-operator";
 /// Label: the run a Job belongs to (its name, hashed when longer than a label value).

@@ -129,6 +129,7 @@ pub struct Metrics {
     reconciles_in_flight: IntGauge,
     api_requests: IntCounterVec,
     ready: IntGauge,
+    leader: IntGauge,
     runs: Mutex<HashMap<String, RunSeries>>,
     publishing: tokio::sync::RwLock<()>,
 }
@@ -304,7 +305,11 @@ impl Metrics {
             )),
             ready: register!(IntGauge::new(
                 "imagebuild_ready",
-                "1 while the operator is ready: watches synced and the API server reachable."
+                "1 while the operator is ready: watches synced (or standing by for the lease) and the API server reachable."
+            )),
+            leader: register!(IntGauge::new(
+                "imagebuild_leader",
+                "1 while this operator dispatches: it holds the lease, or leader election is off."
             )),
             runs: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
@@ -679,6 +684,11 @@ impl Metrics {
     /// Sets the readiness gauge.
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// Sets the leader gauge.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 }
 

@@ -25,6 +25,7 @@ const API_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Default)]
 pub struct Health {
     synced: AtomicBool,
+    standby: AtomicBool,
     api: AtomicBool,
 }
 
@@ -34,9 +35,16 @@ impl Health {
         self.synced.store(true, Ordering::SeqCst);
     }
 
-    /// Ready: synced and the API server answered the last check.
+    /// A candidate waiting for the lease (ready to take over), or not (leading).
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::SeqCst);
+    }
+
+    /// Ready: synced (or standing by for the lease) and the API server answered the
+    /// last check.
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::SeqCst) && self.api.load(Ordering::SeqCst)
+        (self.synced.load(Ordering::SeqCst) || self.standby.load(Ordering::SeqCst))
+            && self.api.load(Ordering::SeqCst)
     }
 
     fn why_not(&self) -> &'static str {
@@ -82,7 +90,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<Shared>) -> (StatusCode, String) {
-    if s.health.ready() {
+    if s.health.ready() && s.health.standby.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok (standing by for the lease)\n".into())
+    } else if s.health.ready() {
         (StatusCode::OK, "ok\n".into())
     } else {
         (

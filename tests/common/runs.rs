@@ -11,7 +11,9 @@ use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::controller::manifest;
 use imagebuild_operator::controller::records::Record;
 use imagebuild_operator::instances::RawInstance;
-use imagebuild_operator::job::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_PHASE, LABEL_RUN};
+use imagebuild_operator::job::{
+    ANNOTATION_ATTEMPT, ANNOTATION_DISPATCHED_BY, ANNOTATION_IMAGE, LABEL_PHASE, LABEL_RUN,
+};
 use imagebuild_operator::plan::{Phase, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -44,6 +46,8 @@ pub struct SeenJob {
     pub finished: Option<Instant>,
     /// Complete (true) or Failed (false), once the Job says so.
     pub succeeded: Option<bool>,
+    /// The operator that created it (with leader election).
+    pub dispatched_by: Option<String>,
 }
 
 /// What an independent watcher saw of a namespace's Jobs, by uid.
@@ -145,6 +149,7 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
                     created: Instant::now(),
                     finished: None,
                     succeeded: None,
+                    dispatched_by: job.annotations().get(ANNOTATION_DISPATCHED_BY).cloned(),
                 });
                 if done.is_some() {
                     entry.succeeded = done;

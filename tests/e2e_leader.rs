@@ -1,0 +1,132 @@
+//! Two operators with leader election on one Lease: only the holder dispatches. The
+//! independent Job watcher sees every Job annotated with its dispatcher; when the leader
+//! is killed, the other takes over only after the lease ran out, and no two operators'
+//! Jobs interleave; the run finishes with one Job per node and attempt. A candidate
+//! stands by ready, and leaves cleanly on SIGTERM.
+//!
+//! Needs `e2e/cluster up`; run with `e2e/cluster test`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{Operator, eventually, setup};
+use common::runs::{await_phase, swebench_ids, swebench_run, watch_jobs};
+use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::PostParams;
+
+const LEASE_SECONDS: &str = "6";
+
+fn candidate(ns: &str, identity: &str) -> Operator {
+    Operator::start_with(
+        ns,
+        &[
+            "--leader-election",
+            "--lease-namespace",
+            ns,
+            "--lease-duration",
+            LEASE_SECONDS,
+            "--identity",
+            identity,
+        ],
+    )
+}
+
+async fn holder(leases: &kube::Api<Lease>) -> Option<String> {
+    let lease = leases.get_opt("imagebuild-operator").await.ok()??;
+    lease.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+#[tokio::test]
+async fn two_operators_never_both_dispatch() {
+    let (env, _logs, ns) = setup("e2e-leader").await;
+    let leases = ns.api::<Lease>();
+    let mut a = candidate(&ns.name, "op-a");
+    let first = eventually(Duration::from_secs(30), "a leader", || holder(&leases)).await;
+    assert_eq!(first, "op-a");
+    let mut b = candidate(&ns.name, "op-b");
+    // B stands by, ready, while A leads.
+    let b_addr = b.metrics_addr();
+    eventually(
+        Duration::from_secs(30),
+        "the candidate to be ready",
+        || async {
+            let answer = reqwest::get(format!("http://{b_addr}/readyz")).await.ok()?;
+            let text = answer.text().await.ok()?;
+            text.contains("standing by").then_some(())
+        },
+    )
+    .await;
+
+    let seen = watch_jobs(ns.api::<Job>());
+    let runs = ns.api::<ImageBuildRun>();
+    let mut run = swebench_run("leader", &env.registry, &ns.name, &swebench_ids(15), 3);
+    run.spec.placement.pod_annotations =
+        common::runs::annotations(&[("sim.imagebuild.dev/duration", "2s")]);
+    runs.create(&PostParams::default(), &run).await.unwrap();
+
+    eventually(Duration::from_secs(60), "A to create 8 Jobs", || async {
+        (seen.lock().unwrap().jobs.len() >= 8).then_some(())
+    })
+    .await;
+    a.kill();
+    let killed = Instant::now();
+    let next = eventually(Duration::from_secs(60), "B to take the lease", || async {
+        holder(&leases).await.filter(|h| h == "op-b")
+    })
+    .await;
+    assert_eq!(next, "op-b");
+    let done = await_phase(
+        &runs,
+        "leader",
+        RunPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(done.status.unwrap().assemblies.succeeded, 15);
+
+    {
+        let seen = seen.lock().unwrap();
+        let by = |who: &str| -> Vec<Instant> {
+            seen.jobs
+                .values()
+                .filter(|j| j.dispatched_by.as_deref() == Some(who))
+                .map(|j| j.created)
+                .collect()
+        };
+        let (by_a, by_b) = (by("op-a"), by("op-b"));
+        assert_eq!(
+            by_a.len() + by_b.len(),
+            seen.jobs.len(),
+            "every Job names its dispatcher"
+        );
+        assert!(!by_a.is_empty() && !by_b.is_empty());
+        let last_a = by_a.iter().max().unwrap();
+        let first_b = by_b.iter().min().unwrap();
+        assert!(last_a < first_b, "A's and B's Jobs interleave");
+        // B dispatched only once A's lease could have run out.
+        let waited = first_b.duration_since(killed);
+        println!(
+            "B's first Job {:.1} s after A was killed",
+            waited.as_secs_f64()
+        );
+        assert!(
+            waited >= Duration::from_secs(3),
+            "B dispatched {waited:?} after A died, within A's lease"
+        );
+        assert!(
+            seen.per_attempt().values().all(|&n| n == 1),
+            "one Job per node and attempt"
+        );
+    }
+
+    // The leader leaves cleanly on SIGTERM and gives the lease up.
+    let exit = b.terminate(Duration::from_secs(30));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    eventually(Duration::from_secs(10), "the lease released", || async {
+        holder(&leases).await.is_none().then_some(())
+    })
+    .await;
+}
