@@ -155,12 +155,7 @@ fn the_assembly_job_object() {
 /// metadata file when it succeeds, and exits with `code`. Returns the exit status and the
 /// termination message.
 fn run_wrapper(output: &str, code: i32, inline: Option<&str>) -> (i32, String, PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "imagebuild-wrapper-{}-{code}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch(&code.to_string());
     let fake = dir.join("buildctl");
     let metadata = if code == 0 {
         format!(
@@ -175,20 +170,38 @@ fn run_wrapper(output: &str, code: i32, inline: Option<&str>) -> (i32, String, P
         format!("#!/bin/sh\ncat <<'OUT'\n{output}\nOUT\n{metadata}exit {code}\n"),
     )
     .unwrap();
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(job::WRAPPER)
-        .arg("imagebuild-build")
-        .arg("sh")
-        .arg(&fake)
+    let status = wrapper(&dir, &fake)
         .arg("build")
-        .env("IMAGEBUILD_WORK_DIR", &dir)
-        .env("IMAGEBUILD_TERMINATION_LOG", dir.join("result"))
         .envs(inline.map(|d| ("IMAGEBUILD_DOCKERFILE", d)))
         .output()
         .unwrap();
     let message = std::fs::read_to_string(dir.join("result")).unwrap();
     (status.status.code().unwrap(), message, dir)
+}
+
+/// A fresh scratch directory for one wrapper run.
+fn scratch(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "imagebuild-wrapper-{kind}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The wrapper, as the build pod runs it, around `sh program`, working in `dir`.
+fn wrapper(dir: &Path, program: &Path) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(job::WRAPPER)
+        .arg("imagebuild-build")
+        .arg("sh")
+        .arg(program)
+        .env("IMAGEBUILD_WORK_DIR", dir)
+        .env("IMAGEBUILD_TERMINATION_LOG", dir.join("result"));
+    command
 }
 
 fn rand_suffix() -> u32 {
@@ -362,23 +375,11 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
 
 #[test]
 fn the_wrapper_gives_buildkitd_the_http_registries() {
-    let dir = std::env::temp_dir().join(format!(
-        "imagebuild-wrapper-http-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("http");
     // A stand-in for buildctl-daemonless.sh: shows the flags buildkitd would get.
     let fake = dir.join("daemonless");
     std::fs::write(&fake, "#!/bin/sh\necho \"flags:$BUILDKITD_FLAGS\"\n").unwrap();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(job::WRAPPER)
-        .arg("imagebuild-build")
-        .arg("sh")
-        .arg(&fake)
-        .env("IMAGEBUILD_WORK_DIR", &dir)
-        .env("IMAGEBUILD_TERMINATION_LOG", dir.join("result"))
+    let out = wrapper(&dir, &fake)
         .env("BUILDKITD_FLAGS", "--oci-worker-no-process-sandbox")
         .env(
             "IMAGEBUILD_HTTP_REGISTRIES",
