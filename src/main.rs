@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use imagebuild_operator::cli::{self, Format, SummaryFormat};
-use imagebuild_operator::leader::{Leadership, LeaseConfig};
+use imagebuild_operator::leader::{Fence, FenceLayer, Leadership, LeaseConfig};
 use imagebuild_operator::metrics::Metrics;
 use imagebuild_operator::metrics::api::CountRequests;
 use imagebuild_operator::metrics::server::{self, Health};
@@ -128,9 +128,17 @@ async fn main() -> ExitCode {
                 }
             };
             let metrics = Arc::new(Metrics::new());
-            let Some(client) = counted_client(&metrics).await else {
+            let fence = Fence::new(leader_election);
+            let Some(client) = counted_client(&metrics, &fence).await else {
                 return ExitCode::FAILURE;
             };
+            // One shutdown signal for every part: standing by, the controllers.
+            let (stopping, shutdown) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                terminated().await;
+                tracing::info!("shutting down");
+                let _ = stopping.send(true);
+            });
             tracing::info!(?namespaces, concurrency, ?max_total_workers, "starting");
             let health = Arc::new(Health::default());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -154,21 +162,28 @@ async fn main() -> ExitCode {
                 duration: lease_duration,
                 grace: (lease_duration / 3).clamp(1, 5),
             });
-            let mut options = imagebuild_operator::controller::Options {
+            let options = imagebuild_operator::controller::Options {
                 namespaces,
                 concurrency,
                 registry_concurrency,
                 max_total_workers,
-                leading: None,
+                fence: fence.clone(),
                 identity: lease.as_ref().map(|l| l.identity.clone()),
             };
             let mut keeper = None;
             if let Some(lease) = &lease {
                 health.set_standby(true);
+                metrics.set_leader(false);
+                // The lease is renewed on a client of its own, which the fence spares.
+                let Some(renewer) = self::client().await else {
+                    return ExitCode::FAILURE;
+                };
+                let mut stopping = shutdown.clone();
                 let leadership = tokio::select! {
-                    l = Leadership::acquire(client.clone(), lease) => l,
-                    _ = terminated() => {
+                    l = Leadership::acquire(renewer, lease, fence.clone()) => l,
+                    _ = stopping.wait_for(|stop| *stop) => {
                         tracing::info!("stopped while standing by");
+                        readiness.abort();
                         let _ = stop.send(());
                         let _ = endpoint.await;
                         return ExitCode::SUCCESS;
@@ -182,25 +197,29 @@ async fn main() -> ExitCode {
                     }
                 };
                 health.set_standby(false);
-                options.leading = Some(leadership.leading());
                 let (release, released) = tokio::sync::oneshot::channel::<()>();
+                let metrics = metrics.clone();
                 keeper = Some((
                     release,
                     tokio::spawn(async move {
                         tokio::select! {
                             _ = leadership.lost() => {
-                                // Nothing is written past this point (the fence), and the
-                                // process restarts as a candidate.
+                                // The fence already refuses every write; the process
+                                // restarts as a candidate.
+                                metrics.set_leader(false);
                                 tracing::error!("lost the lease: exiting");
                                 std::process::exit(1);
                             }
-                            _ = released => leadership.release().await,
+                            _ = released => {
+                                metrics.set_leader(false);
+                                leadership.release().await;
+                            }
                         }
                     }),
                 ));
             }
             metrics.set_leader(true);
-            imagebuild_operator::controller::run(client, options, metrics, health).await;
+            imagebuild_operator::controller::run(client, options, metrics, health, shutdown).await;
             if let Some((release, task)) = keeper {
                 let _ = release.send(());
                 let _ = task.await;
@@ -278,13 +297,19 @@ async fn terminated() {
     }
 }
 
-/// Like [`client`], with every request counted in `metrics`.
-async fn counted_client(metrics: &Arc<Metrics>) -> Option<kube::Client> {
+/// Like [`client`], with every request counted in `metrics`, and writes refused past
+/// `fence`.
+async fn counted_client(metrics: &Arc<Metrics>, fence: &Arc<Fence>) -> Option<kube::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let built = async {
         let config = kube::Config::infer().await.map_err(|e| e.to_string())?;
         let builder = kube::client::ClientBuilder::try_from(config).map_err(|e| e.to_string())?;
-        Ok::<_, String>(builder.with_layer(&CountRequests(metrics.clone())).build())
+        Ok::<_, String>(
+            builder
+                .with_layer(&CountRequests(metrics.clone()))
+                .with_layer(&FenceLayer(fence.clone()))
+                .build(),
+        )
     };
     match built.await {
         Ok(c) => Some(c),

@@ -15,8 +15,10 @@ use std::time::Duration;
 use common::cluster::{Operator, TestNamespace, install_crypto_provider, setup};
 use common::runs::{await_phase, swebench_ids, swebench_run};
 use common::tool;
-use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use imagebuild_operator::api::{ConfigMapKeyRef, ImageBuildRun, RunPhase, SecretRef};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
@@ -113,6 +115,7 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
                 "deployment.apps",
                 "networkpolicy.networking.k8s.io",
                 "poddisruptionbudget.policy",
+                "lease.coordination.k8s.io",
                 "prometheusrule.monitoring.coreos.com",
                 "servicemonitor.monitoring.coreos.com",
             ]
@@ -181,7 +184,7 @@ fn release_objects(release: &str, ns: &str) -> Vec<String> {
         "kubectl",
         &[
             "get",
-            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,poddisruptionbudgets",
+            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,poddisruptionbudgets,leases",
             "-n",
             ns,
             "-l",
@@ -258,19 +261,124 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
     let kubeconfig: PathBuf = std::env::temp_dir().join(format!("{release}.kubeconfig"));
     token_kubeconfig(token.trim(), &kubeconfig);
 
-    // A whole run, with only the chart's permissions (leader election included).
+    // The ServiceAccount may do what the operator does, and nothing more.
+    let who = format!("system:serviceaccount:{}:{sa}", system.name);
+    let can = |verb: &str, resource: &str| {
+        std::process::Command::new("kubectl")
+            .args([
+                "auth", "can-i", verb, resource, "-n", &work.name, "--as", &who,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let allowed = [
+        ("watch", "imagebuildruns.imagebuild.dev"),
+        ("patch", "imagebuildruns.imagebuild.dev/status"),
+        ("create", "jobs.batch"),
+        ("delete", "jobs.batch"),
+        ("watch", "pods"),
+        ("update", "configmaps"),
+        ("create", "events.events.k8s.io"),
+        ("get", "secrets"),
+    ];
+    let refused = [
+        ("patch", "imagebuildruns.imagebuild.dev"),
+        ("delete", "imagebuildruns.imagebuild.dev"),
+        ("update", "jobs.batch"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("list", "secrets"),
+        ("create", "secrets"),
+        ("create", "deployments.apps"),
+        ("get", "nodes"),
+        ("create", "leases.coordination.k8s.io"),
+    ];
+    for (verb, resource) in allowed {
+        assert!(can(verb, resource), "{sa} cannot {verb} {resource}");
+    }
+    for (verb, resource) in refused {
+        assert!(!can(verb, resource), "{sa} may {verb} {resource}");
+    }
+
+    // A whole run, with only the chart's permissions: leader election on the chart's
+    // Lease, the instance list from a ConfigMap, registry checks with a push Secret.
+    let cms: Api<ConfigMap> = work.api();
+    let ids = swebench_ids(4);
+    let list: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "ids"},
+        "data": {"ids.txt": ids.join("\n")}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &list).await.unwrap();
+    let dockerconfig = std::fs::read(&env.auth_dockerconfig).unwrap();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("push".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(
+            [(".dockerconfigjson".to_string(), ByteString(dockerconfig))]
+                .into_iter()
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &work.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let lease = format!("--lease-name={release}-imagebuild-operator");
     let operator = Operator::start_as(
         &work.name,
-        &["--leader-election", "--lease-namespace", &system.name],
+        &[
+            "--leader-election",
+            "--lease-namespace",
+            &system.name,
+            &lease,
+        ],
         Some(&kubeconfig),
     );
     let runs: Api<ImageBuildRun> = work.api();
-    let run = swebench_run("helm", &env.registry, &work.name, &swebench_ids(4), 3);
+    let mut run = swebench_run("helm", &env.auth_registry, &work.name, &ids, 3);
+    run.spec.instances.list = None;
+    run.spec.instances.config_map = Some(ConfigMapKeyRef {
+        name: "ids".into(),
+        key: "ids.txt".into(),
+    });
+    run.spec.registry.push_secret_ref = Some(SecretRef {
+        name: "push".into(),
+    });
     runs.create(&PostParams::default(), &run).await.unwrap();
     let done = await_phase(&runs, "helm", RunPhase::Succeeded, Duration::from_secs(120)).await;
-    assert_eq!(done.status.unwrap().assemblies.succeeded, 4);
+    let status = done.status.unwrap();
+    assert_eq!(status.assemblies.succeeded, 4);
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        degraded.status, "False",
+        "the registry checks worked: {degraded:?}"
+    );
     let log = operator.log();
     assert!(!log.contains("forbidden"), "{log}");
+    let held = tool(
+        "kubectl",
+        &[
+            "get",
+            "lease",
+            &format!("{release}-imagebuild-operator"),
+            "-n",
+            &system.name,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    );
+    assert!(!held.is_empty(), "the operator held the chart's Lease");
     drop(operator);
 
     // Anything else is refused.

@@ -1,8 +1,9 @@
 //! Two operators with leader election on one Lease: only the holder dispatches. The
-//! independent Job watcher sees every Job annotated with its dispatcher; when the leader
-//! is killed, the other takes over only after the lease ran out, and no two operators'
-//! Jobs interleave; the run finishes with one Job per node and attempt. A candidate
-//! stands by ready, and leaves cleanly on SIGTERM.
+//! independent Job watcher sees every Job annotated with its dispatcher. The leader is
+//! frozen (SIGSTOP) mid-run: the other takes over only after the lease ran out; when the
+//! old leader wakes, its fence refuses every write and it exits; no two operators' Jobs
+//! interleave, and the run finishes with one Job per node and attempt. A candidate stands
+//! by ready and leaves at once on SIGTERM; the leader releases the lease on SIGTERM.
 //!
 //! Needs `e2e/cluster up`; run with `e2e/cluster test`.
 
@@ -71,13 +72,30 @@ async fn two_operators_never_both_dispatch() {
         (seen.lock().unwrap().jobs.len() >= 8).then_some(())
     })
     .await;
-    a.kill();
-    let killed = Instant::now();
+    // A freezes (a long GC pause, a partitioned node): it neither renews nor notices.
+    a.signal("STOP");
+    let stopped = Instant::now();
     let next = eventually(Duration::from_secs(60), "B to take the lease", || async {
         holder(&leases).await.filter(|h| h == "op-b")
     })
     .await;
     assert_eq!(next, "op-b");
+    eventually(Duration::from_secs(60), "B to dispatch", || async {
+        let seen = seen.lock().unwrap();
+        let by_b = seen
+            .jobs
+            .values()
+            .any(|j| j.dispatched_by.as_deref() == Some("op-b"));
+        by_b.then_some(())
+    })
+    .await;
+    // A wakes up with Jobs to create and statuses to write: its fence refuses them all,
+    // and it exits to stand again as a candidate.
+    a.signal("CONT");
+    let exit = a.wait(Duration::from_secs(20));
+    assert_eq!(exit.and_then(|s| s.code()), Some(1), "A did not step down");
+    assert!(a.log().contains("lost the lease"), "{}", a.log());
+
     let done = await_phase(
         &runs,
         "leader",
@@ -86,7 +104,6 @@ async fn two_operators_never_both_dispatch() {
     )
     .await;
     assert_eq!(done.status.unwrap().assemblies.succeeded, 15);
-
     {
         let seen = seen.lock().unwrap();
         let by = |who: &str| -> Vec<Instant> {
@@ -106,21 +123,40 @@ async fn two_operators_never_both_dispatch() {
         let last_a = by_a.iter().max().unwrap();
         let first_b = by_b.iter().min().unwrap();
         assert!(last_a < first_b, "A's and B's Jobs interleave");
+        assert!(*last_a < stopped, "A dispatched after it was stopped");
         // B dispatched only once A's lease could have run out.
-        let waited = first_b.duration_since(killed);
+        let waited = first_b.duration_since(stopped);
         println!(
-            "B's first Job {:.1} s after A was killed",
+            "A: {} Jobs, B: {} Jobs; B's first {:.1} s after A froze",
+            by_a.len(),
+            by_b.len(),
             waited.as_secs_f64()
         );
         assert!(
-            waited >= Duration::from_secs(3),
-            "B dispatched {waited:?} after A died, within A's lease"
+            waited >= Duration::from_secs(LEASE_SECONDS.parse::<u64>().unwrap() - 2),
+            "B dispatched {waited:?} after A froze, within A's lease"
         );
         assert!(
             seen.per_attempt().values().all(|&n| n == 1),
             "one Job per node and attempt"
         );
     }
+
+    // A candidate standing by leaves at once on SIGTERM.
+    let mut c = candidate(&ns.name, "op-c");
+    let c_addr = c.metrics_addr();
+    eventually(Duration::from_secs(30), "C to stand by", || async {
+        let answer = reqwest::get(format!("http://{c_addr}/readyz")).await.ok()?;
+        answer
+            .text()
+            .await
+            .ok()?
+            .contains("standing by")
+            .then_some(())
+    })
+    .await;
+    let exit = c.terminate(Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
 
     // The leader leaves cleanly on SIGTERM and gives the lease up.
     let exit = b.terminate(Duration::from_secs(30));

@@ -38,8 +38,8 @@ pub struct Options {
     pub registry_concurrency: usize,
     /// Build Jobs in flight across all runs, shared fairly between them.
     pub max_total_workers: Option<u32>,
-    /// With leader election: false once the lease is lost (nothing is written then).
-    pub leading: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// With leader election: writes only while the lease is held.
+    pub fence: Arc<crate::leader::Fence>,
     /// Who dispatches (the leader's identity), noted on every Job it creates.
     pub identity: Option<String>,
 }
@@ -74,9 +74,15 @@ where
     reader
 }
 
-/// Runs the controller until SIGTERM or Ctrl-C; returns after in-flight reconciles end.
-/// `health` learns when the watches have synced.
-pub async fn run(client: Client, options: Options, metrics: Arc<Metrics>, health: Arc<Health>) {
+/// Runs the controller until `shutdown` turns true (SIGTERM or Ctrl-C); returns after
+/// in-flight reconciles end. `health` learns when the watches have synced.
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
         vec![None]
     } else {
@@ -101,7 +107,7 @@ pub async fn run(client: Client, options: Options, metrics: Arc<Metrics>, health
         reconcile::Config {
             registry_concurrency: options.registry_concurrency,
             max_total_workers: options.max_total_workers,
-            leading: options.leading.clone(),
+            fence: options.fence.clone(),
             identity: options.identity.clone(),
         },
         metrics.clone(),
@@ -123,7 +129,12 @@ pub async fn run(client: Client, options: Options, metrics: Arc<Metrics>, health
             .with_config(
                 kube::runtime::controller::Config::default().concurrency(options.concurrency),
             )
-            .shutdown_on_signal()
+            .graceful_shutdown_on({
+                let mut shutdown = shutdown.clone();
+                async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                }
+            })
             .run(timed, reconcile::error_policy, ctx.clone())
             .for_each(|result| async move {
                 match result {

@@ -71,19 +71,18 @@ pub struct Config {
     pub registry_concurrency: usize,
     /// Build Jobs in flight across all runs (`--max-total-workers`), shared fairly.
     pub max_total_workers: Option<u32>,
-    /// With leader election: false once the lease is lost.
-    pub leading: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// With leader election: writes only while the lease is held.
+    pub fence: Arc<crate::leader::Fence>,
     /// The dispatcher's identity, for the `imagebuild.dev/dispatched-by` annotation.
     pub identity: Option<String>,
 }
 
 impl Config {
     /// Whether this operator may write: always without leader election; with it, only
-    /// while it holds the lease (the fence between a lost lease and the process' exit).
+    /// while it holds the lease. The client refuses writes past that too; checking here
+    /// first saves a reconcile that would fail halfway.
     pub fn may_write(&self) -> bool {
-        self.leading
-            .as_ref()
-            .is_none_or(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+        self.fence.may_write()
     }
 }
 

@@ -48,10 +48,10 @@ impl Health {
     }
 
     fn why_not(&self) -> &'static str {
-        if !self.synced.load(Ordering::SeqCst) {
-            "watches not synced yet"
-        } else {
+        if !self.api.load(Ordering::SeqCst) {
             "the Kubernetes API server did not answer"
+        } else {
+            "watches not synced yet"
         }
     }
 }

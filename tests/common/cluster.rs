@@ -251,6 +251,11 @@ impl Operator {
             .status()
             .unwrap();
         assert!(sent.success(), "kill -TERM {pid}");
+        self.wait(timeout)
+    }
+
+    /// Waits up to `timeout` for the operator to exit; its exit status.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -259,6 +264,15 @@ impl Operator {
             std::thread::sleep(Duration::from_millis(100));
         }
         None
+    }
+
+    /// Sends `signal` (e.g. STOP, CONT) to the operator.
+    pub fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
     }
 
     /// The address of its /metrics, /healthz and /readyz, as it logged it on start.

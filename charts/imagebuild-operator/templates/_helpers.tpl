@@ -51,16 +51,17 @@ The RBAC rules of the operator, each with why it needs it. Used by the ClusterRo
   verbs: [get, list, watch]
 - apiGroups: [imagebuild.dev]
   resources: [imagebuildruns/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 # Build Jobs: created per image, watched for results, deleted once recorded or when
 # their run goes.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
-# Build pods: read only, for where a build ran, why it is pending, and its exit report.
+  verbs: [list, watch, create, delete]
+# Build pods: read only (watched), for where a build ran, why it is pending, and its
+# exit report.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 # ConfigMaps: the manifest shards the runs own (created, replaced, deleted with stale
 # shards), and instance lists a run names in spec.instances.configMap (read).
 - apiGroups: [""]
@@ -72,9 +73,13 @@ The RBAC rules of the operator, each with why it needs it. Used by the ClusterRo
   verbs: [create, patch]
 {{- if .Values.rbac.readPushSecrets }}
 # Secrets: read (get only, never list) the spec.registry.pushSecretRef a run names, to
-# check the registry with its credentials.
+# check the registry with its credentials; only those named in rbac.pushSecretNames if
+# it is set.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
+  {{- with .Values.rbac.pushSecretNames }}
+  resourceNames: {{ toJson . }}
+  {{- end }}
 {{- end }}
 {{- end -}}
