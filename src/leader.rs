@@ -3,9 +3,11 @@
 //! controller.
 //!
 //! Writes are fenced on a local deadline, not on news of a lost lease (which a failing
-//! API server may never deliver): a watchdog reads the Lease every second and, while it
-//! names this candidate, allows writes until its last renewal + duration - grace, on the
-//! monotonic clock. [`FenceLayer`] refuses every mutating request of the operator's client
+//! API server may never deliver): a watchdog reads the Lease often and, while it names
+//! this candidate, allows writes until its last renewal + duration - grace / 2, on the
+//! monotonic clock. The lease is renewed at renewal + duration - grace, so a healthy
+//! leader never reaches the deadline, and one that failed to renew stops writing half a
+//! grace period before anyone else may take the lease. [`FenceLayer`] refuses every mutating request of the operator's client
 //! past that deadline, whatever task sends it, so a paused or cut-off leader writes
 //! nothing once another may lead. Past the deadline the process exits, to come back as a
 //! candidate. The lease itself is renewed by kube-lease-manager on a client of its own.
@@ -25,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::{Layer, Service};
 
-/// How often the watchdog reads the Lease.
+/// How often the watchdog reads the Lease, at most.
 const WATCHDOG: Duration = Duration::from_secs(1);
 
 /// The Lease and this candidate.
@@ -87,7 +89,7 @@ impl Fence {
 }
 
 /// How long the lease, as read, still allows `identity` to write (zero if it is not the
-/// holder, or the renewal is too old): renewal + duration - grace - now.
+/// holder, or the renewal is too old): renewal + duration - grace / 2 - now.
 pub fn remaining(lease: &Lease, identity: &str, grace: u64, now_ms: i64) -> Duration {
     let Some(spec) = &lease.spec else {
         return Duration::ZERO;
@@ -98,7 +100,7 @@ pub fn remaining(lease: &Lease, identity: &str, grace: u64, now_ms: i64) -> Dura
     let (Some(renewed), Some(duration)) = (&spec.renew_time, spec.lease_duration_seconds) else {
         return Duration::ZERO;
     };
-    let end = renewed.0.as_millisecond() + i64::from(duration) * 1000 - grace as i64 * 1000;
+    let end = renewed.0.as_millisecond() + i64::from(duration) * 1000 - grace as i64 * 500;
     Duration::from_millis(u64::try_from(end - now_ms).unwrap_or(0))
 }
 
@@ -176,11 +178,13 @@ impl Leadership {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        // Often enough to read each renewal before the previous deadline passes.
+        let every = WATCHDOG.min(Duration::from_millis(config.grace * 250));
         let watchdog = tokio::spawn({
             let fence = fence.clone();
             async move {
                 loop {
-                    tokio::time::sleep(WATCHDOG).await;
+                    tokio::time::sleep(every).await;
                     check(fence.clone(), leases.clone()).await;
                 }
             }
@@ -302,12 +306,12 @@ mod tests {
     #[test]
     fn writes_are_allowed_until_renewal_plus_duration_minus_grace() {
         let now = 1_000_000;
-        // Renewed 2 s ago, 15 s lease, 5 s grace: 8 s left.
+        // Renewed 2 s ago, 15 s lease, 5 s grace: 10.5 s left (renewal due in 8 s).
         let held = lease("a", now - 2_000, 15);
-        assert_eq!(remaining(&held, "a", 5, now), Duration::from_secs(8));
+        assert_eq!(remaining(&held, "a", 5, now), Duration::from_millis(10_500));
         // Someone else's lease, or one that ran out: nothing.
         assert_eq!(remaining(&held, "b", 5, now), Duration::ZERO);
-        assert_eq!(remaining(&held, "a", 5, now + 9_000), Duration::ZERO);
+        assert_eq!(remaining(&held, "a", 5, now + 10_500), Duration::ZERO);
         assert_eq!(remaining(&Lease::default(), "a", 5, now), Duration::ZERO);
     }
 

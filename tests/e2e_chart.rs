@@ -264,10 +264,12 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
     // The ServiceAccount may do what the operator does, and nothing more.
     let who = format!("system:serviceaccount:{}:{sa}", system.name);
     let can = |verb: &str, resource: &str| {
+        let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
         std::process::Command::new("kubectl")
             .args([
                 "auth", "can-i", verb, resource, "-n", &work.name, "--as", &who,
             ])
+            .args((!sub.is_empty()).then(|| format!("--subresource={sub}")))
             .output()
             .unwrap()
             .status
