@@ -7,10 +7,10 @@
 //! this candidate, allows writes until its last renewal + duration - grace / 2, on the
 //! monotonic clock. The lease is renewed at renewal + duration - grace, so a healthy
 //! leader never reaches the deadline, and one that failed to renew stops writing half a
-//! grace period before anyone else may take the lease. [`FenceLayer`] refuses every mutating request of the operator's client
-//! past that deadline, whatever task sends it, so a paused or cut-off leader writes
-//! nothing once another may lead. Past the deadline the process exits, to come back as a
-//! candidate. The lease itself is renewed by kube-lease-manager on a client of its own.
+//! grace period before anyone else may take the lease. [`FenceLayer`] refuses every
+//! mutating request of the operator's client past that deadline, whatever task sends it,
+//! so a paused or cut-off leader writes nothing once another may lead. Past the deadline
+//! the process exits, to come back as a candidate. The lease itself is renewed by kube-lease-manager on a client of its own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -304,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn writes_are_allowed_until_renewal_plus_duration_minus_grace() {
+    fn writes_are_allowed_until_renewal_plus_duration_minus_half_the_grace() {
         let now = 1_000_000;
         // Renewed 2 s ago, 15 s lease, 5 s grace: 10.5 s left (renewal due in 8 s).
         let held = lease("a", now - 2_000, 15);

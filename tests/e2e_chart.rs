@@ -36,6 +36,10 @@ fn all_toggles(watched: &str) -> Vec<String> {
         "logFormat=text",
         "replicaCount=2",
         "leaderElection.enabled=true",
+        // A pod label, and one the selector's labels win over (the API server refuses a
+        // Deployment whose selector misses its pods).
+        "podLabels.team=builds",
+        "podLabels.app\\.kubernetes\\.io/name=other",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -130,6 +134,7 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
             assert!(rendered.contains(&format!("--namespace={}", ns.name)));
             assert!(rendered.contains("--max-total-workers=50"));
             assert!(rendered.contains("--leader-election"));
+            assert!(rendered.contains("team: builds"));
         }
     }
 

@@ -169,11 +169,23 @@ impl TestNamespace {
 
     /// Deletes the namespace (and so everything in it). Left in place when a test fails,
     /// for a look with kubectl.
+    /// A namespace already going (404, or 409 while it terminates) is fine; other errors
+    /// are retried for a while, as a busy API server may drop a request now and then.
     pub async fn delete(self) {
-        Api::<Namespace>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::background())
-            .await
-            .unwrap_or_else(|e| panic!("delete namespace {}: {e}", self.name));
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        let mut last = None;
+        for _ in 0..10 {
+            match namespaces
+                .delete(&self.name, &DeleteParams::background())
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("delete namespace {}: {}", self.name, last.unwrap());
     }
 }
 
