@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use imagebuild_operator::api::ImageBuildRunSpec;
 use imagebuild_operator::job::{self, BuildReport, JobInputs, PhaseBuild, buildctl_args};
 use imagebuild_operator::plan::{Phase, Plan};
 
@@ -105,17 +106,22 @@ fn buildctl_arguments_for_each_phase() {
     assert!(args.contains(&context.to_string()), "{args:?}");
 }
 
+/// The Job inputs of the SWE-bench example run.
+fn swebench_inputs(spec: &ImageBuildRunSpec) -> JobInputs<'_> {
+    JobInputs {
+        run_name: "swebench-verified",
+        namespace: "imagebuild",
+        run_uid: "00000000-0000-4000-8000-000000000001",
+        spec,
+        build_timeout: Duration::from_secs(2000),
+    }
+}
+
 #[test]
 fn the_assembly_job_object() {
     let (run, plan) = swebench();
     let asm = node(&plan, Phase::Assembly, Some("django__django-11333"));
-    let inputs = JobInputs {
-        run_name: "swebench-verified",
-        namespace: "imagebuild",
-        run_uid: "00000000-0000-4000-8000-000000000001",
-        spec: &run.spec,
-        build_timeout: Duration::from_secs(2000),
-    };
+    let inputs = swebench_inputs(&run.spec);
     let annotations = BTreeMap::from([("example.com/team".to_string(), "evals".to_string())]);
     let job = job::build_job(&inputs, asm, 2, &annotations).unwrap();
     let mut value = serde_json::to_value(&job).unwrap();
@@ -339,13 +345,7 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
     let (mut run, plan) = swebench();
     run.spec.registry.insecure = true;
     let base = node(&plan, Phase::Base, None);
-    let inputs = JobInputs {
-        run_name: "swebench-verified",
-        namespace: "imagebuild",
-        run_uid: "00000000-0000-4000-8000-000000000001",
-        spec: &run.spec,
-        build_timeout: Duration::from_secs(2000),
-    };
+    let inputs = swebench_inputs(&run.spec);
     let job = job::build_job(&inputs, base, 1, &BTreeMap::new()).unwrap();
     let env =
         serde_json::to_value(&job).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
