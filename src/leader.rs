@@ -10,7 +10,8 @@
 //! grace period before anyone else may take the lease. [`FenceLayer`] refuses every
 //! mutating request of the operator's client past that deadline, whatever task sends it,
 //! so a paused or cut-off leader writes nothing once another may lead. Past the deadline
-//! the process exits, to come back as a candidate. The lease itself is renewed by kube-lease-manager on a client of its own.
+//! the process exits, to come back as a candidate. The lease itself is renewed by
+//! kube-lease-manager on a client of its own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,8 +42,8 @@ pub struct LeaseConfig {
     pub identity: String,
     /// Seconds a lease lasts unless renewed.
     pub duration: u64,
-    /// Seconds before the end of the lease at which it is renewed, and at which this
-    /// candidate stops writing if it was not.
+    /// Seconds before the end of the lease at which it is renewed; this candidate stops
+    /// writing half of this before the end if it was not.
     pub grace: u64,
 }
 

@@ -135,6 +135,7 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
             assert!(rendered.contains("--max-total-workers=50"));
             assert!(rendered.contains("--leader-election"));
             assert!(rendered.contains("team: builds"));
+            assert!(!rendered.contains("name: other"));
         }
     }
 
