@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +25,14 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 
 const CHART: &str = "charts/imagebuild-operator";
+
+/// `helm template` flags for a cluster with the Prometheus operator's CRDs.
+const MONITORING_API_VERSIONS: [&str; 4] = [
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
 
 /// Every toggle of the chart on, for a release in `ns` watching `watched`.
 fn all_toggles(watched: &str) -> Vec<String> {
@@ -82,12 +91,16 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
     for sets in [vec![], toggles.clone()] {
         let lint = tool("helm", &with_sets(vec!["lint", "--strict", CHART], &sets));
         assert!(lint.contains("0 chart(s) failed"), "{lint}");
+        let template = vec!["template", "imagebuild", CHART, "--namespace", &ns.name];
+        if !sets.is_empty() {
+            // Without the Prometheus operator's CRDs, its objects are left out.
+            let without = tool("helm", &with_sets(template.clone(), &sets));
+            assert!(!without.contains("kind: ServiceMonitor"), "{without}");
+            assert!(!without.contains("kind: PrometheusRule"), "{without}");
+        }
         let rendered = tool(
             "helm",
-            &with_sets(
-                vec!["template", "imagebuild", CHART, "--namespace", &ns.name],
-                &sets,
-            ),
+            &with_sets([template, MONITORING_API_VERSIONS.to_vec()].concat(), &sets),
         );
         let file = std::env::temp_dir().join(format!("chart-{}.yaml", ns.name));
         std::fs::write(&file, &rendered).unwrap();
@@ -139,21 +152,20 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
         }
     }
 
-    // The values schema refuses two replicas without leader election.
-    let two = vec![
-        "template".to_string(),
-        "x".into(),
-        CHART.into(),
-        "--set".into(),
-        "replicaCount=2".into(),
-    ];
-    let out = std::process::Command::new("helm")
-        .args(&two)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/leaderElection/enabled"), "{err}");
+    // The values schema refuses two replicas without leader election, a misspelt alert
+    // threshold and a malformed `for:`, each with the offending path.
+    for (set, path) in [
+        ("replicaCount=2", "/leaderElection/enabled"),
+        ("alerts.runStuck.noProgresSeconds=60", "noProgresSeconds"),
+        ("alerts.runStuck.for=5 minutes", "/alerts/runStuck/for"),
+    ] {
+        let out = std::process::Command::new("helm")
+            .args(["template", "x", CHART, "--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(path), "{set}: {err}");
+    }
 }
 
 /// A kubeconfig for the environment's API server with `token` as the only credential.
@@ -190,7 +202,7 @@ fn release_objects(release: &str, ns: &str) -> Vec<String> {
         "kubectl",
         &[
             "get",
-            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,poddisruptionbudgets,leases",
+            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,poddisruptionbudgets,leases,servicemonitors,prometheusrules",
             "-n",
             ns,
             "-l",
@@ -237,8 +249,9 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
     let client = env.client().await;
     let work = TestNamespace::create(&client, "e2e-helm-runs").await;
     let release = format!("ibo-{}", &system.name[system.name.len() - 6..]);
+    install_prometheus_operator_crds();
 
-    tool(
+    let installed = tool(
         "helm",
         &[
             "install",
@@ -249,9 +262,45 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
             "--wait=false",
             "--set",
             "leaderElection.enabled=true",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
         ],
     );
+    assert!(!installed.contains("NOT CREATED"), "{installed}");
+    let kinds = |objects: &[String]| -> BTreeSet<String> {
+        let kinds = objects.iter().map(|o| o.split('/').next().unwrap());
+        kinds.map(str::to_string).collect()
+    };
+    let before = release_objects(&release, &system.name);
+    let expected = [
+        "clusterrole.rbac.authorization.k8s.io",
+        "clusterrolebinding.rbac.authorization.k8s.io",
+        "deployment.apps",
+        "lease.coordination.k8s.io",
+        "prometheusrule.monitoring.coreos.com",
+        // The Lease's.
+        "role.rbac.authorization.k8s.io",
+        "rolebinding.rbac.authorization.k8s.io",
+        "secret",
+        "service",
+        "serviceaccount",
+        "servicemonitor.monitoring.coreos.com",
+    ];
+    assert_eq!(
+        kinds(&before),
+        expected.map(String::from).into(),
+        "{before:?}"
+    );
     let sa = format!("{release}-imagebuild-operator");
+    // The operator-down alert looks for the job the ServiceMonitor makes: the Service's
+    // name.
+    let rule = tool(
+        "kubectl",
+        &["get", "prometheusrules", "-n", &system.name, "-o", "yaml"],
+    );
+    assert!(rule.contains(&format!("up{{job=\"{sa}\"}} == 0")), "{rule}");
     let token = tool(
         "kubectl",
         &[
@@ -424,9 +473,12 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
             &watched,
         ],
     );
+    // What leader election and the monitoring toggles made is gone with them.
     let after = release_objects(&release, &system.name);
-    assert!(
-        !after.iter().any(|o| o.starts_with("clusterrole")),
+    let expected = ["deployment.apps", "secret", "service", "serviceaccount"];
+    assert_eq!(
+        kinds(&after),
+        expected.map(String::from).into(),
         "{after:?}"
     );
     let roles = tool(

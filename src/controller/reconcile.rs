@@ -1016,7 +1016,7 @@ fn record_for(
     Some((node, with_job(node, record)))
 }
 
-/// Errors are retried with backoff, logged by the caller.
+/// A failed reconcile is logged, counted and retried after 5 s.
 pub fn error_policy(run: Arc<ImageBuildRun>, err: &Error, ctx: Arc<Ctx>) -> Requeue {
     tracing::warn!(run = %run.name_any(), error = %err, kind = err.kind(), "reconcile failed");
     ctx.metrics.reconcile_failed(err.kind());

@@ -118,6 +118,8 @@ pub fn rendered_rules(sets: &[&str]) -> String {
         CHART,
         "--show-only",
         "templates/prometheusrule.yaml",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PrometheusRule",
         "--set",
         "prometheusRule.enabled=true",
     ];

@@ -126,24 +126,25 @@ groups:
     annotations:
       summary: The registry throttles image build run {{`{{ $labels.namespace }}/{{ $labels.run }}`}}
       description: >-
-        The registry answered 429 Too Many Requests {{`{{ $value | printf "%.0f" }}`}}
-        times to run {{`{{ $labels.namespace }}/{{ $labels.run }}`}} (pushes and
-        existence checks) in the last {{ .window }}.
+        The registry throttled run {{`{{ $labels.namespace }}/{{ $labels.run }}`}}
+        {{`{{ $value | printf "%.0f" }}`}} times in the last {{ .window }}: pushes that
+        failed RegistryThrottled plus 429 answers to the operator's existence checks.
       runbook_url: {{ $runbook }}#imagebuildregistrythrottled
   {{- end }}{{ end }}
 - name: imagebuild-operator.operator
   rules:
   {{- with $a.operatorDown }}{{ if .enabled }}
+  {{- $selector := .selector | default (printf "job=%q" (include "imagebuild-operator.fullname" $)) }}
   - alert: ImageBuildOperatorDown
     expr: |
-      up{ {{- .selector -}} } == 0 or absent(up{ {{- .selector -}} })
+      up{ {{- $selector -}} } == 0 or absent(up{ {{- $selector -}} })
     {{- include "imagebuild-operator.alertLabels" (dict "root" $ "alert" .) | nindent 4 }}
     annotations:
       summary: The imagebuild operator is down
       description: >-
         {{`{{ with $labels.instance }}`}}Prometheus has not scraped the imagebuild operator at
         {{`{{ . }}{{ else }}`}}Prometheus has no scrape target for the imagebuild operator
-        ({{ .selector }}){{`{{ end }}`}} for {{ .for }}: no run makes progress.
+        ({{ $selector }}){{`{{ end }}`}} for {{ .for }}: no run makes progress.
       runbook_url: {{ $runbook }}#imagebuildoperatordown
   {{- end }}{{ end }}
   {{- with $a.operatorNotReady }}{{ if .enabled }}
