@@ -417,6 +417,15 @@ async fn a_stuck_run_fires_its_alert_and_a_healthy_run_fires_nothing() {
     let stuck_status = runs.get("stuck").await.unwrap().status.unwrap();
     assert_eq!(stuck_status.phase, Some(RunPhase::Building));
     assert_eq!(stuck_status.builder.running, 1);
+    let s = &stuck_status;
+    let remaining: u32 = [&s.builder, &s.bases, &s.assemblies, &s.post_assemblies]
+        .iter()
+        .map(|c| c.pending + c.running)
+        .sum();
+    assert!(
+        description.contains(&format!(", while {remaining} images remain to build")),
+        "{description}"
+    );
 
     // The healthy run finishes; Prometheus sees it finished, and it agrees with the
     // status.
