@@ -49,6 +49,8 @@ fn all_toggles(watched: &str) -> Vec<String> {
         // Deployment whose selector misses its pods).
         "podLabels.team=builds",
         "podLabels.app\\.kubernetes\\.io/name=other",
+        // A decimal, which --set passes as a string.
+        "alerts.failureRatio.ratio=0.3",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -148,6 +150,7 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
             assert!(rendered.contains("--max-total-workers=50"));
             assert!(rendered.contains("--leader-election"));
             assert!(rendered.contains("team: builds"));
+            assert!(rendered.contains(") > 0.3\n"), "{rendered}");
             assert!(!rendered.contains("name: other"));
         }
     }
@@ -158,6 +161,11 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
         ("replicaCount=2", "/leaderElection/enabled"),
         ("alerts.runStuck.noProgresSeconds=60", "noProgresSeconds"),
         ("alerts.runStuck.for=5 minutes", "/alerts/runStuck/for"),
+        ("alerts.runStuck.for=30m1h", "/alerts/runStuck/for"),
+        (
+            "alerts.failureRatio.ratio=1.5",
+            "/alerts/failureRatio/ratio",
+        ),
     ] {
         let out = std::process::Command::new("helm")
             .args(["template", "x", CHART, "--set", set])

@@ -423,7 +423,7 @@ async fn a_stuck_run_fires_its_alert_and_a_healthy_run_fires_nothing() {
         .map(|c| c.pending + c.running)
         .sum();
     assert!(
-        description.contains(&format!(", while {remaining} images remain to build")),
+        description.contains(&format!("remain to build ({remaining} pending or running)")),
         "{description}"
     );
 

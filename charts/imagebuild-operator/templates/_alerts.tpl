@@ -22,9 +22,10 @@ groups:
       summary: Image build run {{`{{ $labels.namespace }}/{{ $labels.run }}`}} is stuck
       description: >-
         No image of run {{`{{ $labels.namespace }}/{{ $labels.run }}`}} has finished
-        for {{`{{ $value | humanizeDuration }}`}}, while
-        {{`{{ with printf "sum(imagebuild_run_images{namespace='%s',run='%s',state=~'pending|running'})" $labels.namespace $labels.run | query }}{{ . | first | value | printf "%.0f" }}{{ end }}`}}
-        images remain to build and the run is not suspended.
+        for {{`{{ $value | humanizeDuration }}`}}, while images remain to build
+        {{- `{{ with printf "sum(imagebuild_run_images{namespace='%s',run='%s',state=~'pending|running'})" $labels.namespace $labels.run | query }} (`}}
+        {{- `{{ . | first | value | printf "%.0f" }} pending or running){{ end }}`}} and the
+        run is not suspended.
       runbook_url: {{ $runbook }}#imagebuildrunstuck
   {{- end }}{{ end }}
   {{- with $a.runMissesDeadline }}{{ if .enabled }}
@@ -55,7 +56,8 @@ groups:
         {{`{{ $labels.namespace }}/{{ $labels.run }}`}} takes
         {{`{{ $value | humanizeDuration }}`}}, more than {{ .factor }} times the median of
         {{`{{ $labels.phase }}`}} builds over the last {{ .baselineWindow }}
-        ({{`{{ with printf "histogram_quantile(0.5, sum by (le) (rate(imagebuild_build_duration_seconds_bucket{phase='%s'}[`}}{{ .baselineWindow }}{{`])))" $labels.phase | query }}{{ . | first | value | humanizeDuration }}{{ end }}`}}).
+        {{- `{{ with printf "histogram_quantile(0.5, sum by (le) (rate(imagebuild_build_duration_seconds_bucket{phase='%s'}[`}}{{ .baselineWindow }}{{`])))" $labels.phase | query }}`}}
+        {{- ` ({{ . | first | value | humanizeDuration }}){{ end }}`}}.
       runbook_url: {{ $runbook }}#imagebuildrunslowbuilds
   {{- end }}{{ end }}
   {{- with $a.failureRatio }}{{ if .enabled }}
