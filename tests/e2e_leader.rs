@@ -91,6 +91,7 @@ async fn two_operators_never_both_dispatch() {
     .await;
     // A wakes up with Jobs to create and statuses to write: its fence refuses them all,
     // and it exits to stand again as a candidate.
+    let thawed_ms = chrono::Utc::now().timestamp_millis();
     a.signal("CONT");
     let exit = a.wait(Duration::from_secs(20));
     assert_eq!(exit.and_then(|s| s.code()), Some(1), "A did not step down");
@@ -123,7 +124,20 @@ async fn two_operators_never_both_dispatch() {
         let last_a = by_a.iter().max().unwrap();
         let first_b = by_b.iter().min().unwrap();
         assert!(last_a < first_b, "A's and B's Jobs interleave");
-        assert!(*last_a < stopped, "A dispatched after it was stopped");
+        // Nothing of A's is younger than its thaw. (Creation times are whole seconds;
+        // A's Jobs before the freeze are older by the whole takeover.)
+        assert!(seen.jobs.values().all(|j| j.created_ms > 0));
+        let after_thaw: Vec<_> = seen
+            .jobs
+            .values()
+            .filter(|j| j.dispatched_by.as_deref() == Some("op-a"))
+            .filter(|j| j.created_ms >= thawed_ms - 1000)
+            .map(|j| &j.name)
+            .collect();
+        assert!(
+            after_thaw.is_empty(),
+            "A dispatched once thawed: {after_thaw:?}"
+        );
         // B dispatched only once A's lease could have run out.
         let waited = first_b.duration_since(stopped);
         println!(

@@ -42,7 +42,10 @@ pub struct SeenJob {
     pub run: String,
     pub phase: String,
     pub attempt: u32,
+    /// When the watcher first saw it.
     pub created: Instant,
+    /// Its creationTimestamp (whole seconds, from the API server), in Unix milliseconds.
+    pub created_ms: i64,
     pub finished: Option<Instant>,
     /// Complete (true) or Failed (false), once the Job says so.
     pub succeeded: Option<bool>,
@@ -147,6 +150,11 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
                         .and_then(|a| a.parse().ok())
                         .unwrap_or(0),
                     created: Instant::now(),
+                    created_ms: job
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map_or(0, |t| t.0.as_millisecond()),
                     finished: None,
                     succeeded: None,
                     dispatched_by: job.annotations().get(ANNOTATION_DISPATCHED_BY).cloned(),
