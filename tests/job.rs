@@ -1,14 +1,13 @@
 //! The build Job: the exact buildctl argument list and the whole Job object (golden files
-//! under tests/golden/, rewritten with `UPDATE_GOLDEN=1 cargo test --test job`), and the
-//! wrapper script run for real with a stand-in for buildctl.
+//! under tests/golden/, rewritten with `UPDATE_GOLDEN=1 cargo test --test job`). The
+//! wrapper script the Job runs is tested in `tests/wrapper.rs`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use imagebuild_operator::api::ImageBuildRunSpec;
-use imagebuild_operator::job::{self, BuildReport, JobInputs, PhaseBuild, buildctl_args};
+use imagebuild_operator::job::{self, JobInputs, PhaseBuild, buildctl_args};
 use imagebuild_operator::plan::{Phase, Plan};
 
 mod common;
@@ -157,115 +156,6 @@ fn the_assembly_job_object() {
     assert_eq!(security.run_as_non_root, Some(true));
 }
 
-/// Runs the wrapper with a stand-in `buildctl` that prints `output`, writes BuildKit's
-/// metadata file when it succeeds, and exits with `code`. Returns the exit status and the
-/// termination message.
-fn run_wrapper(output: &str, code: i32, inline: Option<&str>) -> (i32, String, PathBuf) {
-    let dir = scratch(&code.to_string());
-    let fake = dir.join("buildctl");
-    let metadata = if code == 0 {
-        format!(
-            "printf '{{\\n  \"containerimage.digest\": \"sha256:abc123\",\\n  \"image.name\": \"x\"\\n}}\\n' > {}/metadata.json\n",
-            dir.display()
-        )
-    } else {
-        String::new()
-    };
-    std::fs::write(
-        &fake,
-        format!("#!/bin/sh\ncat <<'OUT'\n{output}\nOUT\n{metadata}exit {code}\n"),
-    )
-    .unwrap();
-    let status = wrapper(&dir, &fake)
-        .arg("build")
-        .envs(inline.map(|d| ("IMAGEBUILD_DOCKERFILE", d)))
-        .output()
-        .unwrap();
-    let message = std::fs::read_to_string(dir.join("result")).unwrap();
-    (status.status.code().unwrap(), message, dir)
-}
-
-/// A fresh scratch directory for one wrapper run.
-fn scratch(kind: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "imagebuild-wrapper-{kind}-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The wrapper, as the build pod runs it, around `sh program`, working in `dir`.
-fn wrapper(dir: &Path, program: &Path) -> Command {
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(job::WRAPPER)
-        .arg("imagebuild-build")
-        .arg("sh")
-        .arg(program)
-        .env("IMAGEBUILD_WORK_DIR", dir)
-        .env("IMAGEBUILD_TERMINATION_LOG", dir.join("result"));
-    command
-}
-
-fn rand_suffix() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-#[test]
-fn wrapper_reports_a_successful_build() {
-    let log = "#12 pushing layers\n#12 pushing layers 2.5s done\n#13 pushing manifest 1.0s done";
-    let (code, message, dir) = run_wrapper(log, 0, Some("FROM scratch"));
-    assert_eq!(code, 0);
-    let report = BuildReport::parse(&message).expect(&message);
-    assert_eq!(report.exit_code, 0);
-    assert_eq!(report.digest, "sha256:abc123");
-    assert_eq!(report.push_seconds, 2);
-    assert_eq!(report.error_tail, "");
-    assert_eq!(
-        std::fs::read_to_string(dir.join("context/Dockerfile")).unwrap(),
-        "FROM scratch\n"
-    );
-}
-
-#[test]
-fn wrapper_reports_a_failed_build_with_its_output_tail() {
-    let mut log = String::new();
-    for i in 0..100 {
-        log.push_str(&format!("#5 step {i}\n"));
-    }
-    log.push_str("ERROR: \"quoted\" back\\slash\ttab: no space left on device");
-    let (code, message, _) = run_wrapper(&log, 1, None);
-    assert_eq!(code, 1);
-    assert!(
-        message.len() < 4096,
-        "termination messages are cut at 4 KiB: {}",
-        message.len()
-    );
-    let report = BuildReport::parse(&message).expect(&message);
-    assert_eq!(report.exit_code, 1);
-    assert_eq!(report.digest, "");
-    assert!(
-        report
-            .error_tail
-            .ends_with("ERROR: \"quoted\" back\\slash tab: no space left on device\n"),
-        "{:?}",
-        report.error_tail
-    );
-    assert!(
-        !report.error_tail.contains("step 10\n"),
-        "only the tail is kept"
-    );
-    assert_eq!(
-        job::classify_text(&report.error_tail),
-        Some(imagebuild_operator::schedule::FailureClass::DiskFull)
-    );
-}
-
 #[test]
 fn pod_annotations_render_per_node_and_attempt_and_drop_empty_values() {
     let spec = common::spec_with(
@@ -371,34 +261,4 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
         serde_json::to_value(&job).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
             .to_string();
     assert!(!env.contains("IMAGEBUILD_HTTP_REGISTRIES"), "{env}");
-}
-
-#[test]
-fn the_wrapper_gives_buildkitd_the_http_registries() {
-    let dir = scratch("http");
-    // A stand-in for buildctl-daemonless.sh: shows the flags buildkitd would get.
-    let fake = dir.join("daemonless");
-    std::fs::write(&fake, "#!/bin/sh\necho \"flags:$BUILDKITD_FLAGS\"\n").unwrap();
-    let out = wrapper(&dir, &fake)
-        .env("BUILDKITD_FLAGS", "--oci-worker-no-process-sandbox")
-        .env(
-            "IMAGEBUILD_HTTP_REGISTRIES",
-            "kind-registry:5000 localhost:5001",
-        )
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let config = dir.join("buildkitd.toml");
-    assert!(
-        stdout.contains(&format!(
-            "flags:--oci-worker-no-process-sandbox --config={}",
-            config.display()
-        )),
-        "{stdout}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&config).unwrap(),
-        "[registry.\"kind-registry:5000\"]\n  http = true\n  insecure = true\n\
-         [registry.\"localhost:5001\"]\n  http = true\n  insecure = true\n"
-    );
 }

@@ -70,3 +70,16 @@ fn the_dockerfile_builds_the_operator_and_runs_it_unprivileged() {
         }
     }
 }
+
+#[test]
+fn the_default_executor_is_the_buildkit_version_the_local_environment_tests() {
+    let pins = std::fs::read_to_string("e2e/versions.env").unwrap();
+    let buildkit = pins
+        .lines()
+        .find_map(|l| l.strip_prefix("BUILDKIT_VERSION="))
+        .expect("BUILDKIT_VERSION pinned");
+    assert_eq!(
+        imagebuild_operator::api::ExecutorSpec::default().image,
+        format!("docker.io/moby/buildkit:{buildkit}-rootless")
+    );
+}

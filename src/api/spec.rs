@@ -299,7 +299,8 @@ pub struct PlacementSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecutorSpec {
-    /// BuildKit image with `buildctl-daemonless.sh`; pin a version.
+    /// BuildKit image with `buildkitd`, `buildctl` and a POSIX shell, and `rootlesskit` for
+    /// the rootless mode (BuildKit's own images have them); pin a version.
     #[serde(default = "default_executor_image")]
     #[schemars(length(min = 1, max = 1024))]
     pub image: String,
@@ -360,7 +361,7 @@ fn default_memory() -> Quantity {
     Quantity("8Gi".into())
 }
 fn default_executor_image() -> String {
-    "docker.io/moby/buildkit:v0.23.2-rootless".into()
+    "docker.io/moby/buildkit:v0.34.2-rootless".into()
 }
 
 impl Default for RetrySpec {

@@ -462,6 +462,7 @@ mod tests {
         record.duration_seconds = Some(u64::MAX);
         record.build_seconds = Some(u64::MAX);
         record.push_seconds = Some(u64::MAX);
+        record.cached_steps = Some(u64::MAX);
         let shard = |n: usize, record: &Record| -> BTreeMap<String, Record> {
             (0..n)
                 .map(|i| (format!("{}-{i}", "j".repeat(58)), record.clone()))

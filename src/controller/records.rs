@@ -5,9 +5,9 @@
 //! The field names are those of the build scripts' `manifest.jsonl` (`time`, `base_image`,
 //! `tags`, `error`, `log_path`, `status`, `skip_reason`, `attempt_count`, `started_at`,
 //! `finished_at`, `duration_seconds`, `build_seconds`), plus the operator's own (`phase`,
-//! `instance_id`, `digest`, `node`, `failure_class`, `not_before`, `push_seconds`), so
-//! tools that read the scripts' manifests read these too. `docs/manifest.md` is the
-//! reference.
+//! `instance_id`, `digest`, `node`, `failure_class`, `not_before`, `push_seconds`,
+//! `cached_steps`), so tools that read the scripts' manifests read these too.
+//! `docs/manifest.md` is the reference.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,10 @@ pub struct Record {
     /// Seconds spent pushing (the wrapper's report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_seconds: Option<u64>,
+    /// Build steps BuildKit took from its cache, the registry cache included (the
+    /// wrapper's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_steps: Option<u64>,
 }
 
 /// What a finished Job told about its attempt.
@@ -138,6 +142,7 @@ impl Record {
             duration_seconds: None,
             build_seconds: None,
             push_seconds: None,
+            cached_steps: None,
         }
     }
 
@@ -200,6 +205,7 @@ impl Record {
             self.digest = Some(report.digest.clone()).filter(|d| !d.is_empty());
             self.build_seconds = Some(report.build_seconds);
             self.push_seconds = Some(report.push_seconds);
+            self.cached_steps = Some(report.cached_steps);
         }
         self
     }

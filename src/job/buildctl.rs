@@ -1,5 +1,5 @@
-//! The executor's command line: `buildctl-daemonless.sh build ...` with the dockerfile
-//! frontend, produced by one pure function so that golden tests pin it.
+//! The executor's command line: `buildctl build ...` with the dockerfile frontend, produced
+//! by one pure function so that golden tests pin it.
 
 use crate::api::{BuildContext, CacheMode, ImageBuildRunSpec};
 use crate::plan::{Node, Phase};
@@ -54,7 +54,7 @@ impl<'a> PhaseBuild<'a> {
     }
 }
 
-/// The arguments of `buildctl-daemonless.sh` (after the script's name) that build `node`
+/// The arguments of `buildctl` (after `--addr`, which the wrapper adds) that build `node`
 /// and push it. `insecure` allows plain-HTTP registries (`spec.registry.insecure`).
 ///
 /// No attestation is requested, so BuildKit attaches no provenance to the image.

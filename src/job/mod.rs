@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 pub use annotations::PodAnnotations;
 pub use buildctl::{CONTEXT_DIR, METADATA_FILE, PhaseBuild, WORK_DIR, buildctl_args};
-pub use result::{BuildReport, Outcome, classify_text, outcome};
+pub use result::{BuildReport, Outcome, STAGE_START, classify_text, outcome};
 
 use crate::api::{ExecutorMode, ImageBuildRunSpec};
 use crate::plan::{Node, is_dns1123_label};
@@ -132,24 +132,26 @@ pub fn build_job(
     }
 
     let rootless = spec.executor.mode == ExecutorMode::Rootless;
+    // The wrapper starts buildkitd (through rootlesskit in rootless mode) for this one
+    // build, runs buildctl with these arguments, and stops it after.
     let mut command = vec![
         "sh".to_string(),
         "-c".into(),
         WRAPPER.into(),
         "imagebuild-build".into(),
     ];
-    // Both BuildKit images (rootless and not) ship this script: it starts buildkitd for
-    // the one build and stops it after.
-    command.push("buildctl-daemonless.sh".into());
     command.extend(buildctl_args(&build, node, spec.registry.insecure));
 
-    let mut env = vec![];
-    let mut mounts = vec![json!({"name": "work", "mountPath": WORK_DIR})];
-    let state_dir = if rootless {
-        "/home/user/.local/share/buildkit"
+    let (mode, state_dir) = if rootless {
+        ("rootless", "/home/user/.local/share/buildkit")
     } else {
-        "/var/lib/buildkit"
+        ("privileged", "/var/lib/buildkit")
     };
+    let mut env = vec![
+        json!({"name": "IMAGEBUILD_EXECUTOR_MODE", "value": mode}),
+        json!({"name": "IMAGEBUILD_BUILDKIT_ROOT", "value": state_dir}),
+    ];
+    let mut mounts = vec![json!({"name": "work", "mountPath": WORK_DIR})];
     mounts.push(json!({"name": "buildkit", "mountPath": state_dir}));
     let mut volumes = vec![
         json!({"name": "work", "emptyDir": {}}),

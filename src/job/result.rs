@@ -13,6 +13,9 @@ use crate::schedule::{Failure, FailureClass};
 pub struct BuildReport {
     /// The build command's exit code.
     pub exit_code: i32,
+    /// What ran last: `start` (buildkitd, which did not start) or `build`.
+    #[serde(default)]
+    pub stage: String,
     /// Digest of the pushed image (empty when the build failed).
     #[serde(default)]
     pub digest: String,
@@ -22,10 +25,16 @@ pub struct BuildReport {
     /// Seconds spent pushing layers.
     #[serde(default)]
     pub push_seconds: u64,
+    /// Build steps BuildKit found in its cache (the registry cache included).
+    #[serde(default)]
+    pub cached_steps: u64,
     /// The last lines of the output of a failed build.
     #[serde(default)]
     pub error_tail: String,
 }
+
+/// The report's `stage` when buildkitd did not start.
+pub const STAGE_START: &str = "start";
 
 impl BuildReport {
     /// The report in a termination message; `None` if the wrapper wrote none (the pod was
@@ -118,6 +127,9 @@ fn classify_pod(pod: Option<&Pod>) -> Failure {
     }
     let message = term.and_then(|t| t.message.as_deref()).unwrap_or("");
     let (text, exit_code) = match BuildReport::parse(message) {
+        Some(report) if report.stage == STAGE_START => {
+            return Failure::new(FailureClass::ExecutorStartFailed, report.error_tail);
+        }
         Some(report) => (report.error_tail, Some(report.exit_code)),
         None => (message.to_string(), term.map(|t| t.exit_code)),
     };
@@ -157,6 +169,8 @@ const PATTERNS: &[(FailureClass, &[&str])] = &[
             "frontend grpc server closed unexpectedly",
             "buildkitd has crashed",
             "failed to dial gRPC",
+            // The wrapper's line when the daemon died during the build.
+            "buildkitd exited during the build",
         ],
     ),
     (
@@ -174,9 +188,48 @@ const PATTERNS: &[(FailureClass, &[&str])] = &[
     ),
 ];
 
-/// The class a build output points to, if it names a known transient cause.
+/// Permanent causes as BuildKit names them in a failed build's final error line
+/// (`error: failed to solve: ...`). Only that line is read for them: a build step may
+/// print anything before it.
+const FINAL_LINE_PATTERNS: &[(FailureClass, &[&str])] = &[
+    (
+        FailureClass::RegistryAuthFailed,
+        &[
+            "401 unauthorized",
+            "403 forbidden",
+            "failed to authorize",
+            "authentication required",
+        ],
+    ),
+    (
+        FailureClass::ImageNotFound,
+        &["failed to resolve source metadata for"],
+    ),
+];
+
+/// The class a build output points to, if it names a known cause: one that BuildKit's
+/// final error line names, else a transient one anywhere in the output.
 pub fn classify_text(text: &str) -> Option<FailureClass> {
     let lower = text.to_ascii_lowercase();
+    let matches = |text: &str, needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    let final_line = lower
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("error:"));
+    if let Some(line) = final_line {
+        let found = FINAL_LINE_PATTERNS
+            .iter()
+            .find(|(class, needles)| {
+                // A source that resolves but fails otherwise (a 5xx, a timeout) is not a
+                // missing image.
+                matches(line, needles)
+                    && (*class != FailureClass::ImageNotFound || line.ends_with("not found"))
+            })
+            .map(|(class, _)| *class);
+        if found.is_some() {
+            return found;
+        }
+    }
     PATTERNS
         .iter()
         .find(|(_, needles)| {

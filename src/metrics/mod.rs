@@ -733,6 +733,7 @@ mod tests {
             duration_seconds: (attempts > 0).then_some(42),
             build_seconds: None,
             push_seconds: None,
+            cached_steps: None,
         }
     }
 

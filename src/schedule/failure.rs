@@ -30,6 +30,13 @@ pub enum FailureClass {
     DeadlineExceeded,
     /// BuildKit itself crashed (`frontend grpc server closed unexpectedly`).
     ExecutorCrashed,
+    /// BuildKit's daemon never started in the build pod (for example rootlesskit refused
+    /// by the node): every build on that node and image would fail the same way.
+    ExecutorStartFailed,
+    /// The registry refused the credentials (401/403 on push or pull).
+    RegistryAuthFailed,
+    /// An image the build starts from does not exist (a `FROM` or build-arg image).
+    ImageNotFound,
     /// The pod could not be scheduled within `timeouts.pending`.
     Unschedulable,
     /// An input image failed.
@@ -63,6 +70,9 @@ impl FailureClass {
             Self::OomKilled => "OOMKilled",
             Self::DeadlineExceeded => "DeadlineExceeded",
             Self::ExecutorCrashed => "ExecutorCrashed",
+            Self::ExecutorStartFailed => "ExecutorStartFailed",
+            Self::RegistryAuthFailed => "RegistryAuthFailed",
+            Self::ImageNotFound => "ImageNotFound",
             Self::Unschedulable => "Unschedulable",
             Self::DependencyFailed => "DependencyFailed",
             Self::RunDeadlineExceeded => "RunDeadlineExceeded",
@@ -70,7 +80,7 @@ impl FailureClass {
     }
 
     /// Every class, for exhaustive tests and documentation.
-    pub const ALL: [FailureClass; 11] = [
+    pub const ALL: [FailureClass; 14] = [
         Self::BuildError,
         Self::RegistryThrottled,
         Self::RegistryUnavailable,
@@ -79,6 +89,9 @@ impl FailureClass {
         Self::OomKilled,
         Self::DeadlineExceeded,
         Self::ExecutorCrashed,
+        Self::ExecutorStartFailed,
+        Self::RegistryAuthFailed,
+        Self::ImageNotFound,
         Self::Unschedulable,
         Self::DependencyFailed,
         Self::RunDeadlineExceeded,
