@@ -761,7 +761,14 @@ fn plan_of(run: &Arc<ImageBuildRun>, ctx: &Arc<Ctx>) -> PlanState {
             {
                 cache.plan = match result {
                     Ok(plan) => {
-                        cache.registry = vec![Registry::Unknown; plan.nodes.len()];
+                        // A forced rebuild builds every image whatever the registry holds:
+                        // nothing to ask it.
+                        let known = if run.spec.force_rebuild {
+                            Registry::Missing
+                        } else {
+                            Registry::Unknown
+                        };
+                        cache.registry = vec![known; plan.nodes.len()];
                         PlanSlot::Ready(Arc::new(plan))
                     }
                     Err(message) => PlanSlot::Failed(message),
