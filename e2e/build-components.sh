@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Build the pinned e2e components (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok, helm) from Go modules with the local Go
-# toolchain, and cache them under $HOME/.cache/imagebuild/<key>/bin.
+# Build the pinned e2e components from Go modules with the local Go toolchain, and cache
+# them under $HOME/.cache/imagebuild/<key>/bin: the control plane (kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubectl, etcd), kwok, helm, the real node's
+# kubelet and crictl, the executor images' buildkitd, buildctl and rootlesskit, and the
+# pod sandbox's pause (C, from the kubernetes module, linked statically with gcc).
 #
-# Versions come ONLY from e2e/versions.env; <key> is derived from its KEY=value
-# lines (plus RECIPE_REV below), so a warm cache returns immediately.
+# Versions come ONLY from e2e/versions.env; <key> is derived from the pins of what
+# is built here (plus RECIPE_REV below), so a warm cache returns immediately.
 #
 # Usage:  e2e/build-components.sh [--force]
 #   stdout: exactly one line, the bin directory (BIN=$(e2e/build-components.sh));
@@ -15,13 +17,14 @@
 #   IMAGEBUILD_GOMODCACHE / IMAGEBUILD_GOCACHE  Go module/build caches
 #                        (default <cache root>/go/mod and <cache root>/go/build)
 #   BUILD_NICE           nice level for go commands (default 19)
-# Requires only bash, coreutils, awk and Go >= GO_MIN_VERSION; modules come from
+# Requires only bash, coreutils, awk, gcc and Go >= GO_MIN_VERSION; modules come from
 # the Go module proxy. The finished tree is renamed into place atomically.
 set -euo pipefail
 
 # Bump when the build recipe (flags, tags, package list) changes: invalidates caches.
-RECIPE_REV=2
-BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
+RECIPE_REV=3
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet etcd kwok helm
+  crictl buildkitd buildctl rootlesskit pause)
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VERSIONS_FILE="${SCRIPT_DIR}/versions.env"
@@ -31,7 +34,7 @@ FORCE=0
 for arg in "$@"; do
   case "$arg" in
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -42,11 +45,15 @@ die() { log "ERROR: $*"; exit 1; }
 [[ -f "$VERSIONS_FILE" ]] || die "missing $VERSIONS_FILE"
 
 # ---- cache key (cheap: no go invocation on the warm path) -------------------
-# PROMETHEUS_OPERATOR_VERSION pins CRDs e2e/cluster fetches, not a component built here.
-pins=$(grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$VERSIONS_FILE" | grep -v '^PROMETHEUS_OPERATOR_VERSION=' | sort)
+# Only the pins of what is built here make the key: not the Prometheus operator's CRDs
+# (fetched by e2e/cluster) nor the Debian packages and suite (installed by e2e/cluster,
+# used by e2e/build-images.sh).
+pins=$(grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$VERSIONS_FILE" |
+  grep -vE '^(PROMETHEUS_OPERATOR_VERSION|DEBIAN_[A-Z_]*)=' | sort)
 # shellcheck disable=SC1090
 source <(printf '%s\n' "$pins")
-for v in KUBERNETES_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION GO_MIN_VERSION; do
+for v in KUBERNETES_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION CRI_TOOLS_VERSION \
+  BUILDKIT_VERSION ROOTLESSKIT_VERSION GO_MIN_VERSION; do
   [[ -n "${!v:-}" ]] || die "$v not set in $VERSIONS_FILE"
 done
 hash=$(printf 'recipe=%s\n%s\n' "$RECIPE_REV" "$pins" | sha256sum | cut -c1-12)
@@ -107,6 +114,7 @@ rm -rf "$SRC"; mkdir -p "$SRC"
 
 log "cold build of $KEY with $GOVER (src: $SRC)"
 log "versions: kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
+log "versions: cri-tools=$CRI_TOOLS_VERSION buildkit=$BUILDKIT_VERSION rootlesskit=$ROOTLESSKIT_VERSION"
 
 # upstream_edits GOMOD STAGING_VERSION
 # Prints `go mod edit` flags reproducing the upstream main module's godebug and
@@ -175,7 +183,8 @@ K8S_MINOR=${KUBERNETES_VERSION#v*.}; K8S_MINOR=${K8S_MINOR%%.*}
 K8S_PATCH=${KUBERNETES_VERSION##*.}
 STAGING_VERSION="v0.${K8S_MINOR}.${K8S_PATCH}"
 K8S_PKGS=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-          k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+          k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+          k8s.io/kubernetes/cmd/kubelet)
 setup_module kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION" "$STAGING_VERSION" "${K8S_PKGS[@]}"
 k8s_ld=""
 for p in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
@@ -183,6 +192,26 @@ for p in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
 done
 # same tags as upstream hack/lib/golang.sh for non-debug builds
 build kubernetes "$k8s_ld" "selinux,notest,grpcnotrace" "${K8S_PKGS[@]}"
+
+# The pod sandbox's pause process, from the same module's C source, static.
+k8s_dir=$(cd "$SRC/kubernetes" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)
+command -v gcc >/dev/null || die "gcc not found (needed for pause)"
+gcc -Os -static -Wall -DVERSION="$KUBERNETES_VERSION" -o "$TMP/bin/pause" "$k8s_dir/build/pause/linux/pause.c"
+strip "$TMP/bin/pause" 2>/dev/null || true
+log "[pause] built"
+
+# --- crictl (the real node's CRI client: inspection, and removing pods on `down`) ---
+setup_module cri-tools sigs.k8s.io/cri-tools "$CRI_TOOLS_VERSION" "" sigs.k8s.io/cri-tools/cmd/crictl
+build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" "" sigs.k8s.io/cri-tools/cmd/crictl
+
+# --- BuildKit and rootlesskit (the executor images'; static, as upstream builds them) ---
+setup_module buildkit github.com/moby/buildkit "$BUILDKIT_VERSION" "" \
+  github.com/moby/buildkit/cmd/buildkitd github.com/moby/buildkit/cmd/buildctl
+build buildkit "-X github.com/moby/buildkit/version.Version=$BUILDKIT_VERSION -X github.com/moby/buildkit/version.Package=github.com/moby/buildkit" \
+  "osusergo netgo static_build seccomp" github.com/moby/buildkit/cmd/buildkitd github.com/moby/buildkit/cmd/buildctl
+ROOTLESSKIT_MODULE=github.com/rootless-containers/rootlesskit/v${ROOTLESSKIT_VERSION:1:1}
+setup_module rootlesskit "$ROOTLESSKIT_MODULE" "$ROOTLESSKIT_VERSION" "" "$ROOTLESSKIT_MODULE/cmd/rootlesskit"
+build rootlesskit "" "" "$ROOTLESSKIT_MODULE/cmd/rootlesskit"
 
 # --- etcd (package main lives at the root of go.etcd.io/etcd/server/v3) ---
 setup_module etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "" go.etcd.io/etcd/server/v3
@@ -231,6 +260,12 @@ expect_version "$KUBERNETES_VERSION" "$TMP/bin/kube-apiserver" --version
 expect_version "$KUBERNETES_VERSION" "$TMP/bin/kube-controller-manager" --version
 expect_version "$KUBERNETES_VERSION" "$TMP/bin/kube-scheduler" --version
 expect_version "$KUBERNETES_VERSION" "$TMP/bin/kubectl" version --client
+expect_version "$KUBERNETES_VERSION" "$TMP/bin/kubelet" --version
+expect_version "$KUBERNETES_VERSION" "$TMP/bin/pause" -v
+expect_version "$CRI_TOOLS_VERSION" "$TMP/bin/crictl" --version
+expect_version "$BUILDKIT_VERSION" "$TMP/bin/buildkitd" --version
+expect_version "$BUILDKIT_VERSION" "$TMP/bin/buildctl" --version
+expect_version "${ROOTLESSKIT_VERSION#v}" "$TMP/bin/rootlesskit" --version
 expect_version "${ETCD_VERSION#v}" "$TMP/bin/etcd" --version
 expect_version "$HELM_VERSION" "$TMP/bin/helm" version --short
 expect_version "${KWOK_VERSION#v}" "$TMP/bin/kwok" --version
