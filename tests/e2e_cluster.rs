@@ -1,6 +1,7 @@
 //! The local environment is the real thing: the API server, the Job controller, the
-//! garbage collector, the scheduler, the registries and Prometheus decide, and only the
-//! nodes are simulated (kwok, scripted per pod by `sim.imagebuild.dev/*` annotations).
+//! garbage collector, the scheduler, the registries and Prometheus decide, and the kwok
+//! nodes are simulated (scripted per pod by `sim.imagebuild.dev/*` annotations). The real
+//! node is `tests/e2e_real.rs`'.
 //!
 //! Needs `e2e/cluster up`; run with `e2e/cluster test`.
 
@@ -450,4 +451,13 @@ async fn the_components_are_the_pinned_versions() {
     assert!(run("helm", &["version", "--short"]).starts_with(&pinned("HELM_VERSION")));
     assert!(run("kwok", &["--version"]).contains(&pinned("KWOK_VERSION")));
     assert!(run("etcd", &["--version"]).contains(pinned("ETCD_VERSION").trim_start_matches('v')));
+    assert!(run("kubelet", &["--version"]).contains(&pinned("KUBERNETES_VERSION")));
+    assert!(run("crictl", &["--version"]).contains(&pinned("CRI_TOOLS_VERSION")));
+    for tool in ["buildkitd", "buildctl"] {
+        assert!(run(tool, &["--version"]).contains(&pinned("BUILDKIT_VERSION")));
+    }
+    assert!(
+        run("rootlesskit", &["--version"])
+            .contains(pinned("ROOTLESSKIT_VERSION").trim_start_matches('v'))
+    );
 }

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod oci;
 pub mod prometheus;
+pub mod real;
 pub mod runs;
 
 use std::process::Command;
