@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use common::cluster::{Env, Operator, TestNamespace, apply_crd, eventually};
 use common::runs::{
-    await_phase, count_status_writes, manifest_shards, plan, records, swebench_ids, swebench_run,
-    watch_jobs,
+    await_phase, count_status_writes, delete_run, manifest_shards, plan, records, swebench_ids,
+    swebench_run, watch_jobs,
 };
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 
 #[tokio::test]
 async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
@@ -167,21 +167,7 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
 
     // The same spec again: every image is in the registry now, so nothing is built.
     let created_before = seen.lock().unwrap().jobs.len();
-    runs.delete("swebench-50", &DeleteParams::foreground())
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(60),
-        "the first run to be gone",
-        || async {
-            runs.get_opt("swebench-50")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    delete_run(&runs, "swebench-50").await;
     runs.create(&PostParams::default(), &run).await.unwrap();
     let again = await_phase(
         &runs,

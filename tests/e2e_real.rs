@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{LogsOnFailure, Operator, TestNamespace, apply_crd, eventually};
 use common::real::{DOCKERFILE, RealNode, RealRun, reports, watch_termination_messages};
-use common::runs::{records, watch_jobs_pushing};
+use common::runs::{delete_run, records, watch_jobs_pushing};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::controller::records::{Record, RecordStatus};
 use imagebuild_operator::instances::RawInstance;
@@ -24,7 +24,7 @@ use imagebuild_operator::plan::{Phase, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::ResourceExt;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use oci_client::secrets::RegistryAuth;
 
 /// One test on the real node at a time.
@@ -365,16 +365,7 @@ async fn a_rootless_run_builds_pushes_and_runs_every_image_then_reuses_its_cache
     );
 
     // The first run applied again: every image is in the registry, nothing is built.
-    let runs = fx.ns.api::<ImageBuildRun>();
-    runs.delete("fleet", &DeleteParams::foreground())
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(60),
-        "the first run to be gone",
-        || async { runs.get_opt("fleet").await.unwrap().is_none().then_some(()) },
-    )
-    .await;
+    delete_run(&fx.ns.api::<ImageBuildRun>(), "fleet").await;
     let jobs = watch_jobs_pushing(fx.ns.api::<Job>(), false);
     let (done, _) = run_to(&fx, &run, RunPhase::Succeeded).await;
     let status = done.status.unwrap();

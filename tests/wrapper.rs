@@ -39,13 +39,14 @@ esac
 
 /// The stand-in client: `debug workers` answers while the daemon is up; `build` prints
 /// `$FAKE/output`, writes the metadata file if `FAKE_CODE` is 0, and exits with it; with
-/// `FAKE_CRASH` set it kills the daemon first.
+/// `FAKE_CRASH` set it kills the daemon first, with `FAKE_HANG` it never ends.
 const BUILDCTL: &str = r#"#!/bin/sh
 echo "buildctl $*" >>"$FAKE/calls"
 case "$2" in
   debug) [ -f "$FAKE/up" ] ;;
   build)
     if [ -n "${FAKE_CRASH:-}" ]; then kill -KILL "$(cat "$FAKE/daemon.pid")"; rm -f "$FAKE/up"; fi
+    if [ -n "${FAKE_HANG:-}" ]; then echo '#4 [2/2] RUN sleep 600'; echo $$ >"$FAKE/build.pid"; exec sleep 600; fi
     cat "$FAKE/output"
     if [ "${FAKE_CODE:-0}" = 0 ]; then
       printf '{\n  "containerimage.digest": "sha256:abc123",\n  "image.name": "x"\n}\n' \
@@ -432,4 +433,52 @@ fn busybox_sh_runs_the_wrapper_too() {
         "{}",
         ran.report.error_tail
     );
+}
+
+#[test]
+fn a_signal_mid_build_is_reported_at_once() {
+    // The Job's deadline: the kubelet sends SIGTERM to the wrapper, PID 1 of the container.
+    let ex = Executor::new("signal");
+    let mut child = ex.command().env("FAKE_HANG", "1").spawn().unwrap();
+    let calls = ex.dir.join("calls");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&calls)
+        .unwrap_or_default()
+        .contains(" build ")
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no build started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let signalled = std::time::Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert!(
+        signalled.elapsed() < std::time::Duration::from_secs(5),
+        "the wrapper took {:?} to stop",
+        signalled.elapsed()
+    );
+    assert_eq!(status.code(), Some(143));
+    let message = std::fs::read_to_string(ex.dir.join("result")).unwrap();
+    let report = BuildReport::parse(&message).unwrap();
+    assert_eq!((report.exit_code, report.stage.as_str()), (143, "build"));
+    assert!(
+        report
+            .error_tail
+            .ends_with("RUN sleep 600\nthe build was stopped by a signal\n"),
+        "{:?}",
+        report.error_tail
+    );
+    // Outside a container nothing ends the stand-ins with the wrapper: end them here.
+    for pid in ["daemon.pid", "build.pid"] {
+        let pid = std::fs::read_to_string(ex.dir.join(pid)).unwrap();
+        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+    }
 }

@@ -247,6 +247,19 @@ pub async fn await_phase(
     .await
 }
 
+/// Deletes run `name` (foreground: its Jobs and manifest first) and waits until it is gone.
+pub async fn delete_run(runs: &Api<ImageBuildRun>, name: &str) {
+    runs.delete(name, &kube::api::DeleteParams::foreground())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        &format!("run {name} to be gone"),
+        || async { runs.get_opt(name).await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+}
+
 /// The run's manifest shards (ConfigMaps), by name.
 pub async fn manifest_shards(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, ConfigMap> {
     let selector = format!(
