@@ -275,9 +275,28 @@ fn rootless_mode_starts_the_daemon_through_rootlesskit_with_its_flags() {
 
 #[test]
 fn a_daemon_that_does_not_start_is_reported_with_its_cause_last() {
-    // What rootlesskit prints when the node refuses the user namespace mapping, between
-    // buildkitd's noise and the lines of a stack trace.
+    // What rootlesskit prints when the node refuses the user namespace mapping.
     let cause = "[rootlesskit:parent] error: failed to setup UID/GID map: newuidmap 25 [0 1000 1 1 100000 65536] failed: newuidmap: write to uid_map failed: Operation not permitted";
+    // Seen on the real node in both orders: the child's complaint that its parent went
+    // away came before or after the parent's reason.
+    let child = "[rootlesskit:child ] error: EOF";
+    for log in [
+        format!("{cause}\n: exit status 1\n{child}\n"),
+        format!("{child}\n{cause}\n: exit status 1\n"),
+    ] {
+        let ex = Executor::new("nostart-order");
+        let ran = ex.run(
+            ex.command()
+                .env("IMAGEBUILD_EXECUTOR_MODE", "rootless")
+                .env("FAKE_DAEMON", "fail")
+                .env("FAKE_DAEMON_LOG", &log),
+        );
+        assert_eq!(
+            ran.report.error_tail.lines().last().unwrap(),
+            format!("buildkitd did not start (exit code 1): {cause}"),
+            "{log}"
+        );
+    }
     let log = format!(
         "{cause}\n: exit status 1\n[rootlesskit:parent] error: child exited: exit status 1\n"
     );

@@ -46,16 +46,20 @@ if [ "${IMAGEBUILD_EXECUTOR_MODE:-privileged}" = rootless ]; then
   mkdir -p "$XDG_RUNTIME_DIR"
 fi
 
-# The line of the daemon's log that says why it stopped: buildkitd's own exit message
-# (`buildkitd: ...`, before its stack trace), else the last error another layer printed (a
-# fatal or error log entry, rootlesskit's or newuidmap's complaint) other than rootlesskit
-# saying that its child exited, else the log's last line.
+# The line of the daemon's log that says why it stopped, most telling first: buildkitd's
+# own exit message (`buildkitd: ...`, before its stack trace); a user namespace mapping
+# refused (newuidmap, newgidmap); a fatal or error log entry, or rootlesskit's parent's
+# error; any other error. Never rootlesskit reporting that a process exited or that the
+# other side of its pipe went away (in either order with the real cause). Else the log's
+# last line.
 daemon_cause() {
-  cause=$(grep -E '^buildkitd: ' "$daemon_log" 2>/dev/null | tail -n 1)
-  if [ -z "$cause" ]; then
-    cause=$(grep -E 'level=(fatal|error)|\] error: |newuidmap|newgidmap|^[Ee]rror' "$daemon_log" 2>/dev/null |
-      grep -vE 'exited: exit status [0-9]+$' | tail -n 1)
-  fi
+  cause=""
+  for pattern in '^buildkitd: ' 'newuidmap|newgidmap|uid_map|gid_map' \
+    'level=(fatal|error)|\[rootlesskit:parent\] error: ' '\] error: |^[Ee]rror'; do
+    cause=$(grep -E "$pattern" "$daemon_log" 2>/dev/null |
+      grep -vE 'exited: exit status [0-9]+$|\] error: EOF$' | tail -n 1)
+    [ -n "$cause" ] && break
+  done
   if [ -z "$cause" ]; then
     cause=$(grep -vE '^[[:space:]]|^$' "$daemon_log" 2>/dev/null | tail -n 1)
   fi
