@@ -71,7 +71,7 @@ fn buildctl_arguments_for_each_phase() {
         };
         let build = PhaseBuild::of(spec, phase).unwrap();
         out.push_str(&format!("# {}\n", phase.as_str()));
-        for arg in buildctl_args(&build, node, spec.registry.insecure) {
+        for arg in buildctl_args(&build, node) {
             out.push_str(&arg);
             out.push('\n');
         }
@@ -80,7 +80,7 @@ fn buildctl_arguments_for_each_phase() {
 
     // The facts the golden file must show, stated once more so a bad regeneration fails.
     let asm = node(&plan, Phase::Assembly, Some("django__django-11333"));
-    let args = buildctl_args(&PhaseBuild::of(spec, Phase::Assembly).unwrap(), asm, false);
+    let args = buildctl_args(&PhaseBuild::of(spec, Phase::Assembly).unwrap(), asm);
     let output = args.iter().position(|a| a == "--output").unwrap();
     assert_eq!(
         args[output + 1],
@@ -91,11 +91,7 @@ fn buildctl_arguments_for_each_phase() {
         "no attestation requested"
     );
     let builder = node(&plan, Phase::Builder, None);
-    let args = buildctl_args(
-        &PhaseBuild::of(spec, Phase::Builder).unwrap(),
-        builder,
-        false,
-    );
+    let args = buildctl_args(&PhaseBuild::of(spec, Phase::Builder).unwrap(), builder);
     assert!(
         args.contains(
             &"type=registry,ref=ghcr.io/openhands/eval-cache:builder,mode=max".to_string()
@@ -249,6 +245,23 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
     // The base is pushed to ghcr.io; its upstream (docker.io) keeps HTTPS.
     assert_eq!(http["value"], "ghcr.io");
     assert_eq!(job::http_registries(base), vec!["ghcr.io".to_string()]);
+    // Declared to buildkitd only: buildctl's own `registry.insecure` would try HTTPS
+    // first on every connection.
+    let command = job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .command
+        .clone()
+        .unwrap();
+    // After `sh -c <wrapper> imagebuild-build`: buildctl's arguments.
+    let args = &command[4..];
+    assert!(args.iter().all(|a| !a.contains("insecure")), "{args:?}");
 
     let mut secure = run.spec.clone();
     secure.registry.insecure = false;

@@ -266,8 +266,7 @@ fn rootless_mode_starts_the_daemon_through_rootlesskit_with_its_flags() {
     );
     assert_eq!(
         std::fs::read_to_string(&config).unwrap(),
-        "[registry.\"kind-registry:5000\"]\n  http = true\n  insecure = true\n\
-         [registry.\"localhost:5001\"]\n  http = true\n  insecure = true\n"
+        "[registry.\"kind-registry:5000\"]\n  http = true\n[registry.\"localhost:5001\"]\n  http = true\n"
     );
     // An image without XDG_RUNTIME_DIR gets one in the work directory.
     assert!(ex.work().join("run").is_dir());

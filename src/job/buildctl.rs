@@ -55,10 +55,15 @@ impl<'a> PhaseBuild<'a> {
 }
 
 /// The arguments of `buildctl` (after `--addr`, which the wrapper adds) that build `node`
-/// and push it. `insecure` allows plain-HTTP registries (`spec.registry.insecure`).
+/// and push it.
 ///
-/// No attestation is requested, so BuildKit attaches no provenance to the image.
-pub fn buildctl_args(build: &PhaseBuild<'_>, node: &Node, insecure: bool) -> Vec<String> {
+/// No attestation is requested, so BuildKit attaches no provenance to the image. Plain-HTTP
+/// registries (`spec.registry.insecure`) are not named here: the wrapper declares them to
+/// buildkitd (`http = true`), which then speaks plain HTTP to them for pulls, pushes and
+/// the cache alike. BuildKit's own `registry.insecure=true` would try HTTPS first on every
+/// connection, and each refused attempt left the registry side of it in TIME_WAIT, where
+/// a later connection from the same port stalled for up to 30 s.
+pub fn buildctl_args(build: &PhaseBuild<'_>, node: &Node) -> Vec<String> {
     let mut args: Vec<String> = ["build", "--progress=plain", "--frontend=dockerfile.v0"]
         .map(String::from)
         .to_vec();
@@ -92,23 +97,13 @@ pub fn buildctl_args(build: &PhaseBuild<'_>, node: &Node, insecure: bool) -> Vec
             args.push(format!("{name}={CONTEXT_DIR}"));
         }
     }
-    let insecure_opt = if insecure {
-        ",registry.insecure=true"
-    } else {
-        ""
-    };
     args.push("--output".into());
-    args.push(format!(
-        "type=image,name={},push=true{insecure_opt}",
-        node.image
-    ));
+    args.push(format!("type=image,name={},push=true", node.image));
     if let (Some(mode), Some(cache_ref)) = (cache_mode(build.cache), node.cache_ref.as_deref()) {
         args.push("--import-cache".into());
-        args.push(format!("type=registry,ref={cache_ref}{insecure_opt}"));
+        args.push(format!("type=registry,ref={cache_ref}"));
         args.push("--export-cache".into());
-        args.push(format!(
-            "type=registry,ref={cache_ref},mode={mode}{insecure_opt}"
-        ));
+        args.push(format!("type=registry,ref={cache_ref},mode={mode}"));
     }
     args.push("--metadata-file".into());
     args.push(METADATA_FILE.into());

@@ -140,7 +140,7 @@ pub fn build_job(
         WRAPPER.into(),
         "imagebuild-build".into(),
     ];
-    command.extend(buildctl_args(&build, node, spec.registry.insecure));
+    command.extend(buildctl_args(&build, node));
 
     let (mode, state_dir) = if rootless {
         ("rootless", "/home/user/.local/share/buildkit")

@@ -8,8 +8,8 @@
 # Environment: IMAGEBUILD_EXECUTOR_MODE (rootless | privileged); BUILDKITD_FLAGS, extra
 # flags for buildkitd; IMAGEBUILD_BUILDKIT_ROOT, buildkitd's state directory;
 # IMAGEBUILD_DOCKERFILE, the Dockerfile text of an inline context;
-# IMAGEBUILD_HTTP_REGISTRIES, registry hosts BuildKit speaks plain HTTP to (pulls and
-# pushes; spec.registry.insecure); IMAGEBUILD_START_TIMEOUT, seconds to wait for the daemon
+# IMAGEBUILD_HTTP_REGISTRIES, registry hosts BuildKit speaks plain HTTP to (pulls, pushes
+# and the cache; spec.registry.insecure); IMAGEBUILD_START_TIMEOUT, seconds to wait for the daemon
 # (default 60); IMAGEBUILD_WORK_DIR and IMAGEBUILD_TERMINATION_LOG, for tests.
 set -u
 work=${IMAGEBUILD_WORK_DIR:-/work}
@@ -27,7 +27,7 @@ fi
 flags=${BUILDKITD_FLAGS:-}
 if [ -n "${IMAGEBUILD_HTTP_REGISTRIES:-}" ]; then
   for host in $IMAGEBUILD_HTTP_REGISTRIES; do
-    printf '[registry."%s"]\n  http = true\n  insecure = true\n' "$host"
+    printf '[registry."%s"]\n  http = true\n' "$host"
   done >"$work/buildkitd.toml"
   flags="$flags --config=$work/buildkitd.toml"
 fi
