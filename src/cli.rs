@@ -8,8 +8,8 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::api::ImageBuildRun;
-use crate::controller::manifest::{Manifest, ManifestError};
 use crate::instances::{self, InstanceError};
+use crate::manifest::{Manifest, ManifestError};
 use crate::plan::{self, Phase, Plan, PlanError};
 
 /// Why the plan command failed.

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::api::{ImageBuildRunStatus, PhaseCounts, RunPhase};
-use crate::controller::records::{Record, RecordStatus};
+use crate::manifest::{Record, RecordStatus};
 
 /// The version of the JSON form.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -383,7 +383,7 @@ impl Summary {
 
 /// `s` as a Markdown table cell: pipes escaped, at most 200 bytes.
 fn cell(s: &str) -> String {
-    crate::controller::records::truncate(s, 200).replace('|', "\\|")
+    crate::manifest::truncate(s, 200).replace('|', "\\|")
 }
 
 /// `3725` as `1h 2m 5s`.

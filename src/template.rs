@@ -66,7 +66,9 @@ impl TemplateSet {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_filter("short", short);
-        env.add_filter("sha256", |s: &str| hex(&Sha256::digest(s.as_bytes())));
+        env.add_filter("sha256", |s: &str| {
+            hex::encode(Sha256::digest(s.as_bytes()))
+        });
         Self { env }
     }
 
@@ -180,11 +182,6 @@ pub fn custom_tag(image: &str) -> String {
 
 fn short(value: &str, len: Option<usize>) -> String {
     value.chars().take(len.unwrap_or(7)).collect()
-}
-
-/// Lower-case hex of `bytes` (digests in tags, labels and Job names).
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The first name the template uses that the context lacks (sorted, so errors are stable).

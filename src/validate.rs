@@ -172,7 +172,7 @@ fn annotation_key(key: &str) -> Result<(), String> {
     }
     if let Some(prefix) = prefix {
         let prefix_ok = (1..=253).contains(&prefix.len())
-            && prefix.split('.').all(crate::plan::is_dns1123_label);
+            && prefix.split('.').all(crate::names::is_dns1123_label);
         if !prefix_ok {
             return Err(
                 "the prefix must be a DNS subdomain (lower-case labels separated by dots)".into(),

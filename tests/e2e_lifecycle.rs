@@ -16,8 +16,8 @@ use common::runs::{
     swebench_run, watch_jobs,
 };
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
-use imagebuild_operator::controller::records::RecordStatus;
-use imagebuild_operator::job::LABEL_RUN_UID;
+use imagebuild_operator::manifest::RecordStatus;
+use imagebuild_operator::names::LABEL_RUN_UID;
 use imagebuild_operator::plan::Phase;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};

@@ -18,8 +18,8 @@ use common::cluster::{LogsOnFailure, Operator, TestNamespace, apply_crd, eventua
 use common::real::{DOCKERFILE, RealNode, RealRun, reports, watch_termination_messages};
 use common::runs::{delete_run, records, watch_jobs_pushing};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
-use imagebuild_operator::controller::records::{Record, RecordStatus};
 use imagebuild_operator::instances::RawInstance;
+use imagebuild_operator::manifest::{Record, RecordStatus};
 use imagebuild_operator::plan::{Phase, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};

@@ -18,7 +18,7 @@ use common::runs::{
     records, swebench_ids, swebench_run, watch_jobs, watch_jobs_pushing,
 };
 use imagebuild_operator::api::{ImageBuildRun, ImageBuildRunStatus, PhaseCounts, RunPhase};
-use imagebuild_operator::controller::records::{Record, RecordStatus};
+use imagebuild_operator::manifest::{Record, RecordStatus};
 use imagebuild_operator::plan::{Phase, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;

@@ -166,7 +166,7 @@ placement:
 "#,
     );
     let plan = common::plan_for(&spec, &common::raw(&["django__django-11333"], &[]));
-    let a = job::PodAnnotations::compile(&spec).unwrap();
+    let a = imagebuild_operator::plan::PodAnnotations::compile(&spec).unwrap();
     let asm = node(&plan, Phase::Assembly, None);
     let first = a.render(asm, 1).unwrap();
     assert_eq!(first["example.com/team"], "evals-assembly");

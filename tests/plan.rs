@@ -9,7 +9,8 @@ use std::process::Command;
 
 use imagebuild_operator::cli::{load_run, plan_run};
 use imagebuild_operator::instances::{self, InstanceError};
-use imagebuild_operator::plan::{self, Phase, PlanError, is_dns1123_label};
+use imagebuild_operator::names::is_dns1123_label;
+use imagebuild_operator::plan::{self, Phase, PlanError};
 
 use common::{SWEBENCH_IDS as IDS, block_on};
 

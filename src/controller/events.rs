@@ -124,7 +124,7 @@ fn warning(reason: &str, action: &str, note: String) -> Event {
 
 fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
     // The Events API caps the note at 1 KiB.
-    let note = super::records::truncate(&note, 1000);
+    let note = crate::manifest::truncate(&note, 1000);
     Event {
         type_,
         reason: reason.to_string(),

@@ -2,10 +2,8 @@
 //! pure; the reconciler reads the world, asks the scheduler, and applies its actions.
 
 pub mod events;
-pub mod manifest;
 pub mod observe;
 pub mod reconcile;
-pub mod records;
 pub mod status;
 
 use std::collections::HashSet;
@@ -20,9 +18,9 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 use crate::api::ImageBuildRun;
-use crate::job::MANAGER;
 use crate::metrics::Metrics;
 use crate::metrics::server::Health;
+use crate::names::MANAGER;
 
 /// How often caches and metrics of deleted runs are dropped.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(5);

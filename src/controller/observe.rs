@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::records::{Harvest, Record};
-use crate::job::{ANNOTATION_ATTEMPT, Outcome, outcome};
+use crate::job::{Outcome, outcome};
+use crate::manifest::{Harvest, Record};
+use crate::names::ANNOTATION_ATTEMPT;
 use crate::plan::{NodeId, Plan};
 use crate::schedule::{Failure, FailureClass, NodeState};
 

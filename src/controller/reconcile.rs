@@ -19,16 +19,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::events;
-use super::manifest::{Manifest, ManifestError};
 use super::observe::{LiveJob, observe, ready_since};
-use super::records::Record;
 use super::status;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
-use crate::job::{
-    ANNOTATION_DISPATCHED_BY, JobInputs, LABEL_RUN_UID, MANAGER, PodAnnotations, build_job,
-};
+use crate::job::{JobInputs, build_job};
+use crate::manifest::Record;
+use crate::manifest::{Manifest, ManifestError};
 use crate::metrics::{Metrics, RunId, RunSettings};
-use crate::plan::{self, Plan};
+use crate::names::{ANNOTATION_DISPATCHED_BY, LABEL_RUN_UID, MANAGER};
+use crate::plan::{self, Plan, PodAnnotations};
 use crate::registry::{DockerConfig, Presence, RegistryChecker};
 use crate::schedule::{self, Action, NodeState, Policy, Registry};
 use crate::validate::{self, Settings};
@@ -323,7 +322,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     };
 
-    if let Some(message) = super::manifest::too_many(plan.nodes.len()) {
+    if let Some(message) = crate::manifest::too_many(plan.nodes.len()) {
         fail_run(
             &mut status,
             "TooManyImages",
@@ -495,7 +494,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     status.manifests = manifest.names(&name);
     let all_records = || records.values();
     status.last_progress_at = all_records()
-        .filter(|r| r.status != super::records::RecordStatus::Retrying)
+        .filter(|r| r.status != crate::manifest::RecordStatus::Retrying)
         .map(|r| r.time)
         .max();
     let started = status.started_at.unwrap_or(now);
@@ -983,7 +982,7 @@ async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {
 fn record_for(
     plan: &Plan,
     states: &[NodeState],
-    outcomes: &BTreeMap<usize, super::records::Harvest>,
+    outcomes: &BTreeMap<usize, crate::manifest::Harvest>,
     action: &Action,
     now: DateTime<Utc>,
 ) -> Option<(usize, Record)> {

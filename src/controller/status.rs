@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::records::{Record, RecordStatus};
 use crate::api::{FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, PhaseCounts, RunPhase};
+use crate::manifest::{Record, RecordStatus};
 use crate::plan::{Phase, Plan};
 use crate::schedule::NodeState;
 
@@ -132,7 +132,7 @@ fn last_line(text: &str, max: usize) -> String {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("");
-    super::records::truncate(line, max)
+    crate::manifest::truncate(line, max)
 }
 
 /// The message of Stalled when images already failed because their pods could not be

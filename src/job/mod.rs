@@ -2,7 +2,6 @@
 //! frontend behind a small wrapper that reports the result in the termination message.
 //! Pure code: `build_job` turns a node and its run into the Job object to create.
 
-mod annotations;
 mod buildctl;
 mod result;
 
@@ -11,14 +10,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
-pub use annotations::PodAnnotations;
 pub use buildctl::{CONTEXT_DIR, METADATA_FILE, PhaseBuild, WORK_DIR, buildctl_args};
 pub use result::{BuildReport, Outcome, STAGE_START, classify_text, outcome};
 
 use crate::api::{ExecutorMode, ImageBuildRunSpec};
-use crate::plan::{Node, is_dns1123_label};
+use crate::names::{
+    ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, ANNOTATION_INSTANCE, LABEL_NODE, LABEL_PHASE, LABEL_RUN,
+    LABEL_RUN_UID, MANAGER, run_label, sha256_hex,
+};
+use crate::plan::Node;
 
 /// The wrapper script the build container runs (`sh -c`).
 pub const WRAPPER: &str = include_str!("wrapper.sh");
@@ -34,26 +35,6 @@ pub fn http_registries(node: &Node) -> Vec<String> {
     hosts.dedup();
     hosts
 }
-
-/// On a Job, the identity of the operator that created it (with leader election).
-pub const ANNOTATION_DISPATCHED_BY: &str = "imagebuild.dev/dispatched-by";
-
-/// Value of `app.kubernetes.io/managed-by` on everything the operator creates.
-pub const MANAGER: &str = "imagebuild-operator";
-/// Label: the run a Job belongs to (its name, hashed when longer than a label value).
-pub const LABEL_RUN: &str = "imagebuild.dev/run";
-/// Label: the uid of the run a Job belongs to; what the operator selects on.
-pub const LABEL_RUN_UID: &str = "imagebuild.dev/run-uid";
-/// Label: the node's phase.
-pub const LABEL_PHASE: &str = "imagebuild.dev/phase";
-/// Label: a short hash of the node's instance (or upstream image, or `builder`).
-pub const LABEL_NODE: &str = "imagebuild.dev/node";
-/// Annotation: the instance id of assembly and post-assembly nodes.
-pub const ANNOTATION_INSTANCE: &str = "imagebuild.dev/instance-id";
-/// Annotation: the 1-based attempt number.
-pub const ANNOTATION_ATTEMPT: &str = "imagebuild.dev/attempt";
-/// Annotation: the image reference the Job pushes.
-pub const ANNOTATION_IMAGE: &str = "imagebuild.dev/image";
 
 /// Where a docker config JSON push Secret is mounted, read-only.
 const DOCKER_CONFIG_DIR: &str = "/home/user/.docker";
@@ -81,24 +62,9 @@ pub enum JobError {
     NoPhase(String),
 }
 
-/// A label value naming the run: the name itself when it fits (63 characters), else its
-/// head and a hash.
-pub fn run_label(run_name: &str) -> String {
-    if run_name.len() <= 63 && is_dns1123_label(run_name) {
-        return run_name.to_string();
-    }
-    let head: String = run_name.chars().take(52).collect();
-    let head = head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
-    format!("{head}-{}", &hex_sha256(run_name)[..10])
-}
-
 /// A short, stable hash of what a node is built for.
 pub fn node_label(node: &Node) -> String {
-    hex_sha256(&format!("{}\0{}", node.phase.as_str(), node.subject()))[..16].to_string()
-}
-
-fn hex_sha256(text: &str) -> String {
-    crate::template::hex(&Sha256::digest(text.as_bytes()))
+    sha256_hex(&format!("{}\0{}", node.phase.as_str(), node.subject()))[..16].to_string()
 }
 
 /// The Job that builds `node` (attempt `attempt`, 1-based). `pod_annotations` are added to

@@ -21,7 +21,7 @@ use prometheus::{
 };
 
 use crate::api::{ImageBuildRunStatus, PhaseCounts, RunPhase};
-use crate::controller::records::{Record, RecordStatus};
+use crate::manifest::{Record, RecordStatus};
 use crate::schedule::FailureClass;
 
 /// Image phases, as the `phase` label spells them.

@@ -2,6 +2,7 @@
 //! assembly per instance (and an optional post-assembly layer), each node with its final
 //! image reference, build arguments, dependencies and deterministic Job name. Pure code.
 
+mod annotations;
 mod names;
 mod render;
 
@@ -12,7 +13,8 @@ use std::collections::BTreeMap;
 use regex::Regex;
 use serde::Serialize;
 
-pub use names::{MAX_NAME, is_dns1123_label, job_name};
+pub use annotations::PodAnnotations;
+pub use names::job_name;
 
 use crate::api::ImageBuildRunSpec;
 use crate::instances::RawInstance;
@@ -306,7 +308,7 @@ pub fn build(
 
     // Pod annotations render per attempt; render every one now so a template that fails
     // for some node fails the plan rather than that node's Job.
-    let annotations = crate::job::PodAnnotations::compile(spec)?;
+    let annotations = PodAnnotations::compile(spec)?;
     if !annotations.is_empty() {
         for node in &nodes {
             for attempt in 1..=spec.retry.attempts {

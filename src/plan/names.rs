@@ -4,8 +4,8 @@
 
 use sha2::{Digest, Sha256};
 
-/// Longest Kubernetes label value (a Job's name is copied into its pods' labels).
-pub const MAX_NAME: usize = 63;
+use crate::names::MAX_NAME;
+
 const HASH_LEN: usize = 10;
 const RUN_PART_MAX: usize = 20;
 
@@ -17,7 +17,7 @@ pub fn job_name(run: &str, phase_abbrev: &str, slug: &str, key: &str) -> String 
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
-    let hash = crate::template::hex(&hasher.finalize());
+    let hash = hex::encode(hasher.finalize());
     let run_part = truncate(&sanitize(run), RUN_PART_MAX);
     let prefix = format!("{run_part}-{phase_abbrev}");
     let room = MAX_NAME - prefix.len() - HASH_LEN - 2;
@@ -63,20 +63,10 @@ fn keep_tail(text: &str, max: usize) -> String {
         .to_string()
 }
 
-/// Whether `name` is a valid DNS-1123 label.
-pub fn is_dns1123_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::is_dns1123_label;
     use proptest::prelude::*;
 
     #[test]

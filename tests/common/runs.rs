@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
-use imagebuild_operator::controller::manifest;
-use imagebuild_operator::controller::records::Record;
 use imagebuild_operator::instances::RawInstance;
-use imagebuild_operator::job::{
+use imagebuild_operator::manifest;
+use imagebuild_operator::manifest::Record;
+use imagebuild_operator::names::{
     ANNOTATION_ATTEMPT, ANNOTATION_DISPATCHED_BY, ANNOTATION_IMAGE, LABEL_PHASE, LABEL_RUN,
 };
 use imagebuild_operator::plan::{Phase, Plan};
@@ -264,7 +264,7 @@ pub async fn delete_run(runs: &Api<ImageBuildRun>, name: &str) {
 pub async fn manifest_shards(cms: &Api<ConfigMap>, run: &str) -> BTreeMap<String, ConfigMap> {
     let selector = format!(
         "{LABEL_RUN}={},app.kubernetes.io/component={}",
-        imagebuild_operator::job::run_label(run),
+        imagebuild_operator::names::run_label(run),
         manifest::COMPONENT
     );
     cms.list(&ListParams::default().labels(&selector))

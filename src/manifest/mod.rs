@@ -17,9 +17,12 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::records::Record;
+mod record;
+
+pub use record::{Harvest, MAX_MESSAGE, Record, RecordStatus, shorten, truncate};
+
 use crate::api::{ImageBuildRun, MAX_MANIFESTS};
-use crate::job::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
+use crate::names::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
 use crate::plan::Plan;
 
 /// The data key of a shard.
@@ -101,7 +104,7 @@ pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)> + 
         for (job, record) in records.clone() {
             let mut record = record.clone();
             if let (Some(max), Some(error)) = (max_error, &record.error) {
-                record.error = (max > 0).then(|| super::records::shorten(error, max));
+                record.error = (max > 0).then(|| shorten(error, max));
             }
             let line = Line {
                 job: job.clone(),

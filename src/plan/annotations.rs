@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use super::Node;
 use crate::api::ImageBuildRunSpec;
-use crate::plan::Node;
 use crate::template::{Context, TemplateError, TemplateSet};
 
 const FIELD: &str = "spec.placement.podAnnotations";
