@@ -15,7 +15,8 @@
 # Env:
 #   IMAGEBUILD_CACHE     cache root            (default $HOME/.cache/imagebuild)
 #   IMAGEBUILD_GOMODCACHE / IMAGEBUILD_GOCACHE  Go module/build caches
-#                        (default <cache root>/go/mod and <cache root>/go/build)
+#                        (default <cache root>/go/mod and <cache root>/go/build; those
+#                        defaults are removed after a build unless IMAGEBUILD_KEEP_GO_CACHE=1)
 #   BUILD_NICE           nice level for go commands (default 19)
 # Requires only bash, coreutils, awk, gcc and Go >= GO_MIN_VERSION; modules come from
 # the Go module proxy. The finished tree is renamed into place atomically.
@@ -291,5 +292,15 @@ rm -rf "$TMP.old"
 trap - EXIT
 
 log "cold build took ${elapsed}s"
+# The binaries are all that is kept: the Go build and module caches and the module sources
+# take several GiB that a CI machine's disk may not have to spare for the tests (a CI run once
+# ran out of space compiling them). IMAGEBUILD_KEEP_GO_CACHE=1 keeps them for rebuilds.
+if [[ "${IMAGEBUILD_KEEP_GO_CACHE:-0}" != 1 ]]; then
+  # Only the caches this script chose: a cache the caller named is theirs.
+  [[ -n "${IMAGEBUILD_GOMODCACHE:-}" ]] || rm -rf "$GOMODCACHE"
+  [[ -n "${IMAGEBUILD_GOCACHE:-}" ]] || rm -rf "$GOCACHE"
+  rm -rf "$SRC"
+  log "removed the Go caches and module sources (IMAGEBUILD_KEEP_GO_CACHE=1 keeps them)"
+fi
 log "binaries in $BIN: $(cd "$BIN" && echo *)"
 echo "$BIN" >&3
