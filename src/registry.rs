@@ -157,6 +157,13 @@ impl Default for Backoff {
     }
 }
 
+/// Longest a connection to a registry may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a registry may stay silent within an answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest one manifest request may take in all.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Checks images of one run: one credential set, a bound on requests in flight.
 #[derive(Clone)]
 pub struct RegistryChecker {
@@ -183,6 +190,8 @@ impl RegistryChecker {
         RegistryChecker {
             client: Arc::new(Client::new(ClientConfig {
                 protocol,
+                connect_timeout: Some(CONNECT_TIMEOUT),
+                read_timeout: Some(READ_TIMEOUT),
                 ..Default::default()
             })),
             config: Arc::new(config),
@@ -220,7 +229,21 @@ impl RegistryChecker {
         let mut wait = self.backoff.initial;
         let mut attempt = 1;
         loop {
-            let result = self.client.fetch_manifest_digest(&reference, &auth).await;
+            // A registry that trickles its answer gets no more than this either.
+            let result = match tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.client.fetch_manifest_digest(&reference, &auth),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(oci_client::errors::OciDistributionError::IoError(
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+                    ),
+                )),
+            };
             if let Some(observe) = &self.observer {
                 observe(&status_code(&result));
             }
