@@ -43,6 +43,9 @@ pub enum CliError {
     /// The run's manifest could not be read.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// No client for the cluster (no kubeconfig, no service account).
+    #[error("{0}")]
+    Client(String),
 }
 
 /// Output format of `summary`.

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod manifest;
 pub mod metrics;
 pub mod names;
+pub mod operator;
 pub mod plan;
 pub mod registry;
 pub mod schedule;

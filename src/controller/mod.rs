@@ -1,9 +1,20 @@
-//! The controller: reconciles ImageBuildRuns into build Jobs. `records` and `observe` are
-//! pure; the reconciler reads the world, asks the scheduler, and applies its actions.
+//! The controller: reconciles ImageBuildRuns into build Jobs. `reconcile` is the pipeline
+//! (observe, resolve, check presence, decide, apply, publish); each step is a module of
+//! its own, most of them pure (`observe`, `resolve`, `presence`, `ledger`, `actions`,
+//! `status`, `events`, the derivation in `publish`); `state` holds what the operator
+//! keeps of each run between reconciles; this module runs the watches and the loop.
 
+mod actions;
+mod apply;
+pub mod context;
 pub mod events;
+mod ledger;
 pub mod observe;
+mod presence;
+mod publish;
 pub mod reconcile;
+mod resolve;
+mod state;
 pub mod status;
 
 use std::collections::HashSet;
@@ -34,6 +45,8 @@ pub struct Options {
     pub concurrency: u16,
     /// Registry requests in flight per run.
     pub registry_concurrency: usize,
+    /// How long a run's registry checks may go without an answer before it says so.
+    pub registry_stall: Duration,
     /// Build Jobs in flight across all runs, shared fairly between them.
     pub max_total_workers: Option<u32>,
     /// With leader election: writes only while the lease is held.
@@ -98,12 +111,13 @@ pub async fn run(
     for store in &pod_stores {
         let _ = store.wait_until_ready().await;
     }
-    let ctx = Arc::new(reconcile::Ctx::new(
+    let ctx = Arc::new(context::Ctx::new(
         client.clone(),
         job_stores,
         pod_stores,
-        reconcile::Config {
+        context::Config {
             registry_concurrency: options.registry_concurrency,
+            registry_stall: options.registry_stall,
             max_total_workers: options.max_total_workers,
             fence: options.fence.clone(),
             identity: options.identity.clone(),
@@ -150,8 +164,8 @@ pub async fn run(
 /// [`reconcile::reconcile`], timed and counted.
 async fn timed(
     run: Arc<ImageBuildRun>,
-    ctx: Arc<reconcile::Ctx>,
-) -> Result<kube::runtime::controller::Action, reconcile::Error> {
+    ctx: Arc<context::Ctx>,
+) -> Result<kube::runtime::controller::Action, context::Error> {
     /// Counts a reconcile in flight until dropped, however the reconcile ends.
     struct InFlight(prometheus::IntGauge);
     impl Drop for InFlight {
@@ -171,7 +185,7 @@ async fn timed(
 /// Once the run watches have synced, says so to `health`, then drops the caches and
 /// metrics of runs that are gone every [`PRUNE_INTERVAL`] (a deletion without finalizers
 /// reaches no reconcile).
-async fn prune(ctx: Arc<reconcile::Ctx>, stores: Vec<Store<ImageBuildRun>>, health: Arc<Health>) {
+async fn prune(ctx: Arc<context::Ctx>, stores: Vec<Store<ImageBuildRun>>, health: Arc<Health>) {
     for store in &stores {
         // The controller waits on the same store, and the store wakes only one waiter:
         // look again every second rather than wait to be woken.

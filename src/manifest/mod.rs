@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 mod record;
 
@@ -43,6 +43,9 @@ pub const COMPONENT: &str = "manifest";
 /// manifest is then read again).
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// The run has no uid (it was not read from the API server), so it cannot own shards.
+    #[error("the run has no uid to own its manifest")]
+    NoUid,
     /// A call to the API server failed.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
@@ -293,7 +296,7 @@ impl Manifest {
         let cms: Api<ConfigMap> =
             Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
         for i in touched {
-            let cm = self.shard(run, i, self.render_shard(i));
+            let cm = self.shard(run, i, self.render_shard(i))?;
             let name = shard_name(&run.name_any(), i);
             let written = match &self.versions[i] {
                 Some(_) => cms.replace(&name, &PostParams::default(), &cm).await,
@@ -311,25 +314,36 @@ impl Manifest {
         Ok(())
     }
 
-    fn shard(&self, run: &ImageBuildRun, i: usize, text: String) -> ConfigMap {
-        let owner = run
-            .controller_owner_ref(&())
-            .expect("a run from the API has a uid");
-        serde_json::from_value(json!({
-            "metadata": {
-                "name": shard_name(&run.name_any(), i),
-                "resourceVersion": self.versions[i],
-                "labels": {
-                    "app.kubernetes.io/managed-by": MANAGER,
-                    "app.kubernetes.io/component": COMPONENT,
-                    LABEL_RUN: run_label(&run.name_any()),
-                    LABEL_RUN_UID: run.uid(),
-                },
-                "ownerReferences": [owner],
+    fn shard(
+        &self,
+        run: &ImageBuildRun,
+        i: usize,
+        text: String,
+    ) -> Result<ConfigMap, ManifestError> {
+        // A run read from the API server always has a uid; one without cannot own a shard.
+        let owner = run.controller_owner_ref(&()).ok_or(ManifestError::NoUid)?;
+        let labels = [
+            ("app.kubernetes.io/managed-by", MANAGER.to_string()),
+            ("app.kubernetes.io/component", COMPONENT.to_string()),
+            (LABEL_RUN, run_label(&run.name_any())),
+            (LABEL_RUN_UID, run.uid().unwrap_or_default()),
+        ];
+        Ok(ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(shard_name(&run.name_any(), i)),
+                resource_version: self.versions[i].clone(),
+                labels: Some(
+                    labels
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                ),
+                owner_references: Some(vec![owner]),
+                ..Default::default()
             },
-            "data": {KEY: text},
-        }))
-        .expect("a well-formed ConfigMap")
+            data: Some(BTreeMap::from([(KEY.to_string(), text)])),
+            ..Default::default()
+        })
     }
 
     /// What a 409 on shard `name` means: a ConfigMap left by an earlier run of the same

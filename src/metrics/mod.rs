@@ -4,14 +4,20 @@
 //! and `/readyz`; `api` counts the requests of the Kubernetes client.
 //!
 //! Per-run gauges that mirror the status are set from the status the operator last
-//! *wrote*, while a scrape is excluded (see [`Metrics::publishing`]), so a scrape always
-//! agrees with the status the API server holds at that moment.
+//! *wrote*, right after the write; a scrape waits until no write is between its API call
+//! and its gauges, and renders again if one started meanwhile (see
+//! [`Metrics::status_write`]), so a scrape agrees with the statuses the API server holds.
+//! Nothing is locked across an API call. `runs` owns the per-run series, `builds` the
+//! counters the controller feeds with plain values.
 
 pub mod api;
+mod builds;
+mod runs;
 pub mod server;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,9 +26,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::api::{ImageBuildRunStatus, PhaseCounts, RunPhase};
-use crate::manifest::{Record, RecordStatus};
-use crate::schedule::FailureClass;
+pub use builds::{Counted, Outcome};
+
+use crate::api::RunPhase;
 
 /// Image phases, as the `phase` label spells them.
 pub const PHASES: [&str; 4] = ["builder", "base", "assembly", "postAssembly"];
@@ -131,7 +137,18 @@ pub struct Metrics {
     ready: IntGauge,
     leader: IntGauge,
     runs: Mutex<HashMap<String, RunSeries>>,
-    publishing: tokio::sync::RwLock<()>,
+    /// Status writes begun and ended (see [`Metrics::status_write`]).
+    writes_begun: AtomicU64,
+    writes_ended: AtomicU64,
+}
+
+/// A status write in flight (see [`Metrics::status_write`]); ends when dropped.
+pub struct StatusWrite<'a>(&'a Metrics);
+
+impl Drop for StatusWrite<'_> {
+    fn drop(&mut self) {
+        self.0.writes_ended.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// `namespace/name`, the key of a run.
@@ -141,12 +158,6 @@ fn key(ns: &str, run: &str) -> String {
 
 fn phase_index(phase: &str) -> Option<usize> {
     PHASES.iter().position(|p| *p == phase)
-}
-
-/// The seconds of a record's attempt, from its Job's start to its end.
-pub fn attempt_seconds(record: &Record) -> Option<f64> {
-    let (start, end) = (record.started_at?, record.finished_at?);
-    Some(((end - start).num_milliseconds().max(0) as f64) / 1000.0)
 }
 
 impl Default for Metrics {
@@ -312,7 +323,8 @@ impl Metrics {
                 "1 while this operator dispatches: it holds the lease, or leader election is off."
             )),
             runs: Mutex::new(HashMap::new()),
-            publishing: tokio::sync::RwLock::new(()),
+            writes_begun: AtomicU64::new(0),
+            writes_ended: AtomicU64::new(0),
             registry: registry.clone(),
         };
         let info = register!(IntGaugeVec::new(
@@ -331,334 +343,42 @@ impl Metrics {
         metrics
     }
 
-    /// The text exposition of every metric. Waits up to a second for status writes in
-    /// flight, so that the run gauges match the statuses the API server holds.
+    /// The text exposition of every metric. Waits (at most a second) until no status
+    /// write is in flight, and renders again if one began while it rendered, so that the
+    /// run gauges match the statuses the API server holds.
     pub async fn gather(&self) -> String {
-        let _quiet = tokio::time::timeout(SCRAPE_WAIT, self.publishing.write())
-            .await
-            .ok();
+        let deadline = tokio::time::Instant::now() + SCRAPE_WAIT;
+        loop {
+            let begun = self.writes_begun.load(Ordering::SeqCst);
+            if begun == self.writes_ended.load(Ordering::SeqCst) {
+                let text = self.encode();
+                if self.writes_begun.load(Ordering::SeqCst) == begun {
+                    return text;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return self.encode();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn encode(&self) -> String {
         let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding into memory does not fail");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        // Encoding into memory fails only on a metric of no known type, which the
+        // registry never holds; say so rather than panic.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            return format!("# encoding the metrics failed: {e}\n");
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 
-    /// Held while a status write and the gauges that mirror it happen; scrapes wait.
-    pub async fn publishing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.publishing.read().await
-    }
-
-    /// Makes sure the run's series exist (counters at zero, so that `increase()` sees
-    /// their first step). A run recreated under the same name starts afresh.
-    pub fn track(&self, ns: &str, run: &str, uid: &str) {
-        let mut runs = self.runs.lock().unwrap();
-        let entry = runs.entry(key(ns, run)).or_default();
-        if entry.uid == uid {
-            return;
-        }
-        if !entry.uid.is_empty() {
-            self.remove_series(ns, run, entry);
-        }
-        *entry = RunSeries {
-            uid: uid.to_string(),
-            ..Default::default()
-        };
-        for phase in PHASES {
-            for result in RESULTS {
-                self.builds.with_label_values(&[ns, run, phase, result]);
-            }
-            for reason in SKIP_REASONS {
-                self.skips.with_label_values(&[ns, run, phase, reason]);
-            }
-        }
-        for class in FailureClass::ALL {
-            self.failures.with_label_values(&[ns, run, class.as_str()]);
-            if class.is_transient() {
-                self.retries.with_label_values(&[ns, run, class.as_str()]);
-            }
-        }
-        entry.codes.insert("429".into());
-        self.registry_requests.with_label_values(&[ns, run, "429"]);
-    }
-
-    /// Removes every series of the run.
-    pub fn forget(&self, ns: &str, run: &str) {
-        if let Some(series) = self.runs.lock().unwrap().remove(&key(ns, run)) {
-            self.remove_series(ns, run, &series);
-        }
-    }
-
-    /// Removes the series of every run `keep` (given `namespace/name` and uid) rejects.
-    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
-        let mut runs = self.runs.lock().unwrap();
-        let gone: Vec<String> = runs
-            .iter()
-            .filter(|(k, s)| !keep(k, &s.uid))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            if let Some(series) = runs.remove(&k)
-                && let Some((ns, run)) = k.split_once('/')
-            {
-                self.remove_series(ns, run, &series);
-            }
-        }
-    }
-
-    /// Runs with series.
-    pub fn tracked(&self) -> usize {
-        self.runs.lock().unwrap().len()
-    }
-
-    /// Runs `f` on the run's bookkeeping, holding it, if the run is tracked under its uid.
-    fn with_live<R>(&self, run: &RunId, f: impl FnOnce(&mut RunSeries) -> R) -> Option<R> {
-        let mut runs = self.runs.lock().unwrap();
-        runs.get_mut(&key(run.namespace, run.name))
-            .filter(|s| s.uid == run.uid)
-            .map(f)
-    }
-
-    fn remove_series(&self, ns: &str, run: &str, series: &RunSeries) {
-        let r = [ns, run];
-        for v in [
-            &self.run_suspended,
-            &self.run_jobs_in_flight,
-            &self.run_max_workers,
-            &self.run_unschedulable,
-        ] {
-            let _ = v.remove_label_values(&r);
-        }
-        for v in [
-            &self.run_started,
-            &self.run_last_progress,
-            &self.run_estimated_completion,
-            &self.run_deadline,
-        ] {
-            let _ = v.remove_label_values(&r);
-        }
-        for phase in PHASES {
-            let _ = self.run_median.remove_label_values(&[ns, run, phase]);
-            for state in STATES {
-                let _ = self
-                    .run_images
-                    .remove_label_values(&[ns, run, phase, state]);
-            }
-            for result in RESULTS {
-                let _ = self.builds.remove_label_values(&[ns, run, phase, result]);
-            }
-            for reason in SKIP_REASONS {
-                let _ = self.skips.remove_label_values(&[ns, run, phase, reason]);
-            }
-        }
-        for phase in RUN_PHASES {
-            let _ = self
-                .run_phase
-                .remove_label_values(&[ns, run, &format!("{phase:?}")]);
-        }
-        for class in FailureClass::ALL {
-            let _ = self
-                .failures
-                .remove_label_values(&[ns, run, class.as_str()]);
-            let _ = self.retries.remove_label_values(&[ns, run, class.as_str()]);
-        }
-        for code in &series.codes {
-            let _ = self.registry_requests.remove_label_values(&[ns, run, code]);
-        }
-    }
-
-    /// Whether the run's status gauges were set by this process (else they wait for the
-    /// first write, or are taken from the status as read).
-    pub fn published(&self, run: &RunId) -> bool {
-        self.with_live(run, |s| s.published).unwrap_or(true)
-    }
-
-    /// Sets the gauges that mirror the status.
-    pub fn set_status(&self, id: &RunId, status: &ImageBuildRunStatus) {
-        self.with_live(id, |series| {
-            series.published = true;
-            self.status_gauges(id.namespace, id.name, status);
-        });
-    }
-
-    fn status_gauges(&self, ns: &str, run: &str, status: &ImageBuildRunStatus) {
-        let counts: [&PhaseCounts; 4] = [
-            &status.builder,
-            &status.bases,
-            &status.assemblies,
-            &status.post_assemblies,
-        ];
-        let mut running = 0;
-        for (phase, c) in PHASES.iter().zip(counts) {
-            for (state, n) in
-                STATES
-                    .iter()
-                    .zip([c.pending, c.running, c.succeeded, c.skipped, c.failed])
-            {
-                self.run_images
-                    .with_label_values(&[ns, run, phase, state])
-                    .set(i64::from(n));
-            }
-            running += i64::from(c.running);
-        }
-        self.run_jobs_in_flight
-            .with_label_values(&[ns, run])
-            .set(running);
-        let phase = status.phase.unwrap_or(RunPhase::Pending);
-        for p in RUN_PHASES {
-            self.run_phase
-                .with_label_values(&[ns, run, &format!("{p:?}")])
-                .set(i64::from(p == phase));
-        }
-        let seconds = |t: DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
-        let r = [ns, run];
-        if let Some(started) = status.started_at {
-            self.run_started.with_label_values(&r).set(seconds(started));
-        }
-        if let Some(t) = status.last_progress_at.or(status.started_at) {
-            self.run_last_progress.with_label_values(&r).set(seconds(t));
-        }
-        match status.estimated_completion {
-            Some(t) => self
-                .run_estimated_completion
-                .with_label_values(&r)
-                .set(seconds(t)),
-            None => {
-                let _ = self.run_estimated_completion.remove_label_values(&r);
-            }
-        }
-    }
-
-    /// Whether the run's medians wait for their first computation in this process.
-    pub fn medians_unset(&self, run: &RunId) -> bool {
-        self.with_live(run, |s| !s.medians).unwrap_or(false)
-    }
-
-    /// Sets the median Job durations of the run's built images, by phase.
-    pub fn set_medians<'a>(&self, id: &RunId, records: impl Iterator<Item = &'a Record>) {
-        let (ns, run) = (id.namespace, id.name);
-        self.with_live(id, |series| {
-            series.medians = true;
-            let mut durations: [Vec<u64>; 4] = Default::default();
-            for record in records.filter(|r| r.status == RecordStatus::Built) {
-                if let (Some(i), Some(d)) = (phase_index(&record.phase), record.duration_seconds) {
-                    durations[i].push(d);
-                }
-            }
-            for (phase, values) in PHASES.iter().zip(durations) {
-                match crate::summary::stats(values) {
-                    Some(stats) => self
-                        .run_median
-                        .with_label_values(&[ns, run, phase])
-                        .set(stats.median),
-                    None => {
-                        let _ = self.run_median.remove_label_values(&[ns, run, phase]);
-                    }
-                }
-            }
-        });
-    }
-
-    /// Sets the gauges of the run's settings and pods.
-    pub fn set_settings(&self, id: &RunId, settings: &RunSettings) {
-        let r = [id.namespace, id.name];
-        self.with_live(id, |_| {
-            self.run_suspended
-                .with_label_values(&r)
-                .set(i64::from(settings.suspended));
-            self.run_max_workers
-                .with_label_values(&r)
-                .set(i64::from(settings.max_workers));
-            self.run_unschedulable
-                .with_label_values(&r)
-                .set(i64::from(settings.unschedulable));
-            match settings.deadline {
-                Some(t) => self
-                    .run_deadline
-                    .with_label_values(&r)
-                    .set(t.timestamp_millis() as f64 / 1000.0),
-                None => {
-                    let _ = self.run_deadline.remove_label_values(&r);
-                }
-            }
-        });
-    }
-
-    /// Counts a record the run just wrote; `pod_pending` is its pod's wait to start.
-    pub fn record(&self, id: &RunId, record: &Record, pod_pending: Option<f64>) {
-        let phase = record.phase.as_str();
-        if phase_index(phase).is_none() {
-            return;
-        }
-        self.with_live(id, |_| {
-            self.count(id.namespace, id.name, record, pod_pending)
-        });
-    }
-
-    fn count(&self, ns: &str, run: &str, record: &Record, pod_pending: Option<f64>) {
-        let phase = record.phase.as_str();
-        let class = record.failure_class.as_deref().unwrap_or("BuildError");
-        let result = match record.status {
-            RecordStatus::Built => "succeeded",
-            RecordStatus::Failed => "failed",
-            RecordStatus::Retrying => "retried",
-            RecordStatus::SkippedRemoteExists | RecordStatus::SkippedNotNeeded => {
-                let reason = if record.status == RecordStatus::SkippedRemoteExists {
-                    "remote_exists"
-                } else {
-                    "not_needed"
-                };
-                self.skips
-                    .with_label_values(&[ns, run, phase, reason])
-                    .inc();
-                return;
-            }
-        };
-        if record.status != RecordStatus::Built {
-            self.failures.with_label_values(&[ns, run, class]).inc();
-        }
-        if record.status == RecordStatus::Retrying {
-            self.retries.with_label_values(&[ns, run, class]).inc();
-        }
-        // An image that failed without a Job (an input failed, the run's deadline
-        // passed) is a failure but not a build.
-        if record.attempt_count == 0 || record.started_at.is_none() {
-            return;
-        }
-        self.builds
-            .with_label_values(&[ns, run, phase, result])
-            .inc();
-        if record.status == RecordStatus::Built
-            && let Some(seconds) = attempt_seconds(record)
-        {
-            self.build_duration
-                .with_label_values(&[phase])
-                .observe(seconds);
-        }
-        if let Some(seconds) = pod_pending {
-            self.pod_pending
-                .with_label_values(&[phase])
-                .observe(seconds);
-        }
-    }
-
-    /// Observes the wait of an image whose Job was just created.
-    pub fn job_created(&self, phase: &str, waited: Duration) {
-        if phase_index(phase).is_some() {
-            self.queue_wait
-                .with_label_values(&[phase])
-                .observe(waited.as_secs_f64());
-        }
-    }
-
-    /// Counts one registry request of the run's checks.
-    pub fn registry_request(&self, id: &RunId, code: &str) {
-        self.with_live(id, |series| {
-            series.codes.insert(code.to_string());
-            self.registry_requests
-                .with_label_values(&[id.namespace, id.name, code])
-                .inc();
-        });
+    /// Marks a status write in flight, from before its API call until the guard drops
+    /// after the gauges that mirror it are set (or the call failed). Writers never wait;
+    /// a scrape waits for them.
+    pub fn status_write(&self) -> StatusWrite<'_> {
+        self.writes_begun.fetch_add(1, Ordering::SeqCst);
+        StatusWrite(self)
     }
 
     /// Observes one reconcile.
@@ -695,7 +415,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::PhaseCounts;
+    use crate::api::{ImageBuildRunStatus, PhaseCounts};
 
     fn series(text: &str, run: &str) -> Vec<String> {
         text.lines()
@@ -711,29 +431,14 @@ mod tests {
             .and_then(|v| v.parse().ok())
     }
 
-    fn record(phase: &str, status: RecordStatus, attempts: u32, class: Option<&str>) -> Record {
-        let t0: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
-        Record {
-            time: t0,
-            phase: phase.into(),
-            instance_id: None,
-            base_image: None,
-            tags: vec!["r/x:1".into()],
-            status,
-            skip_reason: None,
-            failure_class: class.map(str::to_string),
-            error: None,
-            attempt_count: attempts,
-            not_before: None,
-            digest: None,
-            node: None,
-            log_path: None,
-            started_at: (attempts > 0).then_some(t0),
-            finished_at: (attempts > 0).then(|| t0 + chrono::Duration::seconds(42)),
-            duration_seconds: (attempts > 0).then_some(42),
-            build_seconds: None,
-            push_seconds: None,
-            cached_steps: None,
+    /// A result with a Job of 42 s (or none, `ran` false).
+    fn counted(phase: &'static str, outcome: Outcome<'static>, ran: bool) -> Counted<'static> {
+        Counted {
+            phase,
+            outcome,
+            ran,
+            seconds: ran.then_some(42.0),
+            pod_pending: None,
         }
     }
 
@@ -761,7 +466,7 @@ mod tests {
             started_at: Some("2026-01-01T00:00:00Z".parse().unwrap()),
             ..Default::default()
         };
-        let built = record("base", RecordStatus::Built, 1, None);
+        let built = counted("base", Outcome::Built, true);
         let r1 = RunId {
             namespace: "ns",
             name: "r1",
@@ -773,7 +478,7 @@ mod tests {
             ..r1
         };
         m.set_status(&r1, &status);
-        m.set_medians(&r1, [&built].into_iter());
+        m.set_medians(&r1, [("base", 42)]);
         assert!(m.published(&r1) && !m.published(&r2));
         let text = m.gather().await;
         let v = |p: &str| value(&text, p);
@@ -815,8 +520,8 @@ mod tests {
         // A reconcile that outlived the deletion revives nothing.
         m.set_status(&r1, &status);
         m.set_settings(&r1, &RunSettings::default());
-        m.set_medians(&r1, [&built].into_iter());
-        m.record(&r1, &built, Some(1.0));
+        m.set_medians(&r1, [("base", 42)]);
+        m.count(&r1, &built);
         m.registry_request(&r1, "404");
         let text = m.gather().await;
         assert_eq!(series(&text, "r1"), Vec::<String>::new());
@@ -835,7 +540,7 @@ mod tests {
             name: "r",
             uid: "old",
         };
-        m.record(&old, &record("base", RecordStatus::Built, 1, None), None);
+        m.count(&old, &counted("base", Outcome::Built, true));
         m.track("ns", "r", "old");
         let p =
             r#"imagebuild_builds_total{namespace="ns",phase="base",result="succeeded",run="r"}"#;
@@ -843,7 +548,7 @@ mod tests {
         m.track("ns", "r", "new");
         assert_eq!(value(&m.gather().await, p), Some(0.0));
         // The old run's late reconcile does not count into the new one.
-        m.record(&old, &record("base", RecordStatus::Built, 1, None), None);
+        m.count(&old, &counted("base", Outcome::Built, true));
         assert_eq!(value(&m.gather().await, p), Some(0.0));
     }
 
@@ -851,18 +556,20 @@ mod tests {
     async fn records_count_builds_failures_retries_and_skips() {
         let m = Metrics::new();
         m.track("ns", "r", "u");
+        let evicted = Outcome::Retried { class: "Evicted" };
         let records = [
-            record("assembly", RecordStatus::Built, 1, None),
-            record("assembly", RecordStatus::Retrying, 1, Some("Evicted")),
-            record("assembly", RecordStatus::Failed, 2, Some("Evicted")),
+            counted("assembly", Outcome::Built, true),
+            counted("assembly", evicted, true),
+            counted("assembly", Outcome::Failed { class: "Evicted" }, true),
             // An input failed: a failure, not a build.
-            record(
+            counted(
                 "assembly",
-                RecordStatus::Failed,
-                0,
-                Some("DependencyFailed"),
+                Outcome::Failed {
+                    class: "DependencyFailed",
+                },
+                false,
             ),
-            record("base", RecordStatus::SkippedRemoteExists, 0, None),
+            counted("base", Outcome::Skipped { not_needed: false }, false),
         ];
         let id = RunId {
             namespace: "ns",
@@ -870,7 +577,13 @@ mod tests {
             uid: "u",
         };
         for r in &records {
-            m.record(&id, r, Some(1.5));
+            m.count(
+                &id,
+                &Counted {
+                    pod_pending: r.ran.then_some(1.5),
+                    ..*r
+                },
+            );
         }
         m.job_created("assembly", Duration::from_secs(7));
         m.registry_request(&id, "404");
@@ -941,7 +654,7 @@ mod tests {
     #[tokio::test]
     async fn a_scrape_waits_for_a_status_write_in_flight() {
         let m = std::sync::Arc::new(Metrics::new());
-        let guard = m.publishing().await;
+        let guard = m.status_write();
         let scrape = tokio::spawn({
             let m = m.clone();
             async move { m.gather().await }
@@ -950,5 +663,10 @@ mod tests {
         assert!(!scrape.is_finished(), "the scrape did not wait");
         drop(guard);
         assert!(scrape.await.unwrap().contains("imagebuild_ready"));
+        // A write that never ends holds a scrape back a second at most.
+        let _stuck = m.status_write();
+        let started = std::time::Instant::now();
+        assert!(m.gather().await.contains("imagebuild_ready"));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

@@ -37,6 +37,9 @@ pub enum FailureClass {
     RegistryAuthFailed,
     /// An image the build starts from does not exist (a `FROM` or build-arg image).
     ImageNotFound,
+    /// The spec cannot make this image's build Job (a `placement.podAnnotations`
+    /// template fails for this attempt).
+    InvalidSpec,
     /// The pod could not be scheduled within `timeouts.pending`.
     Unschedulable,
     /// An input image failed.
@@ -73,6 +76,7 @@ impl FailureClass {
             Self::ExecutorStartFailed => "ExecutorStartFailed",
             Self::RegistryAuthFailed => "RegistryAuthFailed",
             Self::ImageNotFound => "ImageNotFound",
+            Self::InvalidSpec => "InvalidSpec",
             Self::Unschedulable => "Unschedulable",
             Self::DependencyFailed => "DependencyFailed",
             Self::RunDeadlineExceeded => "RunDeadlineExceeded",
@@ -80,7 +84,7 @@ impl FailureClass {
     }
 
     /// Every class, for exhaustive tests and documentation.
-    pub const ALL: [FailureClass; 14] = [
+    pub const ALL: [FailureClass; 15] = [
         Self::BuildError,
         Self::RegistryThrottled,
         Self::RegistryUnavailable,
@@ -92,6 +96,7 @@ impl FailureClass {
         Self::ExecutorStartFailed,
         Self::RegistryAuthFailed,
         Self::ImageNotFound,
+        Self::InvalidSpec,
         Self::Unschedulable,
         Self::DependencyFailed,
         Self::RunDeadlineExceeded,

@@ -1,0 +1,134 @@
+//! What every reconcile shares: the API client, the stores of the operator's Jobs and
+//! pods, the operator-wide settings, the metrics, the Event recorder, the runs' in-memory
+//! state and the worker ledger; and the reconcile's error type.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+
+use super::ledger::Ledger;
+use super::state::RunTable;
+use crate::manifest::ManifestError;
+use crate::metrics::Metrics;
+use crate::names::MANAGER;
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The manifest could not be read or written.
+    #[error("manifest: {0}")]
+    Manifest(#[from] ManifestError),
+}
+
+impl Error {
+    /// A short, stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Manifest(_) => "manifest",
+        }
+    }
+}
+
+/// Operator-wide settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Registry requests in flight per run.
+    pub registry_concurrency: usize,
+    /// How long registry checks may go without any answer before the run says the
+    /// registry does not answer (`Degraded`) and checks again later.
+    pub registry_stall: Duration,
+    /// Build Jobs in flight across all runs (`--max-total-workers`), shared fairly.
+    pub max_total_workers: Option<u32>,
+    /// With leader election: writes only while the lease is held.
+    pub fence: Arc<crate::leader::Fence>,
+    /// The dispatcher's identity, for the `imagebuild.dev/dispatched-by` annotation.
+    pub identity: Option<String>,
+}
+
+impl Config {
+    /// Whether this operator may write: always without leader election; with it, only
+    /// while it holds the lease. The client refuses writes past that too; checking here
+    /// first saves a reconcile that would fail halfway.
+    pub fn may_write(&self) -> bool {
+        self.fence.may_write()
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Ctx {
+    /// The API client.
+    pub client: Client,
+    /// Jobs the operator manages.
+    pub jobs: Vec<Store<Job>>,
+    /// Their pods.
+    pub pods: Vec<Store<Pod>>,
+    /// Settings.
+    pub config: Config,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+    pub(super) recorder: Recorder,
+    pub(super) runs: RunTable,
+    ledger: Mutex<Ledger>,
+}
+
+impl Ctx {
+    /// A context over the given stores.
+    pub fn new(
+        client: Client,
+        jobs: Vec<Store<Job>>,
+        pods: Vec<Store<Pod>>,
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Ctx {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Ctx {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            jobs,
+            pods,
+            config,
+            metrics,
+            runs: RunTable::default(),
+            ledger: Mutex::new(Ledger::default()),
+        }
+    }
+
+    /// The worker ledger. A panic elsewhere while it was held leaves it as it was; the
+    /// other runs go on with it.
+    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets every run `live` (given `namespace/name` and uid) rejects: its state, its
+    /// place in the ledger and its metrics. Runs deleted without the operator seeing a
+    /// deletion end here.
+    pub fn retain(&self, live: impl Fn(&str, &str) -> bool) {
+        let gone = self.runs.retain(&live);
+        let mut ledger = self.ledger();
+        for key in &gone {
+            ledger.remove(key);
+        }
+        drop(ledger);
+        self.metrics.retain(live);
+    }
+
+    /// Forgets run `key` (`namespace/name`) at once: it is being deleted.
+    pub(super) fn forget(&self, key: &str) {
+        self.runs.remove(key);
+        self.ledger().remove(key);
+    }
+}

@@ -1,0 +1,337 @@
+//! What the registry says of a run's images. Checks run in rounds, in a task of their own
+//! that sends each answer back through a channel; [`Presence::collect`] takes what has
+//! arrived. A round that fails (a refused credential, an unreachable registry) or hears
+//! nothing for the stall timeout says why in `Degraded` and is tried again later; the
+//! error clears once a round ends with every image that is still wanted known.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::context::Ctx;
+use crate::api::ImageBuildRun;
+use crate::metrics::RunId;
+use crate::plan::Plan;
+use crate::registry::{self, DockerConfig, RegistryChecker, RegistryError};
+use crate::schedule::{NodeState, Registry};
+
+/// Wait before checking again images a failed round left unknown.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// Checks of one run's images in flight at once.
+const CHECKS_IN_FLIGHT: usize = 64;
+
+type Answer = (usize, Result<registry::Presence, RegistryError>);
+
+/// The registry's answers for a run, and the round of checks in flight.
+#[derive(Debug)]
+pub struct Presence {
+    known: Vec<Registry>,
+    error: Option<String>,
+    round: Option<Round>,
+    recheck_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Round {
+    answers: mpsc::UnboundedReceiver<Answer>,
+    pending: usize,
+    /// When the round started, or last heard an answer.
+    heard: Instant,
+    task: AbortHandle,
+    /// Where the round asks (for the stall message).
+    registries: String,
+    /// The round's error, if a check failed.
+    error: Option<String>,
+}
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Presence {
+    /// Nothing known of `nodes` images; with `forced` (a forced rebuild) every image
+    /// counts as missing and the registry is never asked.
+    pub fn new(nodes: usize, forced: bool) -> Presence {
+        let known = if forced {
+            Registry::Missing
+        } else {
+            Registry::Unknown
+        };
+        Presence {
+            known: vec![known; nodes],
+            error: None,
+            round: None,
+            recheck_at: None,
+        }
+    }
+
+    /// What is known of each node's image.
+    pub fn known(&self) -> &[Registry] {
+        &self.known
+    }
+
+    /// Why the registry could not say (for `Degraded`).
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Whether checks are under way (the reconcile looks again soon).
+    pub fn checking(&self) -> bool {
+        self.round.is_some()
+    }
+
+    /// Takes the answers that arrived; ends the round when all are in, or when it heard
+    /// nothing for `stall`.
+    pub fn collect(&mut self, states: &[NodeState], now: Instant, stall: Duration) {
+        if let Some(round) = &mut self.round {
+            while let Ok((node, answer)) = round.answers.try_recv() {
+                round.pending = round.pending.saturating_sub(1);
+                round.heard = now;
+                match answer {
+                    Ok(registry::Presence::Exists(_)) => self.known[node] = Registry::Exists,
+                    Ok(registry::Presence::Missing) => self.known[node] = Registry::Missing,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry check failed");
+                        round.error = Some(e.to_string());
+                    }
+                }
+            }
+            let stalled = now.duration_since(round.heard) >= stall;
+            if round.pending > 0 && stalled {
+                round.error = Some(format!(
+                    "the registry ({}) did not answer for {}s: {} images not checked yet",
+                    round.registries,
+                    stall.as_secs(),
+                    round.pending
+                ));
+            }
+            if round.pending == 0 || stalled {
+                let error = round.error.take();
+                self.round = None;
+                match error {
+                    Some(error) => {
+                        self.error = Some(error);
+                        self.recheck_at = Some(now + RECHECK);
+                    }
+                    None => self.error = None,
+                }
+            }
+        }
+        // Nothing left to ask about (images that failed meanwhile are not wanted any
+        // more): whatever went wrong no longer matters.
+        if self.round.is_none() && self.todo(states).is_empty() {
+            self.error = None;
+            self.recheck_at = None;
+        }
+    }
+
+    /// The nodes to check now: unknown, not final, and no round running or waiting.
+    pub fn due(&self, states: &[NodeState], now: Instant) -> Vec<usize> {
+        if self.round.is_some() || self.recheck_at.is_some_and(|t| now < t) {
+            return Vec::new();
+        }
+        self.todo(states)
+    }
+
+    fn todo(&self, states: &[NodeState]) -> Vec<usize> {
+        (0..self.known.len())
+            .filter(|&i| self.known[i] == Registry::Unknown)
+            .filter(|&i| states.get(i).is_some_and(|s| !s.is_terminal()))
+            .collect()
+    }
+
+    /// A round could not start (the push Secret could not be read): say so and try
+    /// again later.
+    pub fn not_started(&mut self, error: String, now: Instant) {
+        self.error = Some(error);
+        self.recheck_at = Some(now + RECHECK);
+    }
+
+    /// Starts a round over `todo` with `checker`, in a task of its own.
+    pub fn start(
+        &mut self,
+        checker: RegistryChecker,
+        plan: &Arc<Plan>,
+        todo: Vec<usize>,
+        now: Instant,
+    ) {
+        let (send, answers) = mpsc::unbounded_channel();
+        let pending = todo.len();
+        let mut hosts: Vec<String> = todo
+            .iter()
+            .filter_map(|&i| plan.nodes[i].image.split('/').next().map(str::to_string))
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        let plan = plan.clone();
+        let task = tokio::spawn(async move {
+            let checks = todo.into_iter().map(|i| {
+                let checker = checker.clone();
+                let image = plan.nodes[i].image.clone();
+                async move { (i, checker.check(&image).await) }
+            });
+            let mut answers = futures::stream::iter(checks).buffer_unordered(CHECKS_IN_FLIGHT);
+            while let Some(answer) = answers.next().await {
+                if send.send(answer).is_err() {
+                    return;
+                }
+            }
+        });
+        self.recheck_at = None;
+        self.round = Some(Round {
+            answers,
+            pending,
+            heard: now,
+            task: task.abort_handle(),
+            registries: hosts.join(", "),
+            error: None,
+        });
+    }
+}
+
+/// A registry checker with the run's push credentials, counting its requests.
+pub async fn checker_for(run: &ImageBuildRun, ctx: &Ctx) -> Result<RegistryChecker, String> {
+    let ns = run.namespace().unwrap_or_default();
+    let config = match &run.spec.registry.push_secret_ref {
+        None => DockerConfig::default(),
+        Some(secret) => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            let s = secrets
+                .get(&secret.name)
+                .await
+                .map_err(|e| format!("reading push Secret {}: {e}", secret.name))?;
+            let data = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
+                .ok_or_else(|| {
+                    format!("push Secret {} has no .dockerconfigjson key", secret.name)
+                })?;
+            DockerConfig::parse(&data.0).map_err(|e| format!("push Secret {}: {e}", secret.name))?
+        }
+    };
+    let metrics = ctx.metrics.clone();
+    let (name, uid) = (run.name_any(), run.uid().unwrap_or_default());
+    Ok(RegistryChecker::new(
+        config,
+        run.spec.registry.insecure,
+        ctx.config.registry_concurrency,
+    )
+    .with_observer(Arc::new(move |code| {
+        let id = RunId {
+            namespace: &ns,
+            name: &name,
+            uid: &uid,
+        };
+        metrics.registry_request(&id, code)
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{Failure, FailureClass};
+
+    fn waiting(n: usize) -> Vec<NodeState> {
+        vec![
+            NodeState::Waiting {
+                attempts: 0,
+                not_before: None
+            };
+            n
+        ]
+    }
+
+    /// A round over `todo` whose answers the test sends.
+    fn round(p: &mut Presence, todo: &[usize], now: Instant) -> mpsc::UnboundedSender<Answer> {
+        let (send, answers) = mpsc::unbounded_channel();
+        let task = tokio::spawn(std::future::pending::<()>());
+        p.recheck_at = None;
+        p.round = Some(Round {
+            answers,
+            pending: todo.len(),
+            heard: now,
+            task: task.abort_handle(),
+            registries: "r.io".into(),
+            error: None,
+        });
+        send
+    }
+
+    const STALL: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn answers_become_known_and_an_error_clears_when_nothing_wanted_is_unknown() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(3, false);
+        let mut states = waiting(3);
+        assert_eq!(p.due(&states, t0), vec![0, 1, 2]);
+        let send = round(&mut p, &[0, 1, 2], t0);
+        send.send((0, Ok(registry::Presence::Missing))).unwrap();
+        send.send((
+            1,
+            Err(RegistryError::Unauthorized {
+                registry: "r.io".into(),
+                image: "r.io/x:1".into(),
+                status: 401,
+            }),
+        ))
+        .unwrap();
+        p.collect(&states, t0, STALL);
+        assert_eq!(p.known()[0], Registry::Missing);
+        assert!(p.checking());
+        send.send((2, Ok(registry::Presence::Exists("sha256:1".into()))))
+            .unwrap();
+        p.collect(&states, t0, STALL);
+        assert!(!p.checking());
+        assert!(p.error().unwrap().contains("HTTP 401"), "{:?}", p.error());
+        // Not again before the recheck is due.
+        assert!(p.due(&states, t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(p.due(&states, t0 + RECHECK), vec![1]);
+        // The image it could not check failed meanwhile (its input failed): nothing
+        // wanted is unknown any more, so the registry is no longer a problem.
+        states[1] = NodeState::Failed(Failure::new(FailureClass::DependencyFailed, "x"));
+        p.collect(&states, t0 + Duration::from_secs(2), STALL);
+        assert_eq!(p.error(), None);
+        assert!(p.due(&states, t0 + RECHECK).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_never_answers_is_reported_after_the_stall_timeout() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(2, false);
+        let states = waiting(2);
+        let send = round(&mut p, &[0, 1], t0);
+        send.send((0, Ok(registry::Presence::Missing))).unwrap();
+        p.collect(&states, t0 + Duration::from_secs(10), STALL);
+        assert!(p.checking() && p.error().is_none());
+        // 30 s since the last answer: give up for now, say why, ask again later.
+        p.collect(&states, t0 + Duration::from_secs(40), STALL);
+        assert!(!p.checking());
+        let error = p.error().unwrap();
+        assert!(
+            error.contains("did not answer for 30s: 1 images"),
+            "{error}"
+        );
+        assert_eq!(
+            p.due(&states, t0 + Duration::from_secs(40) + RECHECK),
+            vec![1]
+        );
+        drop(send);
+    }
+
+    #[test]
+    fn a_forced_rebuild_asks_nothing() {
+        let p = Presence::new(3, true);
+        assert!(p.due(&waiting(3), Instant::now()).is_empty());
+        assert!(p.known().iter().all(|r| *r == Registry::Missing));
+    }
+}

@@ -1,0 +1,411 @@
+//! The run's status: derived from its plan, node states and records (pure), and written
+//! with the gauges that mirror it and the Events its change warrants. Only changes users
+//! and tools wait on are written at once; counts and messages alone at most once a
+//! second per run. Events are told against the status this process last wrote, not the
+//! watch's copy, which may not have caught up with it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::context::{Ctx, Error};
+use super::events;
+use super::observe::Unschedulable;
+use super::state::RunState;
+use super::status;
+use crate::api::{ImageBuildRun, ImageBuildRunStatus, PhaseCounts, RunPhase};
+use crate::manifest::{Record, RecordStatus};
+use crate::metrics::RunId;
+use crate::plan::Plan;
+use crate::schedule::NodeState;
+
+/// The recent window `imagesPerHour` is measured over.
+const THROUGHPUT_WINDOW: chrono::Duration = chrono::Duration::minutes(15);
+
+/// Shortest interval between two status writes of one run that only update counts and
+/// messages (a phase or condition change is written at once).
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the status of a building run is derived from.
+pub struct Derivation<'a> {
+    /// The plan.
+    pub plan: &'a Plan,
+    /// Every node's state, after this reconcile's actions.
+    pub states: &'a [NodeState],
+    /// The manifest's records.
+    pub records: &'a BTreeMap<String, Record>,
+    /// The manifest's shards, as the status names them.
+    pub manifests: Vec<String>,
+    /// `retry.attempts`.
+    pub attempts: u32,
+    /// `suspend`.
+    pub suspended: bool,
+    /// Why the registry could not say, if it could not.
+    pub registry_error: Option<&'a str>,
+    /// Pods the scheduler cannot place, and how long they may wait.
+    pub unschedulable: &'a [Unschedulable],
+    /// `timeouts.pending`.
+    pub pending_timeout: Duration,
+    /// Jobs the run may have in flight now (its share of the cap).
+    pub workers: u32,
+    /// The run's generation.
+    pub generation: Option<i64>,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// Derives `status` (a copy of the last one, whose smoothed values it keeps when they
+/// drift by clock alone) from `d`.
+pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
+    let old = status.clone();
+    let counts = status::counts(d.plan, d.states);
+    let builder_retrying = matches!(
+        d.states.first(),
+        Some(NodeState::Waiting { attempts, .. }) if *attempts > 0
+    );
+    status::fill(status, &counts, builder_retrying);
+    let records = d.records;
+    status.failures = status::failures(d.plan, |name| records.get(name));
+    status.retries_exhausted =
+        status::retries_exhausted(d.plan, |name| records.get(name), d.attempts);
+    status.manifests = d.manifests.clone();
+    status.last_progress_at = records
+        .values()
+        .filter(|r| r.status != RecordStatus::Retrying)
+        .map(|r| r.time)
+        .max();
+    let now = d.now;
+    let started = status.started_at.unwrap_or(now);
+    // Both drift with the clock alone; small drifts keep the written value, so an idle
+    // run is not rewritten every reconcile.
+    let rate = status::images_per_hour(records.values(), started, now, THROUGHPUT_WINDOW);
+    status.images_per_hour = match (old.images_per_hour, rate) {
+        (Some(o), Some(n)) if (n - o).abs() <= 0.05 * o => Some(o),
+        _ => rate,
+    };
+    let eta = status::estimated_completion(d.plan, d.states, records.values(), d.workers, now);
+    status.estimated_completion = match (old.estimated_completion, eta) {
+        // A finished run has nothing left to estimate.
+        _ if status.phase != Some(RunPhase::Building) => None,
+        (Some(o), Some(n)) if (n - o).abs() < chrono::Duration::seconds(60) => Some(o),
+        _ => eta,
+    };
+    let pending_limit =
+        chrono::Duration::from_std(d.pending_timeout).unwrap_or(chrono::Duration::MAX);
+    let stalled = d
+        .unschedulable
+        .iter()
+        .find(|u| now - u.since >= pending_limit)
+        .map(|u| u.message.clone())
+        .or_else(|| status::unschedulable_failures(records.values()));
+    let phase = status.phase.unwrap_or(RunPhase::Building);
+    let final_phase = phase != RunPhase::Building;
+    let progress = summary(&counts);
+    let (why, progressing) = match (final_phase, d.suspended) {
+        (true, _) => (format!("{phase:?}"), false),
+        (false, true) => ("Suspended".to_string(), false),
+        (false, false) => ("Building".to_string(), true),
+    };
+    let conditions: [(&str, bool, &str, &str); 4] = [
+        ("Ready", phase == RunPhase::Succeeded, &why, &progress),
+        ("Progressing", progressing, &why, &progress),
+        match d.registry_error {
+            Some(err) => ("Degraded", true, "RegistryError", err),
+            None => ("Degraded", false, "AsExpected", ""),
+        },
+        match &stalled {
+            // Kept after the run ends: it says why the run failed.
+            Some(message) => ("Stalled", true, "Unschedulable", message),
+            None => ("Stalled", false, "AsExpected", ""),
+        },
+    ];
+    for (type_, value, reason, message) in conditions {
+        status::set_condition(
+            &mut status.conditions,
+            type_,
+            value,
+            reason,
+            message,
+            d.generation,
+            now,
+        );
+    }
+    // A run that resumed (its spec changed) is not complete any more.
+    status.completed_at = if final_phase {
+        old.completed_at.or(Some(now))
+    } else {
+        None
+    };
+}
+
+/// The run waits for its plan; `error` says why, when reading its source failed.
+pub fn resolving(
+    status: &mut ImageBuildRunStatus,
+    error: Option<&str>,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    status.phase = Some(RunPhase::Resolving);
+    status.completed_at = None;
+    let (reason, message) = match error {
+        None => (
+            "Resolving",
+            "resolving instances and planning images".to_string(),
+        ),
+        Some(e) => (
+            "SourceUnavailable",
+            format!("reading the instance source failed; trying again: {e}"),
+        ),
+    };
+    status::set_condition(
+        &mut status.conditions,
+        "Progressing",
+        true,
+        reason,
+        &message,
+        generation,
+        now,
+    );
+}
+
+/// The run fails for good (its spec is invalid, or it cannot be planned).
+pub fn fail(
+    status: &mut ImageBuildRunStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    status.phase = Some(RunPhase::Failed);
+    status.completed_at.get_or_insert(now);
+    for type_ in ["Ready", "Progressing"] {
+        status::set_condition(
+            &mut status.conditions,
+            type_,
+            false,
+            reason,
+            message,
+            generation,
+            now,
+        );
+    }
+}
+
+fn summary(counts: &[PhaseCounts; 4]) -> String {
+    let [b, base, asm, post] = counts;
+    let done = |c: &PhaseCounts| c.succeeded + c.skipped;
+    let mut text = format!(
+        "builder {}/{}, bases {}/{}, assemblies {}/{}",
+        done(b),
+        b.total,
+        done(base),
+        base.total,
+        done(asm),
+        asm.total
+    );
+    if post.total > 0 {
+        text.push_str(&format!(", post-assembly {}/{}", done(post), post.total));
+    }
+    let failed: u32 = counts.iter().map(|c| c.failed).sum();
+    if failed > 0 {
+        text.push_str(&format!("; {failed} failed"));
+    }
+    text
+}
+
+/// The status the run has now, as far as this process knows: the one it last wrote, else
+/// the one read.
+pub fn current(run: &ImageBuildRun, state: &RunState) -> ImageBuildRunStatus {
+    match &state.written {
+        Some((status, _)) => status.clone(),
+        None => run.status.clone().unwrap_or_default(),
+    }
+}
+
+/// Writes `new` if it differs from the current status; with `coalesce`, a change of
+/// counts or messages alone waits until a second has passed since the last write, and
+/// the wait is returned.
+pub async fn write(
+    ctx: &Ctx,
+    run: &ImageBuildRun,
+    state: &mut RunState,
+    new: &ImageBuildRunStatus,
+    coalesce: bool,
+) -> Result<Option<Duration>, Error> {
+    let old = current(run, state);
+    if &old == new || !ctx.config.may_write() {
+        return Ok(None);
+    }
+    if coalesce
+        && !status::significant(&old, new)
+        && let Some((_, at)) = &state.written
+        && let Some(wait) = STATUS_INTERVAL.checked_sub(at.elapsed())
+    {
+        return Ok(Some(wait));
+    }
+    let (ns, name, uid) = (
+        run.namespace().unwrap_or_default(),
+        run.name_any(),
+        run.uid().unwrap_or_default(),
+    );
+    let runs: Api<ImageBuildRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({"status": status::patch_body(new)});
+    {
+        // The gauges change with the status, never seen apart by a scrape.
+        let _write = ctx.metrics.status_write();
+        runs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        let id = RunId {
+            namespace: &ns,
+            name: &name,
+            uid: &uid,
+        };
+        ctx.metrics.set_status(&id, new);
+    }
+    state.written = Some((new.clone(), Instant::now()));
+    let reference = run.object_ref(&());
+    for event in events::transitions(&old, new) {
+        // The status already says it: an Event that fails to publish is logged, not
+        // retried.
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(run = %name, reason = %event.reason, error = %e, "publishing an Event failed");
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+    use crate::controller::context::Config;
+    use crate::metrics::Metrics;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn run(phase: RunPhase) -> ImageBuildRun {
+        let mut run: ImageBuildRun = serde_json::from_value(json!({
+            "apiVersion": "imagebuild.dev/v1alpha1",
+            "kind": "ImageBuildRun",
+            "metadata": {"name": "r", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": serde_yaml_ng::from_str::<serde_json::Value>(r#"
+instances: {list: [a__a-1], upstreamImage: "r.io/up/{{ name }}:1"}
+builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
+base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
+assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | lower }}"}
+"#).unwrap(),
+        }))
+        .unwrap();
+        run.status = Some(ImageBuildRunStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
+        run
+    }
+
+    fn ctx() -> (Ctx, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "ns");
+        let config = Config {
+            registry_concurrency: 1,
+            registry_stall: Duration::from_secs(30),
+            max_total_workers: None,
+            fence: crate::leader::Fence::new(false),
+            identity: None,
+        };
+        let ctx = Ctx::new(client, vec![], vec![], config, Arc::new(Metrics::new()));
+        (ctx, handle)
+    }
+
+    /// Answers the next request with `body` after checking its method and path; the
+    /// request's body.
+    async fn answer(
+        handle: &mut Handle,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let (request, send) = handle.next_request().await.expect("a request");
+        assert_eq!(request.method().as_str(), method);
+        assert_eq!(request.uri().path(), path);
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+        serde_json::from_slice(&bytes).unwrap_or_default()
+    }
+
+    async fn no_request(handle: &mut Handle) {
+        let next = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+        assert!(
+            next.is_err(),
+            "an unexpected request: {:?}",
+            next.map(|r| r.map(|(r, _)| r.uri().clone()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_patches_the_status_tells_its_events_and_later_ones_compare_with_it() {
+        let (ctx, mut handle) = ctx();
+        let run = run(RunPhase::Building);
+        let mut state = RunState::default();
+        let mut done = run.status.clone().unwrap();
+        done.phase = Some(RunPhase::Succeeded);
+        let writing = {
+            let run = run.clone();
+            let done = done.clone();
+            async move {
+                let wait = write(&ctx, &run, &mut state, &done, true).await.unwrap();
+                (ctx, state, wait)
+            }
+        };
+        let server = async {
+            let patch = answer(
+                &mut handle,
+                "PATCH",
+                "/apis/imagebuild.dev/v1alpha1/namespaces/ns/imagebuildruns/r/status",
+                serde_json::to_value(&run).unwrap(),
+            )
+            .await;
+            assert_eq!(patch["status"]["phase"], "Succeeded");
+            // Fields the status leaves out are removed (null), whatever the old copy held.
+            assert!(patch["status"]["estimatedCompletion"].is_null());
+            let event = answer(
+                &mut handle,
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/ns/events",
+                json!({}),
+            )
+            .await;
+            assert_eq!(event["reason"], "Completed");
+            assert_eq!(event["regarding"]["name"], "r");
+        };
+        let ((ctx, mut state, wait), ()) = tokio::join!(writing, server);
+        assert_eq!(wait, None);
+        assert_eq!(
+            state.written.as_ref().map(|(s, _)| s.phase),
+            Some(Some(RunPhase::Succeeded))
+        );
+
+        // The watch still says Building; the next write compares with what was written:
+        // the same status is no request and no Event, and a change of counts alone within
+        // a second waits.
+        write(&ctx, &run, &mut state, &done, true).await.unwrap();
+        no_request(&mut handle).await;
+        let mut counted = done.clone();
+        counted.failed_total = 1;
+        let wait = write(&ctx, &run, &mut state, &counted, true).await.unwrap();
+        assert!(wait.is_some_and(|w| w <= STATUS_INTERVAL), "{wait:?}");
+        no_request(&mut handle).await;
+    }
+}

@@ -1,0 +1,148 @@
+//! What the operator keeps in memory about each run between reconciles: where its plan
+//! stands, what the registry said, the manifest as last read or written, and the status
+//! it last wrote. Rebuilt from the cluster after a restart.
+//!
+//! Each run's state has a lock of its own, held by its reconcile (kube-runtime never
+//! reconciles one run twice at once), so runs never wait for each other; the table's lock
+//! is held only to find an entry. Background work sends its results back through
+//! channels kept in the state (see `resolve` and `presence`) rather than reaching into
+//! the table, and a run the table no longer holds is simply started afresh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::presence::Presence;
+use super::resolve::Resolution;
+use crate::api::ImageBuildRunStatus;
+use crate::manifest::Manifest;
+
+/// One run's state.
+#[derive(Default)]
+pub struct RunState {
+    /// The run's uid: a run recreated under the same name starts afresh.
+    pub uid: String,
+    /// Where its plan stands.
+    pub resolution: Resolution,
+    /// What the registry said of its images (made with the plan).
+    pub presence: Option<Presence>,
+    /// The manifest as last read or written; taken out while a reconcile works on it,
+    /// and dropped (so read again) when a reconcile fails.
+    pub manifest: Option<Manifest>,
+    /// The status this process last wrote, and when: the base for the next write's
+    /// Events and for coalescing writes (the watch may not have delivered it yet).
+    pub written: Option<(ImageBuildRunStatus, Instant)>,
+}
+
+impl RunState {
+    /// Resets the state if it is not of the run with `uid`.
+    pub fn for_uid(&mut self, uid: &str) {
+        if self.uid != uid {
+            *self = RunState {
+                uid: uid.to_string(),
+                ..Default::default()
+            };
+        }
+    }
+}
+
+/// Every run's state, by `namespace/name`.
+#[derive(Default)]
+pub struct RunTable(Mutex<HashMap<String, Arc<tokio::sync::Mutex<RunState>>>>);
+
+impl RunTable {
+    /// A panic elsewhere while the table was held leaves it as it was; the other runs go
+    /// on with it.
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<RunState>>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state of run `key` (a fresh one for a run not seen before). Its holder
+    /// compares the uid: a run recreated under the same name starts afresh (see
+    /// [`RunState::for_uid`]).
+    pub fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<RunState>> {
+        self.table().entry(key.to_string()).or_default().clone()
+    }
+
+    /// Forgets run `key`.
+    pub fn remove(&self, key: &str) {
+        self.table().remove(key);
+    }
+
+    /// Forgets every run `live` (given `namespace/name` and uid) rejects; their keys.
+    /// A run whose reconcile holds its state now is kept until the next time.
+    pub fn retain(&self, live: impl Fn(&str, &str) -> bool) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.table().retain(|key, state| {
+            let keep = match state.try_lock() {
+                Ok(s) => s.uid.is_empty() || live(key, &s.uid),
+                Err(_) => true,
+            };
+            if !keep {
+                gone.push(key.clone());
+            }
+            keep
+        });
+        gone
+    }
+
+    /// Runs held.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.table().len()
+    }
+
+    /// Whether no run is held.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.table().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_run_removed_while_its_reconcile_works_is_not_lost_to_it() {
+        let table = RunTable::default();
+        let state = table.get("ns/r");
+        let mut held = state.lock().await;
+        held.for_uid("u1");
+        // The prune finds it busy and keeps it; a deletion removes it outright, and the
+        // reconcile goes on with the state it holds.
+        assert!(table.retain(|_, _| false).is_empty());
+        assert_eq!(table.len(), 1);
+        table.remove("ns/r");
+        assert!(table.is_empty());
+        held.written = None;
+        drop(held);
+        // The next reconcile starts afresh.
+        assert_eq!(table.get("ns/r").lock().await.uid, "");
+    }
+
+    #[tokio::test]
+    async fn a_recreated_run_starts_afresh_and_gone_runs_are_forgotten() {
+        let table = RunTable::default();
+        {
+            let state = table.get("ns/r");
+            let mut s = state.lock().await;
+            s.for_uid("u1");
+            s.written = Some((Default::default(), Instant::now()));
+        }
+        {
+            let state = table.get("ns/r");
+            let mut s = state.lock().await;
+            s.for_uid("u1");
+            assert!(s.written.is_some(), "the same run keeps its state");
+            s.for_uid("u2");
+            assert!(s.written.is_none(), "a recreated run starts afresh");
+        }
+        table.get("ns/other").lock().await.for_uid("u3");
+        let gone = table.retain(|key, _| key == "ns/other");
+        assert_eq!(gone, vec!["ns/r".to_string()]);
+        assert_eq!(table.len(), 1);
+    }
+}
