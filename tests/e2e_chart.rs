@@ -104,6 +104,7 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
             "helm",
             &with_sets([template, MONITORING_API_VERSIONS.to_vec()].concat(), &sets),
         );
+        operator_accepts_the_deployments_arguments(&rendered);
         let file = std::env::temp_dir().join(format!("chart-{}.yaml", ns.name));
         std::fs::write(&file, &rendered).unwrap();
         let applied = tool(
@@ -162,6 +163,7 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
         ("alerts.runStuck.noProgresSeconds=60", "noProgresSeconds"),
         ("alerts.runStuck.for=5 minutes", "/alerts/runStuck/for"),
         ("alerts.runStuck.for=30m1h", "/alerts/runStuck/for"),
+        ("registryStallTimeout=30 seconds", "/registryStallTimeout"),
         (
             "alerts.failureRatio.ratio=1.5",
             "/alerts/failureRatio/ratio",
@@ -174,6 +176,27 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(path), "{set}: {err}");
     }
+}
+
+/// The operator's own flag parser takes the arguments the rendered Deployment gives it.
+fn operator_accepts_the_deployments_arguments(rendered: &str) {
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        options: imagebuild_operator::operator::Options,
+    }
+    let deployment: Deployment = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(doc).ok())
+        .find(|doc| doc["kind"].as_str() == Some("Deployment"))
+        .map(|doc| serde_yaml_ng::from_value(doc).unwrap())
+        .expect("a Deployment");
+    let spec = deployment.spec.unwrap().template.spec.unwrap();
+    let args = spec.containers[0].args.clone().unwrap();
+    assert_eq!(args[0], "run", "{args:?}");
+    let parsed = <Run as clap::Parser>::try_parse_from(&args);
+    let run = parsed.unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert_eq!(run.options.registry_stall_timeout, Duration::from_secs(30));
 }
 
 /// A kubeconfig for the environment's API server with `token` as the only credential.
