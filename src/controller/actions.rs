@@ -38,7 +38,7 @@ pub struct JobMaking<'a> {
     pub now: DateTime<Utc>,
 }
 
-/// The Jobs of the `CreateJob` actions. An action whose Job the spec cannot make (its
+/// The Jobs of the `CreateJob` actions. An action whose Job the spec cannot make (e.g. its
 /// pod annotations fail to render for this attempt: `retry.attempts` was raised past what
 /// the plan checked) becomes `MarkFailed` with `InvalidSpec`, so the image says why.
 pub fn jobs(plan: &Plan, actions: &mut [Action], making: &JobMaking<'_>) -> Vec<NewJob> {

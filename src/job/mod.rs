@@ -60,6 +60,14 @@ pub enum JobError {
     /// A post-assembly node of a spec without `postAssembly` (a plan/spec mismatch).
     #[error("node {0} belongs to a phase the spec does not define")]
     NoPhase(String),
+    /// The Job assembled from the spec is not a valid Job object.
+    #[error("the build Job of node {node} is malformed: {reason}")]
+    Malformed {
+        /// The node.
+        node: String,
+        /// Why the object does not read as a Job.
+        reason: String,
+    },
 }
 
 /// A short, stable hash of what a node is built for.
@@ -226,5 +234,8 @@ pub fn build_job(
             },
         },
     });
-    Ok(serde_json::from_value(job).expect("the Job object is well-formed"))
+    serde_json::from_value(job).map_err(|e| JobError::Malformed {
+        node: node.job_name.clone(),
+        reason: e.to_string(),
+    })
 }
