@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
 
+use crate::api::ImageBuildRun;
 use crate::job::{JobInputs, build_job};
 use crate::manifest::{Harvest, Record, RecordStatus};
 use crate::metrics::{Counted, Outcome};
@@ -204,6 +206,26 @@ pub fn built_durations<'a>(
     records
         .filter(|r| r.status == RecordStatus::Built)
         .filter_map(|r| Some((r.phase.as_str(), r.duration_seconds?)))
+}
+
+/// A failed attempt is logged with its class and the last line of its error, so the
+/// operator's log tells what went wrong without reading the manifest.
+pub fn log_failure(run: &ImageBuildRun, record: &Record) {
+    let class = record.failure_class.as_deref().unwrap_or_default();
+    let error = record.error.as_deref().unwrap_or_default();
+    let last = error.lines().last().unwrap_or_default();
+    let image = record.tags.first().map(String::as_str).unwrap_or_default();
+    match record.status {
+        RecordStatus::Retrying => tracing::info!(
+            run = %run.name_any(), image, attempt = record.attempt_count, class, error = last,
+            "attempt failed; retrying"
+        ),
+        RecordStatus::Failed => tracing::info!(
+            run = %run.name_any(), image, attempt = record.attempt_count, class, error = last,
+            "image failed"
+        ),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

@@ -196,6 +196,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         manifest.write(&ctx.client, &run, recorded.records).await?;
         for (record, pending) in &recorded.counted {
             ctx.metrics.count(&id, &actions::counted(record, *pending));
+            actions::log_failure(&run, record);
         }
     }
     if progressed || ctx.metrics.medians_unset(&id) {
