@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{LogsOnFailure, Operator, TestNamespace, apply_crd, eventually};
 use common::real::{DOCKERFILE, RealNode, RealRun, reports, watch_termination_messages};
 use common::runs::{delete_run, records, watch_jobs_pushing};
+use common::tool;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::instances::RawInstance;
 use imagebuild_operator::manifest::{Record, RecordStatus};
@@ -643,13 +644,40 @@ async fn the_real_node_is_ready_tainted_and_its_pods_reach_only_this_machine() {
     // the registry at its pod address; its log comes through the API server.
     let ns = TestNamespace::create(&client, "e2e-real-node").await;
     let script = format!(
-        "ip route; wget -q -O - http://{}/v2/ && echo registry reached",
+        "ip route; wget -q -O /dev/null http://{}/v2/ && ip neigh && echo registry reached",
         real.registry
     );
     let out = real
         .run_pod(&ns.api::<Pod>(), "probe", &real.busybox, &script, None)
         .await;
-    let routes: Vec<&str> = out.lines().filter(|l| l.contains(" dev ")).collect();
+    // The host's side of the bridge has a MAC address of its own, set, not taken from a
+    // port: it stays what running pods resolved while other pods come and go (a bridge
+    // that took its lowest port's address changed it, and pods' frames went nowhere
+    // until their ARP entries expired). The pod came and went; the address is the same.
+    let node_ip = real.registry.rsplit_once(':').unwrap().0;
+    let shown = tool("ip", &["-o", "addr", "show", "to", node_ip]);
+    let bridge = shown
+        .split_whitespace()
+        .nth(1)
+        .expect("the bridge")
+        .to_string();
+    let sys = |f: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{bridge}/{f}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(sys("addr_assign_type"), "3", "the bridge's address is set");
+    let mac = sys("address");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{node_ip} ")) && l.contains(&mac)),
+        "the pod resolved {node_ip} to the bridge's {mac}:\n{out}"
+    );
+    let routes: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" dev ") && !l.contains(" lladdr "))
+        .collect();
     let subnet = format!("{}.0/24", real.registry.rsplit_once('.').unwrap().0);
     assert_eq!(routes.len(), 1, "{out}");
     assert!(routes[0].starts_with(&subnet), "{out}");
