@@ -109,3 +109,132 @@ where
     }
     first
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::json;
+
+    use super::*;
+    use crate::plan::Phase;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn api() -> (Api<Job>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (
+            Api::namespaced(kube::Client::new(service, "ns"), "ns"),
+            handle,
+        )
+    }
+
+    /// Answers every request with the status `answer` gives for its method and Job name;
+    /// the requests seen, as "METHOD name".
+    async fn serve(mut handle: Handle, answer: impl Fn(&str, &str) -> u16) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let name = match request.uri().path().rsplit_once("/jobs") {
+                Some((_, "")) => {
+                    let body = request.into_body().collect_bytes().await.unwrap();
+                    let job: Job = serde_json::from_slice(&body).unwrap();
+                    job.name_any()
+                }
+                Some((_, rest)) => rest.trim_start_matches('/').to_string(),
+                None => panic!("not a Job request: {}", request.uri()),
+            };
+            let code = answer(&method, &name);
+            let body = if code < 300 {
+                json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}})
+            } else {
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "no", "reason": "x", "code": code})
+            };
+            send.send_response(
+                Response::builder()
+                    .status(StatusCode::from_u16(code).unwrap())
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+            seen.push(format!("{method} {name}"));
+        }
+        seen.sort();
+        seen
+    }
+
+    fn new_job(name: &str) -> NewJob {
+        NewJob {
+            job: serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            phase: Phase::Assembly,
+            waited: Duration::from_secs(3),
+        }
+    }
+
+    async fn queue_waits(metrics: &Metrics) -> u64 {
+        let text = metrics.gather().await;
+        text.lines()
+            .find(|l| l.starts_with("imagebuild_queue_wait_seconds_count{phase=\"assembly\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_job_gone_or_there_already_is_fine_and_other_errors_are_not() {
+        // Deleting: one already gone (404) is fine; every delete is sent even after a 500,
+        // and the 500 is the result.
+        let (jobs, handle) = api();
+        let server = tokio::spawn(serve(handle, |_, name| match name {
+            "gone" => 404,
+            "broken" => 500,
+            _ => 200,
+        }));
+        let names = ["a", "gone", "b"].map(String::from).to_vec();
+        delete_jobs(&jobs, names).await.unwrap();
+        let err = delete_jobs(&jobs, vec!["broken".into(), "c".into()]).await;
+        assert!(err.is_err());
+        drop(jobs);
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen,
+            [
+                "DELETE a",
+                "DELETE b",
+                "DELETE broken",
+                "DELETE c",
+                "DELETE gone"
+            ]
+        );
+
+        // Creating: one made before a restart (409) is fine but did not wait now, so only
+        // the new one is counted; a refusal is an error.
+        let (jobs, handle) = api();
+        let server = tokio::spawn(serve(handle, |_, name| match name {
+            "made-before" => 409,
+            "refused" => 403,
+            _ => 201,
+        }));
+        let metrics = Metrics::new();
+        create_jobs(
+            &jobs,
+            vec![new_job("new"), new_job("made-before")],
+            &metrics,
+        )
+        .await
+        .unwrap();
+        assert_eq!(queue_waits(&metrics).await, 1);
+        assert!(
+            create_jobs(&jobs, vec![new_job("refused")], &metrics)
+                .await
+                .is_err()
+        );
+        assert_eq!(queue_waits(&metrics).await, 1);
+        drop(jobs);
+        assert_eq!(
+            server.await.unwrap(),
+            ["POST made-before", "POST new", "POST refused"]
+        );
+    }
+}
