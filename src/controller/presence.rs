@@ -99,7 +99,10 @@ impl Presence {
                     Ok(registry::Presence::Exists(_)) => self.known[node] = Registry::Exists,
                     Ok(registry::Presence::Missing) => self.known[node] = Registry::Missing,
                     Err(e) => {
-                        tracing::warn!(error = %e, "registry check failed");
+                        // Once a round: a refused credential fails every check alike.
+                        if round.error.is_none() {
+                            tracing::warn!(error = %e, "registry check failed");
+                        }
                         round.error = Some(e.to_string());
                     }
                 }
