@@ -82,10 +82,15 @@ pub async fn summary(
         records.values(),
         chrono::Utc::now(),
     );
-    Ok(match format {
+    #[allow(
+        clippy::expect_used,
+        reason = "a report has string keys and no custom Serialize: serializing it cannot fail"
+    )]
+    let text = match format {
         SummaryFormat::Markdown => report.markdown(),
         SummaryFormat::Json => serde_json::to_string_pretty(&report).expect("a summary serializes"),
-    })
+    };
+    Ok(text)
 }
 
 /// Output format of `plan`.

@@ -31,17 +31,35 @@ pub fn render() -> Result<String, serde_yaml_ng::Error> {
 /// Makes the generated schema read well and validate cleanly on the API server:
 /// - doc comments wrap at ~100 columns, but `kubectl explain` wraps text itself, so single
 ///   line breaks in descriptions become spaces (blank-line paragraphs stay);
-/// - the API server knows the `int32`/`int64` formats only and warns on `uint32`, so that
-///   format becomes `minimum: 0`.
+/// - the API server knows the `int32`/`int64` formats only and warns on `uint32`, so an
+///   unsigned format becomes the Rust type's range (the API server would keep any int64);
+/// - a field with a default is not `nullable` (see below).
 fn normalize(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(map) => {
             if let Some(serde_json::Value::String(text)) = map.get_mut("description") {
                 *text = unwrap_lines(text);
             }
-            if map.get("format").and_then(|f| f.as_str()) == Some("uint32") {
+            // The API server keeps any int64 an integer field is given: an unsigned or
+            // 32-bit field gets the bounds of its Rust type, so every stored value reads.
+            let bounds = match map.get("format").and_then(|f| f.as_str()) {
+                Some("uint32") => Some((serde_json::json!(0), serde_json::json!(u32::MAX))),
+                Some("uint64" | "uint") => {
+                    Some((serde_json::json!(0), serde_json::json!(i64::MAX)))
+                }
+                _ => None,
+            };
+            // A field with a default is never null in Rust: without `nullable`, the API
+            // server drops a null and defaults the field instead of storing a null the
+            // operator cannot read.
+            if map.contains_key("default") && map.get("nullable") == Some(&serde_json::json!(true))
+            {
+                map.remove("nullable");
+            }
+            if let Some((min, max)) = bounds {
                 map.remove("format");
-                map.entry("minimum").or_insert(serde_json::json!(0));
+                map.entry("minimum").or_insert(min);
+                map.entry("maximum").or_insert(max);
             }
             map.values_mut().for_each(normalize);
         }
@@ -90,11 +108,14 @@ mod tests {
         normalize(&mut v);
         assert_eq!(
             v,
-            serde_json::json!({"description": "one two\n\nthree", "type": "integer", "minimum": 0})
+            serde_json::json!({"description": "one two\n\nthree", "type": "integer", "minimum": 0, "maximum": 4294967295u32})
         );
-        let mut v = serde_json::json!({"format": "uint32", "minimum": 1});
+        let mut v = serde_json::json!({"format": "uint32", "minimum": 1, "maximum": 20});
         normalize(&mut v);
-        assert_eq!(v, serde_json::json!({"minimum": 1}));
+        assert_eq!(v, serde_json::json!({"minimum": 1, "maximum": 20}));
+        let mut v = serde_json::json!({"format": "uint64"});
+        normalize(&mut v);
+        assert_eq!(v, serde_json::json!({"minimum": 0, "maximum": i64::MAX}));
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! Pure modules decide (`plan`, `schedule`, `template`, `instances` parsing); the few that
 //! hold a client apply. See `docs/architecture.md`.
 
+// Data never panics the operator: every unwrap, expect or panic outside tests carries a
+// written reason next to it (see clippy.toml for tests).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 pub mod api;
 pub mod cli;
 pub mod controller;

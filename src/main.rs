@@ -1,6 +1,10 @@
 //! The `imagebuild-operator` command: `run` is the operator (`operator::run`); `plan` prints
 //! the build plan of an ImageBuildRun file; `summary` reports on a run from its manifest.
 
+// Data never panics the operator: every unwrap, expect or panic outside tests carries a
+// written reason next to it (see clippy.toml for tests).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

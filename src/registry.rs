@@ -221,6 +221,10 @@ impl RegistryChecker {
         })?;
         let registry = reference.resolve_registry().to_string();
         let auth = self.config.auth_for(reference.registry());
+        #[allow(
+            clippy::expect_used,
+            reason = "the semaphore is owned by self and never closed"
+        )]
         let _permit = self
             .permits
             .acquire()

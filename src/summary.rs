@@ -250,6 +250,10 @@ pub fn summarize<'a>(
 
     let mut skip_reasons = BTreeMap::new();
     for r in records.iter().filter(|r| r.status.is_skipped()) {
+        #[allow(
+            clippy::expect_used,
+            reason = "a unit enum with derived Serialize: serializing it cannot fail"
+        )]
         let key = serde_json::to_value(r.status).expect("a status serializes");
         *skip_reasons
             .entry(key.as_str().unwrap_or_default().to_string())

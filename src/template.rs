@@ -22,6 +22,14 @@ pub const BUILTIN_VARIABLES: &[&str] = &[
     "image",
 ];
 
+/// What one render may spend: minijinja's fuel (about one unit an instruction, and one a
+/// 64 bytes it allocates), so a loop or a blow-up ends in an error within milliseconds.
+pub const FUEL: u64 = 100_000;
+
+/// The longest text a template may render (an image reference, a build argument, an
+/// annotation value): longer output is an error, never a Job the API server refuses.
+pub const MAX_OUTPUT: usize = 16 * 1024;
+
 /// A template that failed to parse or to render, with the field and instance it belongs to.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {problem}{}", instance.as_ref().map(|i| format!(" (instance {i})")).unwrap_or_default())]
@@ -65,6 +73,8 @@ impl TemplateSet {
     pub fn new() -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(64);
         env.add_filter("short", short);
         env.add_filter("sha256", |s: &str| {
             hex::encode(Sha256::digest(s.as_bytes()))
@@ -100,7 +110,7 @@ impl TemplateSet {
             .get_template(field)
             .map_err(|err| fail(TemplateProblem::Render(detail(&err))))?;
         let rendered = template.render(&context.0);
-        rendered.map_err(|err| {
+        let rendered = rendered.map_err(|err| {
             if err.kind() == ErrorKind::UndefinedError {
                 let names = template.undeclared_variables(true);
                 if let Some(name) = first_missing(&names, context) {
@@ -108,7 +118,14 @@ impl TemplateSet {
                 }
             }
             fail(TemplateProblem::Render(detail(&err)))
-        })
+        })?;
+        if rendered.len() > MAX_OUTPUT {
+            return Err(fail(TemplateProblem::Render(format!(
+                "renders {} bytes; at most {MAX_OUTPUT} are allowed",
+                rendered.len()
+            ))));
+        }
+        Ok(rendered)
     }
 }
 
@@ -217,6 +234,46 @@ mod tests {
         );
         ctx.set_image("builder", "ghcr.io/o/eval-builder:43376f1");
         ctx
+    }
+
+    /// Loops, recursion and blow-ups end in an error naming the field, quickly, and no
+    /// template reaches the process or the file system.
+    #[test]
+    fn hostile_templates_end_in_errors() {
+        let cases = [
+            // A loop that never ends within the fuel.
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            // Recursion through a macro.
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            // Output blow-up by repetition, within minijinja's own repeat limit.
+            "{{ 'x' * 1000000 }}",
+            // Doubling in a loop.
+            "{% set s = namespace(v='x') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}",
+            // No sandbox escape: there is no loader, no include and no Python attribute walk.
+            "{% include '/etc/passwd' %}",
+            "{{ ''.__class__ }}",
+            "{{ self.__init__ }}",
+            "{{ cycler.__init__.__globals__ }}",
+            "{{ repo | nosuchfilter }}",
+            "{{ nosuchvariable }}",
+        ];
+        for source in cases {
+            let started = std::time::Instant::now();
+            let err = render(source, &ctx()).expect_err(source);
+            assert_eq!(err.field, "spec.base.image", "{source}: {err}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{source} ran {:?}",
+                started.elapsed()
+            );
+        }
+        // A long but legitimate render is fine up to the limit.
+        assert_eq!(
+            render("{{ 'x' * 16384 }}", &ctx()).unwrap().len(),
+            MAX_OUTPUT
+        );
+        let err = render("{{ 'x' * 16385 }}", &ctx()).unwrap_err();
+        assert!(err.to_string().contains("at most 16384"), "{err}");
     }
 
     #[test]

@@ -44,6 +44,13 @@ pub struct Settings {
     pub run_timeout: Duration,
 }
 
+/// The bounds of the duration fields, as the CRD's rules have them: every deadline and
+/// backoff the operator computes from them fits its types with room to spare.
+const BACKOFF_LIMIT: Duration = Duration::from_secs(24 * 3600);
+const BUILD_LIMIT: Duration = Duration::from_secs(168 * 3600);
+const PENDING_LIMIT: Duration = Duration::from_secs(168 * 3600);
+const RUN_LIMIT: Duration = Duration::from_secs(720 * 3600);
+
 /// Validates everything in the spec that does not need the instance list.
 pub fn validate(spec: &ImageBuildRunSpec) -> Result<Settings, SpecError> {
     if !(1..=1000).contains(&spec.max_workers) {
@@ -61,12 +68,42 @@ pub fn validate(spec: &ImageBuildRunSpec) -> Result<Settings, SpecError> {
     let settings = Settings {
         max_workers: spec.max_workers,
         attempts: spec.retry.attempts,
-        backoff_initial: duration("spec.retry.backoff.initial", &spec.retry.backoff.initial)?,
-        backoff_max: duration("spec.retry.backoff.max", &spec.retry.backoff.max)?,
-        build_timeout: duration("spec.timeouts.build", &spec.timeouts.build)?,
-        pending_timeout: duration("spec.timeouts.pending", &spec.timeouts.pending)?,
-        run_timeout: duration("spec.timeouts.run", &spec.timeouts.run)?,
+        backoff_initial: bounded(
+            "spec.retry.backoff.initial",
+            &spec.retry.backoff.initial,
+            BACKOFF_LIMIT,
+        )?,
+        backoff_max: bounded(
+            "spec.retry.backoff.max",
+            &spec.retry.backoff.max,
+            BACKOFF_LIMIT,
+        )?,
+        build_timeout: bounded("spec.timeouts.build", &spec.timeouts.build, BUILD_LIMIT)?,
+        pending_timeout: bounded(
+            "spec.timeouts.pending",
+            &spec.timeouts.pending,
+            PENDING_LIMIT,
+        )?,
+        run_timeout: bounded("spec.timeouts.run", &spec.timeouts.run, RUN_LIMIT)?,
     };
+    if settings.build_timeout < Duration::from_secs(1) {
+        return Err(err("spec.timeouts.build", "must be at least 1s"));
+    }
+    if spec.instances.limit.is_some_and(|n| n > 1_000_000) {
+        return Err(err("spec.instances.limit", "must be at most 1000000"));
+    }
+    let placement = &spec.placement;
+    for (field, value) in [
+        (
+            "spec.placement.ephemeralStorage",
+            &placement.ephemeral_storage,
+        ),
+        ("spec.placement.cpu", &placement.cpu),
+        ("spec.placement.memory", &placement.memory),
+    ] {
+        quantity(field, &value.0)?;
+    }
+    executor_image(&spec.executor.image)?;
     if settings.backoff_initial > settings.backoff_max {
         return Err(err(
             "spec.retry.backoff",
@@ -141,11 +178,78 @@ fn phase_spec(name: &str, phase: &PhaseSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// A duration of at most `limit`.
+fn bounded(field: &str, text: &str, limit: Duration) -> Result<Duration, SpecError> {
+    let parsed = duration(field, text)?;
+    if parsed > limit {
+        return Err(err(
+            field,
+            format!(
+                "`{}` is longer than the {} allowed",
+                shorten(text, 64),
+                humantime::format_duration(limit)
+            ),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// A Kubernetes resource quantity above zero (`2`, `500m`, `1.5`, `8Gi`, `1e3`).
+fn quantity(field: &str, text: &str) -> Result<(), SpecError> {
+    static QUANTITY: std::sync::LazyLock<Option<Regex>> = std::sync::LazyLock::new(|| {
+        Regex::new(r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+            .ok()
+    });
+    let matches = QUANTITY.as_ref().is_some_and(|re| re.is_match(text));
+    let positive = text.chars().any(|c| matches!(c, '1'..='9'))
+        && !text
+            .trim_start_matches(['+', '0', '.'])
+            .starts_with(|c: char| !c.is_ascii_digit());
+    if text.len() > 64 || !matches || !positive {
+        return Err(err(
+            field,
+            format!(
+                "`{}` is not a quantity above zero like 2, 500m or 8Gi",
+                shorten(text, 64)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The executor image: a pullable reference (the kubelet refuses anything else only when
+/// the pod starts, where it would fail every build alike).
+fn executor_image(image: &str) -> Result<(), SpecError> {
+    image
+        .parse::<oci_client::Reference>()
+        .map(|_| ())
+        .map_err(|e| {
+            err(
+                "spec.executor.image",
+                format!("`{}` is not an image reference: {e}", shorten(image, 128)),
+            )
+        })
+}
+
+/// At most `max` characters of `text`, with an ellipsis when cut: offending values are
+/// quoted in messages, never whole.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
 fn duration(field: &str, text: &str) -> Result<Duration, SpecError> {
     let parsed = humantime::parse_duration(text).map_err(|e| {
         err(
             field,
-            format!("`{text}` is not a duration like 30s, 15m or 1h30m: {e}"),
+            format!(
+                "`{}` is not a duration like 30s, 15m or 1h30m: {e}",
+                shorten(text, 64)
+            ),
         )
     })?;
     if parsed.is_zero() {
@@ -210,6 +314,42 @@ mod tests {
             "{e}"
         );
         assert!(duration("f", "0s").is_err());
+        // Far past any bound, and past what the types hold: an error, never a panic.
+        for text in [
+            "99999h99999h99999h99999h",
+            "18446744073709551615s",
+            "9999999999999999999999h",
+        ] {
+            let e = bounded("spec.timeouts.run", text, RUN_LIMIT).unwrap_err();
+            assert_eq!(e.field, "spec.timeouts.run", "{text}: {e}");
+        }
+        assert_eq!(
+            bounded("f", "720h", RUN_LIMIT).unwrap(),
+            Duration::from_secs(720 * 3600)
+        );
+        assert!(bounded("f", "720h1s", RUN_LIMIT).is_err());
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["2", "500m", "1.5", "8Gi", "60Gi", "1e3", "0.5", "+1", ".5"] {
+            quantity("q", ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "", "0", "0Gi", "-1", "2 Gi", "8GB", "lots", "1.2.3", "0.0", "1Zi", "Gi",
+        ] {
+            let e = quantity("spec.placement.cpu", bad).unwrap_err();
+            assert_eq!(e.field, "spec.placement.cpu", "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_quote_values_shortened() {
+        let long = "9".repeat(10_000) + "h";
+        let e = duration("spec.timeouts.run", &long).unwrap_err();
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+        assert_eq!(shorten("abc", 2), "ab…");
+        assert_eq!(shorten("ab", 2), "ab");
     }
 
     #[test]

@@ -14,7 +14,8 @@ fn run(spec: ImageBuildRunSpec) -> ImageBuildRun {
 
 #[test]
 fn a_valid_run_passes() {
-    assert!(validate_cel(&run(common::spec_with("{}"))).is_ok());
+    let result = validate_cel(&run(common::spec_with("{}")));
+    assert!(result.is_ok(), "{result:?}");
 }
 
 #[test]

@@ -25,7 +25,10 @@ pub struct PhaseSpec {
 
     /// Build arguments (`--build-arg KEY=VALUE`). Values are templates: see `image`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64), inner(length(max = 4096)))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 4096}
+    ))]
     pub build_args: BTreeMap<String, String>,
 
     /// Image reference to push, as a template, e.g.
@@ -142,7 +145,10 @@ pub struct PostAssemblySpec {
 
     /// Build arguments (templates; `assembly.image` names the image to build on).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64), inner(length(max = 4096)))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 4096}
+    ))]
     pub build_args: BTreeMap<String, String>,
 
     /// Image reference to push (template). Defaults to `{{ assembly.image }}`: the layer

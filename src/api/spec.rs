@@ -10,8 +10,15 @@ use serde::{Deserialize, Serialize};
 
 use super::{ImageBuildRunStatus, PhaseSpec, PostAssemblySpec};
 
-/// A Go-style duration such as `30s`, `15m`, `2000s`, `10h` or `1h30m`.
-const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+/// A Go-style duration such as `30s`, `15m`, `2000s`, `10h` or `1h30m`: at most four parts
+/// of at most five digits each, so no value the pattern admits overflows (the CEL rules on
+/// each field bound it further).
+pub const DURATION_PATTERN: &str = r"^([0-9]{1,5}(ms|s|m|h)){1,4}$";
+
+/// A resource quantity (`2`, `500m`, `8Gi`, `1.5`): a number, as an integer or a string
+/// that is a Kubernetes quantity, greater than zero.
+const QUANTITY_RULE: &str =
+    "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))";
 
 /// Builds one container image per benchmark instance in three phases: one shared builder
 /// image, one base image per upstream task image, and one assembly image per instance.
@@ -53,7 +60,10 @@ pub struct ImageBuildRunSpec {
 
     /// Free key/values available to every template, e.g. `sdkSha` and `dockerfileHash`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64), inner(length(max = 1024)))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 1024}
+    ))]
     pub vars: BTreeMap<String, String>,
 
     /// The one shared builder image (for example the agent server build stage).
@@ -134,7 +144,7 @@ pub struct InstanceSource {
 
     /// Build only the first N instances after sorting by id (applied after `select`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000000))]
     pub limit: Option<u32>,
 
     /// Template of the upstream environment image of an instance, used when the source
@@ -223,15 +233,18 @@ pub struct RetrySpec {
 /// Exponential backoff: `initial`, doubled after each failed attempt, capped at `max`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.initial) <= duration(self.max)").message("initial must not be longer than max"))]
 pub struct RetryBackoff {
-    /// Wait before the second attempt.
+    /// Wait before the second attempt (above zero, at most 24h).
     #[serde(default = "default_backoff_initial")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('24h')").message("must be longer than 0s and at most 24h"))]
     pub initial: String,
 
-    /// Longest wait between attempts.
+    /// Longest wait between attempts (above zero, at most 24h).
     #[serde(default = "default_backoff_max")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('24h')").message("must be longer than 0s and at most 24h"))]
     pub max: String,
 }
 
@@ -239,19 +252,24 @@ pub struct RetryBackoff {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeoutsSpec {
-    /// Longest one build (one Job attempt) may run, push included.
+    /// Longest one build (one Job attempt) may run, push included (1s to 168h).
     #[serde(default = "default_build_timeout")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('168h')").message("must be at least 1s and at most 168h"))]
     pub build: String,
 
-    /// Longest a build pod may wait to be scheduled before the run reports it as stalled.
+    /// Longest a build pod may wait to be scheduled before the run reports it as stalled
+    /// (above zero, at most 168h).
     #[serde(default = "default_pending_timeout")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('168h')").message("must be longer than 0s and at most 168h"))]
     pub pending: String,
 
-    /// Longest the whole run may take; what remains then fails with `RunDeadlineExceeded`.
+    /// Longest the whole run may take; what remains then fails with `RunDeadlineExceeded`
+    /// (above zero, at most 720h).
     #[serde(default = "default_run_timeout")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('720h')").message("must be longer than 0s and at most 720h"))]
     pub run: String,
 }
 
@@ -261,7 +279,10 @@ pub struct TimeoutsSpec {
 pub struct PlacementSpec {
     /// Labels a node must have, e.g. `imagebuild.dev/disk: large`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32), inner(length(max = 63)))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = {"type": "string", "maxLength": 63}
+    ))]
     pub node_selector: BTreeMap<String, String>,
 
     /// Taints the build pods tolerate.
@@ -276,14 +297,17 @@ pub struct PlacementSpec {
     /// Local disk each build pod requests and is limited to (BuildKit's state and the
     /// image layers). Without it pods are evicted under disk pressure.
     #[serde(default = "default_ephemeral_storage")]
+    #[x_kube(validation = Rule::new(QUANTITY_RULE).message("must be a quantity above zero, e.g. 2, 500m or 8Gi"))]
     pub ephemeral_storage: Quantity,
 
     /// CPU each build pod requests.
     #[serde(default = "default_cpu")]
+    #[x_kube(validation = Rule::new(QUANTITY_RULE).message("must be a quantity above zero, e.g. 2, 500m or 8Gi"))]
     pub cpu: Quantity,
 
     /// Memory each build pod requests and is limited to.
     #[serde(default = "default_memory")]
+    #[x_kube(validation = Rule::new(QUANTITY_RULE).message("must be a quantity above zero, e.g. 2, 500m or 8Gi"))]
     pub memory: Quantity,
 
     /// Annotations added to every build pod. Values are templates: besides `spec.vars`
@@ -291,7 +315,10 @@ pub struct PlacementSpec {
     /// `instanceId`, `repo`, `name`, `upstreamImage` and `customTag`. An annotation whose
     /// value renders empty is left out.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32), inner(length(max = 4096)))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = {"type": "string", "maxLength": 4096}
+    ))]
     pub pod_annotations: BTreeMap<String, String>,
 }
 

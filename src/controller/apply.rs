@@ -88,6 +88,10 @@ pub async fn create_jobs(
                     Ok(())
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                // Refused as invalid: sending it again would be refused again.
+                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                    Err(Error::JobRefused(super::preflight::refusal(&e.message)))
+                }
                 Err(e) => Err(e.into()),
             }
         }

@@ -26,6 +26,9 @@ pub enum Error {
     /// The manifest could not be read or written.
     #[error("manifest: {0}")]
     Manifest(#[from] ManifestError),
+    /// The API server refused a build Job as invalid: the spec makes Jobs it never takes.
+    #[error("{0}")]
+    JobRefused(String),
 }
 
 impl Error {
@@ -34,6 +37,7 @@ impl Error {
         match self {
             Self::Kube(_) => "kube",
             Self::Manifest(_) => "manifest",
+            Self::JobRefused(_) => "job_refused",
         }
     }
 }
@@ -77,6 +81,7 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     pub(super) recorder: Recorder,
     pub(super) runs: RunTable,
+    pub(super) unreadable: super::readable::Unreadable,
     ledger: Mutex<Ledger>,
 }
 
@@ -101,6 +106,7 @@ impl Ctx {
             config,
             metrics,
             runs: RunTable::default(),
+            unreadable: Default::default(),
             ledger: Mutex::new(Ledger::default()),
         }
     }

@@ -10,8 +10,10 @@ pub mod context;
 pub mod events;
 mod ledger;
 pub mod observe;
+mod preflight;
 mod presence;
 mod publish;
+mod readable;
 pub mod reconcile;
 mod resolve;
 mod state;
@@ -28,10 +30,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::api::ImageBuildRun;
 use crate::metrics::Metrics;
 use crate::metrics::server::Health;
 use crate::names::MANAGER;
+use readable::Watched;
 
 /// How often caches and metrics of deleted runs are dropped.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
@@ -126,7 +128,7 @@ pub async fn run(
     ));
     let mut run_stores = Vec::new();
     let controllers = scopes.into_iter().map(|scope| {
-        let (runs, jobs): (Api<ImageBuildRun>, Api<Job>) = match &scope {
+        let (runs, jobs): (Api<Watched>, Api<Job>) = match &scope {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
                 Api::namespaced(client.clone(), ns),
@@ -147,7 +149,7 @@ pub async fn run(
                     let _ = shutdown.wait_for(|stop| *stop).await;
                 }
             })
-            .run(timed, reconcile::error_policy, ctx.clone())
+            .run(guarded, error_policy, ctx.clone())
             .for_each(|result| async move {
                 match result {
                     Ok((run, _)) => tracing::debug!(run = %run, "reconciled"),
@@ -161,9 +163,67 @@ pub async fn run(
     tracing::info!("controller stopped");
 }
 
+/// [`reconcile::reconcile`] of a run that reads, timed and counted, with a panic caught:
+/// a run that does not read is reported and skipped (`readable`); a panic becomes the
+/// run's condition (`reconcile::panicked`), never the end of the process.
+async fn guarded(
+    watched: Arc<Watched>,
+    ctx: Arc<context::Ctx>,
+) -> Result<kube::runtime::controller::Action, context::Error> {
+    let key = format!(
+        "{}/{}",
+        watched.metadata.namespace.as_deref().unwrap_or_default(),
+        watched.metadata.name.as_deref().unwrap_or_default()
+    );
+    let run = match &watched.run {
+        Ok(run) => run.clone(),
+        Err(why) => {
+            readable::report(&ctx, &watched, why).await;
+            return Ok(kube::runtime::controller::Action::await_change());
+        }
+    };
+    let unreadable = ctx.unreadable.note(&key, true);
+    ctx.metrics.set_unreadable_runs(unreadable);
+    match catch_panic(timed(run.clone(), ctx.clone())).await {
+        Ok(result) => result,
+        Err(message) => {
+            tracing::error!(run = %key, panic = %message, "a reconcile panicked; the run fails with the panic as its condition");
+            ctx.metrics.reconcile_failed("panic");
+            reconcile::panicked(run, ctx, &message).await
+        }
+    }
+}
+
+/// Runs `future`; a panic in it is returned as its message.
+async fn catch_panic<T>(future: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|payload| {
+            payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into())
+        })
+}
+
+/// A failed reconcile is logged, counted and tried again.
+fn error_policy(
+    watched: Arc<Watched>,
+    err: &context::Error,
+    ctx: Arc<context::Ctx>,
+) -> kube::runtime::controller::Action {
+    match &watched.run {
+        Ok(run) => reconcile::error_policy(run.clone(), err, ctx),
+        Err(_) => kube::runtime::controller::Action::await_change(),
+    }
+}
+
 /// [`reconcile::reconcile`], timed and counted.
 async fn timed(
-    run: Arc<ImageBuildRun>,
+    run: Arc<crate::api::ImageBuildRun>,
     ctx: Arc<context::Ctx>,
 ) -> Result<kube::runtime::controller::Action, context::Error> {
     /// Counts a reconcile in flight until dropped, however the reconcile ends.
@@ -185,7 +245,7 @@ async fn timed(
 /// Once the run watches have synced, says so to `health`, then drops the caches and
 /// metrics of runs that are gone every [`PRUNE_INTERVAL`] (a deletion without finalizers
 /// reaches no reconcile).
-async fn prune(ctx: Arc<context::Ctx>, stores: Vec<Store<ImageBuildRun>>, health: Arc<Health>) {
+async fn prune(ctx: Arc<context::Ctx>, stores: Vec<Store<Watched>>, health: Arc<Health>) {
     for store in &stores {
         // The controller waits on the same store, and the store wakes only one waiter:
         // look again every second rather than wait to be woken.
@@ -218,6 +278,25 @@ async fn prune(ctx: Arc<context::Ctx>, stores: Vec<Store<ImageBuildRun>>, health
             })
             .collect();
         ctx.retain(|key, uid| live.contains(&(key.to_string(), uid.to_string())));
+        let keys: HashSet<&String> = live.iter().map(|(key, _)| key).collect();
+        let unreadable = ctx.unreadable.retain(|key| keys.contains(&key.to_string()));
+        ctx.metrics.set_unreadable_runs(unreadable);
         tokio::time::sleep(PRUNE_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_caught_with_its_message() {
+        let limit: Option<u32> = std::hint::black_box(None);
+        let caught = catch_panic(async move { limit.unwrap() }).await;
+        let message = caught.unwrap_err();
+        assert!(message.contains("None"), "{message}");
+        let formatted = catch_panic(async { panic!("deadline {} overflows", 7) }).await;
+        assert_eq!(formatted.unwrap_err(), "deadline 7 overflows");
+        assert_eq!(catch_panic(async { 5 }).await, Ok(5));
     }
 }

@@ -268,7 +268,9 @@ pub async fn write(
     }
     state.written = Some((new.clone(), Instant::now()));
     let reference = run.object_ref(&());
-    for event in events::transitions(&old, new) {
+    for mut event in events::transitions(&old, new) {
+        // An Event's note may have 1 KiB.
+        event.note = event.note.map(|note| crate::validate::shorten(&note, 800));
         // The status already says it: an Event that fails to publish is logged, not
         // retried.
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {

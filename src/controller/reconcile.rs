@@ -26,6 +26,7 @@ use super::apply;
 use super::context::{Ctx, Error};
 use super::ledger::Decision;
 use super::observe::{observe, ready_since};
+use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
@@ -80,6 +81,13 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     let settings = match validate::validate(&run.spec) {
         Ok(s) => s,
+        Err(e) if is_final(&old) => {
+            // A finished run keeps its outcome: an invalid edit of a mutable field changes
+            // nothing of what was built (the CRD's rules refuse such edits; an object
+            // stored under an older CRD can still have one).
+            tracing::warn!(run = %key, error = %e, "a finished run's spec was edited to an invalid value; its outcome stands");
+            return Ok(Requeue::await_change());
+        }
         Err(e) => {
             publish::fail(&mut status, "InvalidSpec", &e.to_string(), generation, now);
             publish::write(&ctx, &run, &mut state, &status, false).await?;
@@ -107,6 +115,32 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         publish::fail(&mut status, "TooManyImages", &message, generation, now);
         publish::write(&ctx, &run, &mut state, &status, false).await?;
         return Ok(Requeue::await_change());
+    }
+
+    // Before the first Job of this generation: would the API server take its Jobs?
+    if state.preflight != Some(generation) {
+        let inputs = JobInputs {
+            run_name: &name,
+            namespace: &ns,
+            run_uid: &uid,
+            spec: &run.spec,
+            build_timeout: settings.build_timeout,
+        };
+        let verdict = match preflight::sample_jobs(&plan, &inputs, settings.attempts) {
+            Ok(jobs) => {
+                let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+                preflight::dry_run(&api, &jobs).await?
+            }
+            Err(message) => Verdict::Refused(message),
+        };
+        match verdict {
+            Verdict::Accepted => state.preflight = Some(generation),
+            Verdict::Refused(message) => {
+                publish::fail(&mut status, "InvalidSpec", &message, generation, now);
+                publish::write(&ctx, &run, &mut state, &status, false).await?;
+                return Ok(Requeue::await_change());
+            }
+        }
     }
 
     // Observe.
@@ -218,7 +252,17 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         state.manifest = Some(manifest);
         return Ok(Requeue::await_change());
     }
-    apply::create_jobs(&jobs, new_jobs, &ctx.metrics).await?;
+    match apply::create_jobs(&jobs, new_jobs, &ctx.metrics).await {
+        Err(Error::JobRefused(message)) => {
+            // Past the dry run (a pod annotation rendered for one instance only, say):
+            // the records stand, the run fails rather than retry a refused create.
+            state.manifest = Some(manifest);
+            publish::fail(&mut status, "InvalidSpec", &message, generation, now);
+            publish::write(&ctx, &run, &mut state, &status, false).await?;
+            return Ok(Requeue::await_change());
+        }
+        result => result?,
+    }
     let mut states = observed.states.clone();
     for action in &actions {
         schedule::apply(&mut states, action);
@@ -273,7 +317,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 /// Whether the run ended with its current spec (its final status observed this
 /// generation): nothing is left to do until the spec changes.
 fn finished(status: &ImageBuildRunStatus, generation: Option<i64>) -> bool {
-    let final_phase = matches!(
+    is_final(status) && status.observed_generation == generation
+}
+
+/// Whether the run is in a final phase (of whatever generation).
+fn is_final(status: &ImageBuildRunStatus) -> bool {
+    matches!(
         status.phase,
         Some(
             RunPhase::Succeeded
@@ -281,13 +330,15 @@ fn finished(status: &ImageBuildRunStatus, generation: Option<i64>) -> bool {
                 | RunPhase::Failed
                 | RunPhase::Cancelled
         )
-    );
-    final_phase && status.observed_generation == generation
+    )
 }
 
 fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus) -> Policy {
-    let deadline = status.started_at.map(|t| {
-        t + chrono::Duration::from_std(settings.run_timeout).unwrap_or(chrono::Duration::MAX)
+    // Past what a timestamp can hold there is no deadline (validation bounds it far below).
+    let deadline = status.started_at.and_then(|t| {
+        chrono::Duration::from_std(settings.run_timeout)
+            .ok()
+            .and_then(|d| t.checked_add_signed(d))
     });
     Policy {
         max_workers: settings.max_workers,
@@ -301,6 +352,36 @@ fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus
 }
 
 /// A failed reconcile is logged, counted and retried after 5 s.
+/// After a panic in `run`'s reconcile: the run fails with the panic as its condition (a
+/// panic is a bug; retrying would panic again) and its records stand.
+pub async fn panicked(
+    run: Arc<ImageBuildRun>,
+    ctx: Arc<Ctx>,
+    message: &str,
+) -> Result<Requeue, Error> {
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    let state = ctx.runs.get(&key);
+    let mut state = state.lock().await;
+    state.for_uid(&run.uid().unwrap_or_default());
+    // What the panic left half-done is read again from the cluster next time.
+    state.manifest = None;
+    let mut status = publish::current(&run, &state);
+    let now = Utc::now();
+    status.observed_generation = run.metadata.generation;
+    status.started_at.get_or_insert(now);
+    publish::fail(
+        &mut status,
+        "InternalError",
+        &format!("the operator failed on this run (a bug: please report it): {message}"),
+        run.metadata.generation,
+        now,
+    );
+    publish::write(&ctx, &run, &mut state, &status, false).await?;
+    ctx.ledger().remove(&key);
+    Ok(Requeue::await_change())
+}
+
+/// A failed reconcile is logged, counted and tried again in 5 s.
 pub fn error_policy(run: Arc<ImageBuildRun>, err: &Error, ctx: Arc<Ctx>) -> Requeue {
     tracing::warn!(run = %run.name_any(), error = %err, kind = err.kind(), "reconcile failed");
     ctx.metrics.reconcile_failed(err.kind());

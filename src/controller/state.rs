@@ -32,6 +32,8 @@ pub struct RunState {
     /// The status this process last wrote, and when: the base for the next write's
     /// Events and for coalescing writes (the watch may not have delivered it yet).
     pub written: Option<(ImageBuildRunStatus, Instant)>,
+    /// The generation whose Jobs the API server accepted in a dry run (`preflight`).
+    pub preflight: Option<Option<i64>>,
 }
 
 impl RunState {

@@ -205,7 +205,8 @@ pub fn estimated_completion<'a>(
         .map(|(node, _)| mean(index(node.phase)))
         .sum();
     let seconds = left / max_workers.max(1) as f64;
-    Some(now + chrono::Duration::milliseconds((seconds * 1000.0) as i64))
+    chrono::Duration::try_milliseconds((seconds * 1000.0) as i64)
+        .and_then(|left| now.checked_add_signed(left))
 }
 
 fn phase_of(name: &str) -> Option<Phase> {
@@ -253,6 +254,10 @@ pub fn patch_body(status: &ImageBuildRunStatus) -> serde_json::Value {
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default()
     });
+    #[allow(
+        clippy::expect_used,
+        reason = "the status has string keys and derived Serialize only: it cannot fail"
+    )]
     let mut body = serde_json::to_value(status).expect("a status serializes");
     if let Some(map) = body.as_object_mut() {
         for field in FIELDS.iter() {
@@ -262,8 +267,12 @@ pub fn patch_body(status: &ImageBuildRunStatus) -> serde_json::Value {
     body
 }
 
+/// The longest condition message, in characters (the API allows 32,768 bytes): an error
+/// that quotes a huge value is cut here, so the status write is never refused.
+pub const MAX_CONDITION_MESSAGE: usize = 2048;
+
 /// Sets condition `type_` in `conditions`, keeping its transition time when its status
-/// does not change.
+/// does not change; its message is cut to [`MAX_CONDITION_MESSAGE`] characters.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -274,12 +283,13 @@ pub fn set_condition(
     now: DateTime<Utc>,
 ) {
     let status_str = if status { "True" } else { "False" };
+    let message = crate::validate::shorten(message, MAX_CONDITION_MESSAGE);
     let time = Time(k8s_openapi::jiff::Timestamp::from_second(now.timestamp()).unwrap_or_default());
     let new = Condition {
         type_: type_.into(),
         status: status_str.into(),
         reason: reason.into(),
-        message: message.into(),
+        message,
         observed_generation: generation,
         last_transition_time: time,
     };

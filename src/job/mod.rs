@@ -227,7 +227,8 @@ pub fn build_job(
         "spec": {
             // The operator decides retries: one pod per Job.
             "backoffLimit": 0,
-            "activeDeadlineSeconds": inputs.build_timeout.as_secs().max(1),
+            // An int64 on the wire; validation bounds it to a week.
+            "activeDeadlineSeconds": inputs.build_timeout.as_secs().clamp(1, i64::MAX as u64),
             "template": {
                 "metadata": {"labels": labels, "annotations": pod_ann},
                 "spec": pod_spec,

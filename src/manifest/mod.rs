@@ -84,9 +84,19 @@ pub fn too_many(nodes: usize) -> Option<String> {
     })
 }
 
-/// The name of shard `i` of run `run`.
+/// The name of shard `i` of run `run`: `<run>-manifest-<i>`, or, where that would pass
+/// the 253 characters an object name may have, the run name cut short and a hash of it.
 pub fn shard_name(run: &str, i: usize) -> String {
-    format!("{run}-manifest-{i}")
+    const MAX_OBJECT_NAME: usize = 253;
+    let name = format!("{run}-manifest-{i}");
+    if name.len() <= MAX_OBJECT_NAME {
+        return name;
+    }
+    let hash = &crate::names::sha256_hex(run)[..10];
+    // The run name is a DNS subdomain: ASCII, so any byte index is a character boundary.
+    let room = MAX_OBJECT_NAME - format!("--{hash}-manifest-{i}").len();
+    let head = run.get(..room).unwrap_or(run).trim_end_matches(['-', '.']);
+    format!("{head}-{hash}-manifest-{i}")
 }
 
 /// One line: the record and the Job name it is kept under.
@@ -113,7 +123,12 @@ pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)> + 
                 job: job.clone(),
                 record,
             };
-            out.push_str(&serde_json::to_string(&line).expect("records serialize"));
+            #[allow(
+                clippy::expect_used,
+                reason = "a record has string keys and derived Serialize only: it cannot fail"
+            )]
+            let json = serde_json::to_string(&line).expect("records serialize");
+            out.push_str(&json);
             out.push('\n');
         }
         if out.len() <= MAX_SHARD_BYTES {

@@ -133,6 +133,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: IntCounterVec,
     reconciles_in_flight: IntGauge,
+    unreadable_runs: IntGauge,
     api_requests: IntCounterVec,
     ready: IntGauge,
     leader: IntGauge,
@@ -309,6 +310,10 @@ impl Metrics {
                 "imagebuild_reconciles_in_flight",
                 "Reconciles running now."
             )),
+            unreadable_runs: register!(IntGauge::new(
+                "imagebuild_runs_unreadable",
+                "ImageBuildRuns the operator cannot read and skips (each named in its log and in a Warning Event)."
+            )),
             api_requests: register!(counter(
                 "imagebuild_kubernetes_requests_total",
                 "Requests to the Kubernetes API, by verb and HTTP status code (error for no answer).",
@@ -394,6 +399,12 @@ impl Metrics {
     /// The gauge of reconciles running.
     pub fn reconciles_in_flight(&self) -> &IntGauge {
         &self.reconciles_in_flight
+    }
+
+    /// Sets how many runs cannot be read.
+    pub fn set_unreadable_runs(&self, count: usize) {
+        self.unreadable_runs
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts one request to the Kubernetes API.

@@ -64,11 +64,19 @@ impl<'a> Fields<'a> {
             );
         }
         let cache_ref = match self.cache_ref {
-            Some(_) => Some(set.render(&field("cacheRef"), ctx, owner)?),
+            Some(_) => {
+                let cache_ref = set.render(&field("cacheRef"), ctx, owner)?;
+                check_cache_reference(&field("cacheRef"), &cache_ref, owner)?;
+                Some(cache_ref)
+            }
             None => None,
         };
         let git_revision = match &self.context.git {
-            Some(_) => Some(set.render(&field("context.git.revision"), ctx, owner)?),
+            Some(_) => {
+                let revision = set.render(&field("context.git.revision"), ctx, owner)?;
+                check_revision(&field("context.git.revision"), &revision, owner)?;
+                Some(revision)
+            }
             None => None,
         };
         Ok(Rendered {
@@ -95,12 +103,54 @@ pub(super) fn check_reference(
     let invalid = |reason: String| PlanError::InvalidReference {
         field: field.to_string(),
         instance: owner.map(str::to_string),
-        reference: reference.to_string(),
+        reference: crate::validate::shorten(reference, 256),
         reason,
     };
     let parsed = Reference::from_str(reference).map_err(|e| invalid(e.to_string()))?;
     if parsed.tag().is_none() || parsed.digest().is_some() {
         return Err(invalid("a pushed image needs a tag and no digest".into()));
+    }
+    Ok(())
+}
+
+/// A cache reference goes into BuildKit's comma-separated cache options: it must be an
+/// image reference (which has no `,`, `=` or space), or it could add options of its own.
+fn check_cache_reference(
+    field: &str,
+    reference: &str,
+    owner: Option<&str>,
+) -> Result<(), PlanError> {
+    Reference::from_str(reference)
+        .map(|_| ())
+        .map_err(|e| PlanError::InvalidReference {
+            field: field.to_string(),
+            instance: owner.map(str::to_string),
+            reference: crate::validate::shorten(reference, 256),
+            reason: e.to_string(),
+        })
+}
+
+/// A git revision (a commit, branch or tag) goes after the `#` of the context URL: git's
+/// own rules for ref names, which leave out whitespace, `:`, `#`, `,` and the like.
+fn check_revision(field: &str, revision: &str, owner: Option<&str>) -> Result<(), PlanError> {
+    let allowed =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | '+' | '@');
+    if revision.is_empty()
+        || revision.len() > 256
+        || !revision.chars().all(allowed)
+        || revision.contains("..")
+        || revision.starts_with(['-', '/'])
+    {
+        return Err(PlanError::Spec(crate::validate::SpecError {
+            field: field.to_string(),
+            message: format!(
+                "`{}` is not a git revision (a commit, branch or tag: letters, digits, `.`, `_`, `-`, `/`){}",
+                crate::validate::shorten(revision, 128),
+                owner
+                    .map(|o| format!(" (instance {o})"))
+                    .unwrap_or_default()
+            ),
+        }));
     }
     Ok(())
 }

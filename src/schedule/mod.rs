@@ -254,7 +254,9 @@ pub fn decide(
                             .unwrap_or_default();
                         actions.push(Action::RetryAt {
                             node: id,
-                            at: *at + wait,
+                            at: at
+                                .checked_add_signed(wait)
+                                .unwrap_or(DateTime::<Utc>::MAX_UTC),
                             failure: f.clone(),
                         });
                     }
