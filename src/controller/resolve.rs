@@ -40,6 +40,8 @@ pub enum Resolution {
         result: oneshot::Receiver<Result<Plan, ResolveError>>,
         /// Attempts before this one.
         failures: u32,
+        /// Why the last one failed: still what the run says while this one runs.
+        last_error: Option<String>,
     },
     /// The source could not be read; try again at `at`.
     Waiting {
@@ -81,7 +83,10 @@ impl Resolution {
         now: Instant,
         start: impl FnOnce() -> oneshot::Receiver<Result<Plan, ResolveError>>,
     ) -> Step {
-        if let Resolution::Running { result, failures } = self {
+        if let Resolution::Running {
+            result, failures, ..
+        } = self
+        {
             let failures = *failures;
             match result.try_recv() {
                 Ok(Ok(plan)) => *self = Resolution::Ready(Arc::new(plan)),
@@ -99,12 +104,18 @@ impl Resolution {
                 *self = Resolution::Running {
                     result: start(),
                     failures: 0,
+                    last_error: None,
                 };
             }
-            Resolution::Waiting { failures, at, .. } if now >= *at => {
+            Resolution::Waiting {
+                failures,
+                at,
+                error,
+            } if now >= *at => {
                 *self = Resolution::Running {
                     result: start(),
                     failures: *failures,
+                    last_error: Some(std::mem::take(error)),
                 };
             }
             _ => {}
@@ -112,7 +123,11 @@ impl Resolution {
         match self {
             Resolution::Ready(plan) => Step::Ready(plan.clone()),
             Resolution::Failed(message) => Step::Failed(message.clone()),
-            Resolution::Running { .. } | Resolution::Idle => Step::Pending {
+            Resolution::Running { last_error, .. } => Step::Pending {
+                error: last_error.clone(),
+                wait: Duration::from_secs(1),
+            },
+            Resolution::Idle => Step::Pending {
                 error: None,
                 wait: Duration::from_secs(1),
             },
@@ -216,11 +231,23 @@ mod tests {
         );
         // Not before the backoff is over; then again, and 4 s after a second failure.
         r.step(t0 + Duration::from_secs(1), || unreachable!());
-        r.step(t0 + Duration::from_secs(2), || {
+        let (tx, rx) = oneshot::channel();
+        let step = r.step(t0 + Duration::from_secs(2), || {
             starts += 1;
-            answered(Err(ResolveError::Source("still missing".into())))
+            rx
         });
         assert_eq!(starts, 2);
+        // While the source is read again (a slow source can take its time), the run still
+        // says why the last read failed.
+        assert_eq!(
+            pending(&step),
+            Some((
+                Some("configmaps \"ids\" not found".into()),
+                Duration::from_secs(1)
+            ))
+        );
+        tx.send(Err(ResolveError::Source("still missing".into())))
+            .unwrap();
         let step = r.step(t0 + Duration::from_secs(2), || unreachable!());
         assert_eq!(
             pending(&step),

@@ -45,9 +45,18 @@ pub async fn fetch(
         .await
         .map_err(|e| InstanceError::Source(format!("reading {origin}: {e}")))?
         .ok_or_else(|| InstanceError::Source(format!("{origin}: the ConfigMap does not exist")))?;
+    if cm
+        .binary_data
+        .as_ref()
+        .is_some_and(|b| b.contains_key(&cm_ref.key))
+    {
+        return Err(InstanceError::Source(format!(
+            "{origin}: the key is binaryData; an instance list is text (UTF-8) under data"
+        )));
+    }
     let data = cm.data.unwrap_or_default();
     let text = data.get(&cm_ref.key).ok_or_else(|| {
-        let keys: Vec<&String> = data.keys().collect();
+        let keys: Vec<&String> = data.keys().take(20).collect();
         InstanceError::Source(format!("{origin}: no such key (keys: {keys:?})"))
     })?;
     parse_lines(text, &origin)

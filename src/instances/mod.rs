@@ -23,6 +23,10 @@ pub struct RawInstance {
     pub image: Option<String>,
 }
 
+/// The most instances one run builds (as many as `instances.list` may hold): a source with
+/// more is split with `select` or `limit`.
+pub const MAX_INSTANCES: usize = 20_000;
+
 /// Why an instance list could not be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -35,6 +39,14 @@ pub enum InstanceError {
     /// `select` names ids the source does not have.
     #[error("instances.select names ids not in the source: {}", sample(.0))]
     SelectMissing(Vec<String>),
+    /// More instances than a run may have, after `select` and `limit`.
+    #[error(
+        "{count} instances are selected; a run may have at most {MAX_INSTANCES}: split them over several runs (instances.select or limit)"
+    )]
+    TooMany {
+        /// How many.
+        count: usize,
+    },
     /// `limit` asks for more instances than there are.
     #[error("instances.limit is {limit} but only {available} instances are selected")]
     LimitTooLarge {
@@ -69,6 +81,7 @@ impl InstanceError {
             Self::Duplicate(_) => "DuplicateInstances",
             Self::SelectMissing(_) => "SelectNotInSource",
             Self::LimitTooLarge { .. } => "LimitTooLarge",
+            Self::TooMany { .. } => "TooManyInstances",
             Self::BadLine { .. } => "BadInstanceLine",
             Self::Source(_) => "InstanceSourceUnavailable",
             Self::HuggingFace(_) => "HuggingFaceError",
@@ -177,6 +190,11 @@ pub fn select(
     if selected.is_empty() {
         return Err(InstanceError::Empty(" after select and limit"));
     }
+    if selected.len() > MAX_INSTANCES {
+        return Err(InstanceError::TooMany {
+            count: selected.len(),
+        });
+    }
     Ok(selected)
 }
 
@@ -246,6 +264,25 @@ mod tests {
         src.limit = Some(2);
         let got = select(ids(&["d", "c", "b", "a"]), &src).unwrap();
         assert_eq!(got, ids(&["a", "c"]));
+    }
+
+    #[test]
+    fn a_source_past_the_cap_is_split_with_limit() {
+        let many: Vec<RawInstance> = (0..=MAX_INSTANCES)
+            .map(|i| RawInstance {
+                id: format!("r__n-{i}"),
+                image: None,
+            })
+            .collect();
+        let err = select(many.clone(), &source()).unwrap_err();
+        assert_eq!(err.kind(), "TooManyInstances");
+        assert!(
+            err.to_string().starts_with("20001 instances are selected"),
+            "{err}"
+        );
+        let mut src = source();
+        src.limit = Some(20_000);
+        assert_eq!(select(many, &src).unwrap().len(), MAX_INSTANCES);
     }
 
     #[test]
