@@ -840,3 +840,132 @@ async fn create_raw(api: &Api<DynamicObject>, value: Value) -> Result<String, St
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A TCP server on loopback that accepts connections and never answers: background work
+/// against it (reading a dataset, checking a registry) stays in flight. Its address.
+async fn silent_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn long_and_dotted_names_build_and_a_run_recreated_under_its_name_starts_afresh() {
+    let (env, _logs, ns) = setup("e2e-names").await;
+    let mut operator = Operator::start(&ns.name);
+    let runs = ns.api::<ImageBuildRun>();
+    let jobs = ns.api::<Job>();
+    let _seen = watch_jobs(jobs.clone());
+    let ids = swebench_ids(2);
+    let silent = silent_server().await;
+    let prefix = ns.name.clone();
+    let make = |name: &str| {
+        let mut run = swebench_run(name, &env.registry, &prefix, &ids, 2);
+        run.spec.force_rebuild = true;
+        run
+    };
+
+    // The longest name an object may have (253), dotted, and a short dotted one.
+    let longest = format!("{}.e", ["a", "b", "c", "d"].map(|c| c.repeat(62)).join("."));
+    assert_eq!(longest.len(), 253);
+    for name in ["a.b.c", longest.as_str()] {
+        runs.create(&PostParams::default(), &make(name))
+            .await
+            .unwrap();
+    }
+
+    // A run deleted while its instance source is being read (the dataset server never
+    // answers), then created again under the same name from a list.
+    let mut reading = make("again");
+    reading.spec.instances.list = None;
+    reading.spec.instances.hugging_face = Some(
+        serde_json::from_value(
+            json!({"dataset": "o/d", "split": "test", "endpoint": format!("http://{silent}")}),
+        )
+        .unwrap(),
+    );
+    // A run deleted while its registry checks are in flight (the registry never answers),
+    // then created again pushing to the real registry.
+    let mut checking = swebench_run("again-checks", &silent, &prefix, &ids, 2);
+    checking.spec.force_rebuild = false;
+    let mut old_uids = Vec::new();
+    for (old, phase) in [
+        (&reading, RunPhase::Resolving),
+        (&checking, RunPhase::Building),
+    ] {
+        let name = old.name_any();
+        let created = runs.create(&PostParams::default(), old).await.unwrap();
+        old_uids.push(created.uid().unwrap());
+        within(Duration::from_secs(30), || async {
+            let run = runs.get(&name).await.ok()?;
+            (run.status?.phase == Some(phase)).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name} never reached {phase:?}"));
+        runs.delete(&name, &Default::default()).await.unwrap();
+        within(Duration::from_secs(30), || async {
+            runs.get_opt(&name).await.unwrap().is_none().then_some(())
+        })
+        .await
+        .unwrap();
+        runs.create(&PostParams::default(), &make(&name))
+            .await
+            .unwrap();
+    }
+
+    for name in ["a.b.c", longest.as_str(), "again", "again-checks"] {
+        let run = final_phase(&runs, name, Duration::from_secs(180))
+            .await
+            .unwrap_or_else(|| panic!("{name} did not finish"));
+        let status = run.status.as_ref().unwrap();
+        assert_eq!(
+            status.phase,
+            Some(RunPhase::Succeeded),
+            "{name}: {status:?}"
+        );
+        assert_eq!(
+            (
+                status.bases.succeeded,
+                status.assemblies.succeeded,
+                status.failed_total
+            ),
+            (2, 2, 0),
+            "{name}"
+        );
+        // Every manifest shard it names exists, and the names fit.
+        let cms = ns.api::<ConfigMap>();
+        for shard in &status.manifests {
+            assert!(shard.len() <= 253, "{shard}");
+            cms.get(shard)
+                .await
+                .unwrap_or_else(|e| panic!("{shard}: {e}"));
+        }
+    }
+    // Nothing of the old runs was built: every Job belongs to a run that lives now.
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    let stale: Vec<String> = all
+        .iter()
+        .filter(|j| {
+            old_uids
+                .iter()
+                .any(|u| j.labels().get(LABEL_RUN_UID) == Some(u))
+        })
+        .map(|j| j.name_any())
+        .collect();
+    assert!(stale.is_empty(), "Jobs of deleted runs: {stale:?}");
+    assert!(
+        operator.wait(Duration::from_millis(10)).is_none(),
+        "the operator exited"
+    );
+    assert!(
+        !operator.log().contains("panicked"),
+        "the operator panicked"
+    );
+    ns.delete().await;
+}
