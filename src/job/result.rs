@@ -102,9 +102,11 @@ fn terminated(pod: Option<&Pod>) -> Option<&ContainerStateTerminated> {
 /// The failure of a Job whose pod failed (the Job's own deadline is handled by the caller).
 fn classify_pod(pod: Option<&Pod>) -> Failure {
     let Some(pod) = pod else {
+        // Its node was lost (the pod garbage collector deletes the pods of a node that is
+        // gone) or somebody deleted it: the build never finished, so another attempt may.
         return Failure::new(
-            FailureClass::BuildError,
-            "the build pod was gone before its result was read",
+            FailureClass::Evicted,
+            "the build pod was gone before its result was read (its node lost, or the pod deleted)",
         );
     };
     let status = pod.status.as_ref();

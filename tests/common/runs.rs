@@ -19,7 +19,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use oci_client::secrets::RegistryAuth;
 
@@ -129,8 +129,13 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let out = seen.clone();
     tokio::spawn(async move {
-        let mut events = watcher(jobs, watcher::Config::default()).boxed();
-        while let Some(Ok(event)) = events.next().await {
+        // Through API server and etcd restarts: an error is retried with backoff, and the
+        // watch resumes where it was.
+        let mut events = watcher(jobs, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { continue };
             let (job, deleted) = match event {
                 watcher::Event::Apply(j) | watcher::Event::InitApply(j) => (j, false),
                 watcher::Event::Delete(j) => (j, true),

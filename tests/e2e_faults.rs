@@ -1,0 +1,457 @@
+//! The fault suite, on the local environment, with figures: each test runs a build run
+//! through one fault and asserts that the run completes with every image built, that an
+//! independent watcher saw no duplicate Job per (image, attempt), that no record is lost
+//! or doubled (one record per image, whose attempt count is the number of Jobs the
+//! watcher saw for it), and prints how long the run took and how long it took to recover.
+//!
+//! Faults: kube-apiserver restarted mid-run; etcd restarted mid-run; a node lost mid-run
+//! (a kwok node deleted under running builds); the registry down for 30 s as a run starts;
+//! the operator SIGKILLed at 20 random moments of a 500-instance run; 5% of builds failing
+//! transiently at random.
+//!
+//! The faults touch the shared control plane, so the tests of this binary run one at a
+//! time (`SERIAL`); no other binary runs beside them.
+//!
+//! Needs `e2e/cluster up`; run with `e2e/cluster test`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{Operator, eventually, setup};
+use common::runs::{
+    Seen, annotations, await_phase, records, swebench_ids, swebench_run, watch_jobs_pushing,
+};
+use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use imagebuild_operator::manifest::RecordStatus;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `e2e/cluster ARGS` (stop, restart, up); panics if it fails.
+fn cluster(args: &[&str]) {
+    let out = Command::new("e2e/cluster").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2e/cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A SWE-bench-shaped run of `n` instances whose builds take `duration` on kwok.
+fn run_of(
+    env_registry: &str,
+    ns: &str,
+    name: &str,
+    n: usize,
+    workers: u32,
+    duration: &str,
+) -> ImageBuildRun {
+    let mut run = swebench_run(name, env_registry, ns, &swebench_ids(n), workers);
+    run.spec.force_rebuild = true;
+    run.spec.placement.pod_annotations = annotations(&[("sim.imagebuild.dev/duration", duration)]);
+    run.spec.retry.backoff.initial = "1s".into();
+    run.spec.retry.backoff.max = "2s".into();
+    run
+}
+
+/// What a fault left: duplicates, lost records, records whose attempts disagree with the
+/// Jobs seen. Asserts all three are zero and every image is built.
+async fn verify(
+    what: &str,
+    runs: &Api<ImageBuildRun>,
+    cms: &Api<ConfigMap>,
+    seen: &Arc<Mutex<Seen>>,
+    run: &ImageBuildRun,
+    images: usize,
+) -> (usize, usize) {
+    let name = run.name_any();
+    let done = runs.get(&name).await.unwrap();
+    let status = done.status.as_ref().unwrap();
+    assert_eq!(
+        status.phase,
+        Some(RunPhase::Succeeded),
+        "{what}: {status:?}"
+    );
+    let records = records(cms, &name).await;
+    let (duplicates, per_name) = {
+        let s = seen.lock().unwrap();
+        let duplicates = s.per_attempt().values().filter(|&&n| n > 1).count();
+        let mut per_name: BTreeMap<String, u32> = BTreeMap::new();
+        for job in s.jobs.values() {
+            *per_name.entry(job.name.clone()).or_default() += 1;
+        }
+        (duplicates, per_name)
+    };
+    let lost = images.saturating_sub(records.len())
+        + records
+            .values()
+            .filter(|r| r.status != RecordStatus::Built)
+            .count();
+    let mismatched: Vec<String> = records
+        .iter()
+        .filter(|(job, r)| per_name.get(*job).copied().unwrap_or(0) != r.attempt_count)
+        .map(|(job, r)| {
+            format!(
+                "{job}: {} attempts, {:?} Jobs",
+                r.attempt_count,
+                per_name.get(job)
+            )
+        })
+        .collect();
+    assert_eq!(records.len(), images, "{what}: one record per image");
+    assert_eq!(duplicates, 0, "{what}: duplicate Jobs");
+    assert_eq!(lost, 0, "{what}: lost records");
+    assert!(mismatched.is_empty(), "{what}: {mismatched:?}");
+    let retried = records.values().filter(|r| r.attempt_count > 1).count();
+    (retried, per_name.values().map(|&n| n as usize).sum())
+}
+
+/// The first Job the watcher saw created after `t`: how long after `t`.
+async fn next_job_after(seen: &Arc<Mutex<Seen>>, t: Instant) -> Duration {
+    eventually(
+        Duration::from_secs(120),
+        "a Job after the fault",
+        || async {
+            let s = seen.lock().unwrap();
+            s.created_after(t)
+                .iter()
+                .map(|j| j.created)
+                .min()
+                .map(|c| c - t)
+        },
+    )
+    .await
+}
+
+fn figures(fault: &str, images: usize, jobs: usize, wall: Duration, recovery: &str) {
+    println!(
+        "FAULT | {fault} | {images} images, {jobs} Jobs | run {:.1} s | {recovery} | duplicates 0, lost 0, doubled 0",
+        wall.as_secs_f64()
+    );
+}
+
+/// A run through a restart of control-plane component `component` once `finished` Jobs
+/// are done.
+async fn through_a_restart_of(component: &str, prefix: &str) {
+    let _serial = SERIAL.lock().await;
+    let (env, _logs, ns) = setup(prefix).await;
+    let _operator = Operator::start(&ns.name);
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    let run = run_of(&env.registry, &ns.name, "restart", 20, 6, "2s");
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    eventually(Duration::from_secs(120), "10 finished Jobs", || async {
+        (seen.lock().unwrap().finished() >= 10).then_some(())
+    })
+    .await;
+    let fault = Instant::now();
+    cluster(&["restart", component]);
+    let down = fault.elapsed();
+    let recovery = next_job_after(&seen, fault).await;
+    await_phase(
+        &runs,
+        "restart",
+        RunPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let wall = started.elapsed();
+    let (_, jobs) = verify(component, &runs, &cms, &seen, &run, 41).await;
+    figures(
+        &format!("{component} restarted mid-run"),
+        41,
+        jobs,
+        wall,
+        &format!(
+            "restart took {:.1} s; next Job {:.1} s after the fault began",
+            down.as_secs_f64(),
+            recovery.as_secs_f64()
+        ),
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn kube_apiserver_restarted_mid_run() {
+    through_a_restart_of("kube-apiserver", "e2e-fault-apiserver").await;
+}
+
+#[tokio::test]
+async fn etcd_restarted_mid_run() {
+    through_a_restart_of("etcd", "e2e-fault-etcd").await;
+}
+
+#[tokio::test]
+async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let (env, _logs, ns) = setup("e2e-fault-node").await;
+    let _operator = Operator::start(&ns.name);
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    let run = run_of(&env.registry, &ns.name, "node", 20, 6, "5s");
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    // Once builds run on kwok-large-0, the node goes (as a machine that died would).
+    let pods = ns.api::<Pod>();
+    let on_node = |p: &Pod| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("kwok-large-0")
+            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    };
+    let victims = eventually(
+        Duration::from_secs(120),
+        "builds running on kwok-large-0",
+        || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let names: Vec<String> = list
+                .items
+                .iter()
+                .filter(|p| on_node(p))
+                .map(|p| p.name_any())
+                .collect();
+            (!names.is_empty()).then_some(names)
+        },
+    )
+    .await;
+    let nodes: Api<Node> = Api::all(env.client().await);
+    let fault = Instant::now();
+    nodes
+        .delete("kwok-large-0", &Default::default())
+        .await
+        .unwrap();
+    // What the pod garbage collector does to the pods of a node that is gone (after a
+    // quarantine of 40 s), done at once.
+    let now = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    for pod in &victims {
+        let _ = pods.delete(pod, &now).await;
+    }
+    let recovery = next_job_after(&seen, fault).await;
+    await_phase(&runs, "node", RunPhase::Succeeded, Duration::from_secs(240)).await;
+    let wall = started.elapsed();
+    // The node comes back for the other tests.
+    cluster(&["up"]);
+    let (retried, jobs) = verify("node lost", &runs, &cms, &seen, &run, 41).await;
+    assert!(
+        (1..=victims.len()).contains(&retried),
+        "the builds on the lost node ({victims:?}) were retried: {retried}"
+    );
+    figures(
+        "a node lost mid-run",
+        41,
+        jobs,
+        wall,
+        &format!(
+            "{} builds on it, {retried} images retried; next Job {:.1} s after the node went",
+            victims.len(),
+            recovery.as_secs_f64()
+        ),
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn the_registry_down_for_30_s_is_waited_out_and_said() {
+    let _serial = SERIAL.lock().await;
+    let (env, _logs, ns) = setup("e2e-fault-registry").await;
+    let _operator = Operator::start_with(&ns.name, &["--registry-stall-timeout", "10s"]);
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    // Checked against the registry (not forced): nothing is built before it answers.
+    let mut run = run_of(&env.registry, &ns.name, "registry", 20, 6, "1s");
+    run.spec.force_rebuild = false;
+    cluster(&["stop", "registry"]);
+    let fault = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let degraded = eventually(
+        Duration::from_secs(60),
+        "Degraded while the registry is down",
+        || async {
+            let run = runs.get("registry").await.ok()?;
+            let c = run
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded")?;
+            (c.status == "True").then_some((fault.elapsed(), c.message))
+        },
+    )
+    .await;
+    let remaining = Duration::from_secs(30).saturating_sub(fault.elapsed());
+    tokio::time::sleep(remaining).await;
+    assert_eq!(
+        seen.lock().unwrap().jobs.len(),
+        0,
+        "no Job while nothing is known"
+    );
+    cluster(&["up"]);
+    let up = Instant::now();
+    let recovery = next_job_after(&seen, up).await;
+    let cleared = eventually(Duration::from_secs(120), "Degraded to clear", || async {
+        let run = runs.get("registry").await.ok()?;
+        let c = run
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Degraded")?;
+        (c.status == "False").then_some(up.elapsed())
+    })
+    .await;
+    await_phase(
+        &runs,
+        "registry",
+        RunPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let wall = fault.elapsed();
+    let (_, jobs) = verify("registry down", &runs, &cms, &seen, &run, 41).await;
+    figures(
+        "registry down for the first 30 s of a run",
+        41,
+        jobs,
+        wall,
+        &format!(
+            "Degraded {:.1} s into the outage ({}); after it: first Job {:.1} s, Degraded cleared {:.1} s",
+            degraded.0.as_secs_f64(),
+            degraded.1.chars().take(80).collect::<String>(),
+            recovery.as_secs_f64(),
+            cleared.as_secs_f64()
+        ),
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn the_operator_killed_at_20_random_moments_of_a_500_instance_run() {
+    let _serial = SERIAL.lock().await;
+    let (env, _logs, ns) = setup("e2e-fault-kill").await;
+    let mut operator = Operator::start(&ns.name);
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    let run = run_of(&env.registry, &ns.name, "killed", 500, 32, "300ms");
+    let images = 1001;
+    // 20 moments, by Jobs finished, at random.
+    let mut moments: Vec<usize> = (0..20)
+        .map(|_| 20 + rand::random::<u32>() as usize % 940)
+        .collect();
+    moments.sort_unstable();
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let mut recoveries = Vec::new();
+    for moment in &moments {
+        eventually(
+            Duration::from_secs(600),
+            &format!("{moment} finished Jobs"),
+            || async { (seen.lock().unwrap().finished() >= *moment).then_some(()) },
+        )
+        .await;
+        let killed = Instant::now();
+        operator.kill();
+        operator = Operator::start(&ns.name);
+        // From the kill to the first Job the new process creates.
+        let next = eventually(
+            Duration::from_secs(120),
+            "a Job after the restart",
+            || async {
+                let s = seen.lock().unwrap();
+                s.created_after(killed)
+                    .iter()
+                    .map(|j| j.created)
+                    .min()
+                    .map(|c| c - killed)
+            },
+        )
+        .await;
+        recoveries.push(next);
+    }
+    await_phase(
+        &runs,
+        "killed",
+        RunPhase::Succeeded,
+        Duration::from_secs(900),
+    )
+    .await;
+    let wall = started.elapsed();
+    let (retried, jobs) = verify("operator killed", &runs, &cms, &seen, &run, images).await;
+    assert_eq!(retried, 0, "a kill costs no build");
+    assert_eq!(jobs, images, "one Job per image");
+    recoveries.sort();
+    figures(
+        "operator SIGKILLed at 20 random moments",
+        images,
+        jobs,
+        wall,
+        &format!(
+            "kills after {moments:?} Jobs finished; kill to next Job p50 {:.2} s, max {:.2} s",
+            recoveries[recoveries.len() / 2].as_secs_f64(),
+            recoveries[recoveries.len() - 1].as_secs_f64()
+        ),
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn five_percent_of_builds_failing_transiently_are_retried() {
+    let _serial = SERIAL.lock().await;
+    let (env, _logs, ns) = setup("e2e-fault-flaky").await;
+    let _operator = Operator::start(&ns.name);
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    let mut run = run_of(&env.registry, &ns.name, "flaky", 200, 32, "300ms");
+    // The first attempt of an image whose hash starts below 0d (13 of 256: 5.1%) is
+    // throttled by the registry, a transient failure.
+    let unlucky = "attempt == 1 and (image | sha256)[:2] < '0d'";
+    run.spec.placement.pod_annotations = annotations(&[
+        ("sim.imagebuild.dev/duration", "300ms"),
+        (
+            "sim.imagebuild.dev/exit-code",
+            &format!("{{% if {unlucky} %}}1{{% endif %}}"),
+        ),
+        (
+            "sim.imagebuild.dev/message",
+            &format!(
+                "{{% if {unlucky} %}}error: failed to push: 429 Too Many Requests: toomanyrequests{{% endif %}}"
+            ),
+        ),
+    ]);
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    await_phase(
+        &runs,
+        "flaky",
+        RunPhase::Succeeded,
+        Duration::from_secs(600),
+    )
+    .await;
+    let wall = started.elapsed();
+    let images = 401;
+    let (retried, jobs) = verify("5% transient", &runs, &cms, &seen, &run, images).await;
+    let expected = common::runs::plan(&run, &swebench_ids(200))
+        .nodes
+        .iter()
+        .filter(|n| imagebuild_operator::names::sha256_hex(&n.image)[..2] < *"0d")
+        .count();
+    assert_eq!(retried, expected, "each unlucky image once more, no other");
+    assert_eq!(jobs, images + retried);
+    figures(
+        "5% of builds failing transiently",
+        images,
+        jobs,
+        wall,
+        &format!(
+            "{retried} images ({:.1}%) failed once and were retried",
+            100.0 * retried as f64 / images as f64
+        ),
+    );
+    ns.delete().await;
+}
