@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::cluster::{Operator, eventually, setup};
-use common::runs::{annotations, await_phase, events, swebench_ids, swebench_run};
+use common::runs::{annotations, await_phase, condition, events, swebench_ids, swebench_run};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
@@ -44,16 +44,6 @@ async fn stand_in_registry(mode: Arc<AtomicU8>) -> String {
         });
     tokio::spawn(async move { axum::serve(listener, app).await });
     address
-}
-
-fn condition(run: &ImageBuildRun, type_: &str) -> Option<(String, String, String)> {
-    let c = run
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 #[tokio::test]

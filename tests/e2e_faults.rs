@@ -34,6 +34,31 @@ use kube::{Api, ResourceExt};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A fault test's fixtures: the environment, a namespace (its logs printed on failure),
+/// its runs and ConfigMaps, and an independent watcher of its Jobs (pushing nothing).
+struct Fixture {
+    env: common::cluster::Env,
+    _logs: common::cluster::LogsOnFailure,
+    ns: common::cluster::TestNamespace,
+    runs: Api<ImageBuildRun>,
+    cms: Api<ConfigMap>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+async fn fixture(prefix: &str) -> Fixture {
+    let (env, _logs, ns) = setup(prefix).await;
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        cms,
+        seen,
+    }
+}
+
 /// Runs `e2e/cluster ARGS` (stop, restart, up); panics if it fails.
 fn cluster(args: &[&str]) {
     let out = Command::new("e2e/cluster").args(args).output().unwrap();
@@ -141,10 +166,15 @@ fn figures(fault: &str, images: usize, jobs: usize, wall: Duration, recovery: &s
 /// are done.
 async fn through_a_restart_of(component: &str, prefix: &str) {
     let _serial = SERIAL.lock().await;
-    let (env, _logs, ns) = setup(prefix).await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        cms,
+        seen,
+    } = fixture(prefix).await;
     let _operator = Operator::start(&ns.name);
-    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
-    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
     let run = run_of(&env.registry, &ns.name, "restart", 20, 6, "2s");
     let started = Instant::now();
     runs.create(&PostParams::default(), &run).await.unwrap();
@@ -192,10 +222,15 @@ async fn etcd_restarted_mid_run() {
 #[tokio::test]
 async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
     let _serial = SERIAL.lock().await;
-    let (env, _logs, ns) = setup("e2e-fault-node").await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        cms,
+        seen,
+    } = fixture("e2e-fault-node").await;
     let _operator = Operator::start(&ns.name);
-    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
-    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
     let run = run_of(&env.registry, &ns.name, "node", 20, 6, "5s");
     let started = Instant::now();
     runs.create(&PostParams::default(), &run).await.unwrap();
@@ -262,10 +297,15 @@ async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
 #[tokio::test]
 async fn the_registry_down_for_30_s_is_waited_out_and_said() {
     let _serial = SERIAL.lock().await;
-    let (env, _logs, ns) = setup("e2e-fault-registry").await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        cms,
+        seen,
+    } = fixture("e2e-fault-registry").await;
     let _operator = Operator::start_with(&ns.name, &["--registry-stall-timeout", "10s"]);
-    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
-    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
     // Checked against the registry (not forced): nothing is built before it answers.
     let mut run = run_of(&env.registry, &ns.name, "registry", 20, 6, "1s");
     run.spec.force_rebuild = false;
@@ -334,10 +374,15 @@ async fn the_registry_down_for_30_s_is_waited_out_and_said() {
 #[tokio::test]
 async fn the_operator_killed_at_20_random_moments_of_a_500_instance_run() {
     let _serial = SERIAL.lock().await;
-    let (env, _logs, ns) = setup("e2e-fault-kill").await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        cms,
+        seen,
+    } = fixture("e2e-fault-kill").await;
     let mut operator = Operator::start(&ns.name);
-    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
-    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
     let run = run_of(&env.registry, &ns.name, "killed", 500, 32, "300ms");
     let images = 1001;
     // 20 moments, by Jobs finished, at random.
@@ -403,10 +448,15 @@ async fn the_operator_killed_at_20_random_moments_of_a_500_instance_run() {
 #[tokio::test]
 async fn five_percent_of_builds_failing_transiently_are_retried() {
     let _serial = SERIAL.lock().await;
-    let (env, _logs, ns) = setup("e2e-fault-flaky").await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        cms,
+        seen,
+    } = fixture("e2e-fault-flaky").await;
     let _operator = Operator::start(&ns.name);
-    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
-    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
     let mut run = run_of(&env.registry, &ns.name, "flaky", 200, 32, "300ms");
     // The first attempt of an image whose hash starts below 0d (13 of 256: 5.1%) is
     // throttled by the registry, a transient failure.

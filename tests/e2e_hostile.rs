@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::cluster::{Operator, TestNamespace, setup};
-use common::runs::{swebench_ids, swebench_run, watch_jobs};
+use common::runs::{condition, swebench_ids, swebench_run, watch_jobs};
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::names::LABEL_RUN_UID;
 use k8s_openapi::ByteString;
@@ -581,16 +581,6 @@ async fn objects(ns: &TestNamespace) {
             .await
             .unwrap();
     }
-}
-
-fn condition(run: &ImageBuildRun, type_: &str) -> Option<(String, String, String)> {
-    let c = run
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 async fn jobs_of(jobs: &Api<Job>, uid: &str) -> usize {

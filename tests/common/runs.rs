@@ -384,3 +384,14 @@ pub async fn events(ns: &TestNamespace, name: &str) -> Vec<(String, String, Stri
         })
         .collect()
 }
+
+/// Condition `type_` of the run: its status, reason and message.
+pub fn condition(run: &ImageBuildRun, type_: &str) -> Option<(String, String, String)> {
+    let c = run
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
