@@ -34,6 +34,14 @@ use kube::{Api, ResourceExt};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Instances of the runs through one fault (each instance a base and an assembly, and one
+/// builder).
+const SMALL: usize = 12;
+const SMALL_IMAGES: usize = 2 * SMALL + 1;
+
+/// Instances of the run whose builds fail transiently at random.
+const FLAKY: usize = 120;
+
 /// A fault test's fixtures: the environment, a namespace (its logs printed on failure),
 /// its runs and ConfigMaps, and an independent watcher of its Jobs (pushing nothing).
 struct Fixture {
@@ -175,11 +183,11 @@ async fn through_a_restart_of(component: &str, prefix: &str) {
         seen,
     } = fixture(prefix).await;
     let _operator = Operator::start(&ns.name);
-    let run = run_of(&env.registry, &ns.name, "restart", 20, 6, "2s");
+    let run = run_of(&env.registry, &ns.name, "restart", SMALL, 6, "1s");
     let started = Instant::now();
     runs.create(&PostParams::default(), &run).await.unwrap();
-    eventually(Duration::from_secs(120), "10 finished Jobs", || async {
-        (seen.lock().unwrap().finished() >= 10).then_some(())
+    eventually(Duration::from_secs(120), "6 finished Jobs", || async {
+        (seen.lock().unwrap().finished() >= 6).then_some(())
     })
     .await;
     let fault = Instant::now();
@@ -194,10 +202,10 @@ async fn through_a_restart_of(component: &str, prefix: &str) {
     )
     .await;
     let wall = started.elapsed();
-    let (_, jobs) = verify(component, &runs, &cms, &seen, &run, 41).await;
+    let (_, jobs) = verify(component, &runs, &cms, &seen, &run, SMALL_IMAGES).await;
     figures(
         &format!("{component} restarted mid-run"),
-        41,
+        SMALL_IMAGES,
         jobs,
         wall,
         &format!(
@@ -231,7 +239,7 @@ async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
         seen,
     } = fixture("e2e-fault-node").await;
     let _operator = Operator::start(&ns.name);
-    let run = run_of(&env.registry, &ns.name, "node", 20, 6, "5s");
+    let run = run_of(&env.registry, &ns.name, "node", SMALL, 6, "3s");
     let started = Instant::now();
     runs.create(&PostParams::default(), &run).await.unwrap();
     // Once builds run on kwok-large-0, the node goes (as a machine that died would).
@@ -275,14 +283,14 @@ async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
     let wall = started.elapsed();
     // The node comes back for the other tests.
     cluster(&["up"]);
-    let (retried, jobs) = verify("node lost", &runs, &cms, &seen, &run, 41).await;
+    let (retried, jobs) = verify("node lost", &runs, &cms, &seen, &run, SMALL_IMAGES).await;
     assert!(
         (1..=victims.len()).contains(&retried),
         "the builds on the lost node ({victims:?}) were retried: {retried}"
     );
     figures(
         "a node lost mid-run",
-        41,
+        SMALL_IMAGES,
         jobs,
         wall,
         &format!(
@@ -307,7 +315,7 @@ async fn the_registry_down_for_30_s_is_waited_out_and_said() {
     } = fixture("e2e-fault-registry").await;
     let _operator = Operator::start_with(&ns.name, &["--registry-stall-timeout", "10s"]);
     // Checked against the registry (not forced): nothing is built before it answers.
-    let mut run = run_of(&env.registry, &ns.name, "registry", 20, 6, "1s");
+    let mut run = run_of(&env.registry, &ns.name, "registry", SMALL, 6, "1s");
     run.spec.force_rebuild = false;
     cluster(&["stop", "registry"]);
     let fault = Instant::now();
@@ -354,10 +362,10 @@ async fn the_registry_down_for_30_s_is_waited_out_and_said() {
     )
     .await;
     let wall = fault.elapsed();
-    let (_, jobs) = verify("registry down", &runs, &cms, &seen, &run, 41).await;
+    let (_, jobs) = verify("registry down", &runs, &cms, &seen, &run, SMALL_IMAGES).await;
     figures(
         "registry down for the first 30 s of a run",
-        41,
+        SMALL_IMAGES,
         jobs,
         wall,
         &format!(
@@ -457,7 +465,7 @@ async fn five_percent_of_builds_failing_transiently_are_retried() {
         seen,
     } = fixture("e2e-fault-flaky").await;
     let _operator = Operator::start(&ns.name);
-    let mut run = run_of(&env.registry, &ns.name, "flaky", 200, 32, "300ms");
+    let mut run = run_of(&env.registry, &ns.name, "flaky", FLAKY, 32, "300ms");
     // The first attempt of an image whose hash starts below 0d (13 of 256: 5.1%) is
     // throttled by the registry, a transient failure.
     let unlucky = "attempt == 1 and (image | sha256)[:2] < '0d'";
@@ -484,9 +492,9 @@ async fn five_percent_of_builds_failing_transiently_are_retried() {
     )
     .await;
     let wall = started.elapsed();
-    let images = 401;
+    let images = 2 * FLAKY + 1;
     let (retried, jobs) = verify("5% transient", &runs, &cms, &seen, &run, images).await;
-    let expected = common::runs::plan(&run, &swebench_ids(200))
+    let expected = common::runs::plan(&run, &swebench_ids(FLAKY))
         .nodes
         .iter()
         .filter(|n| imagebuild_operator::names::sha256_hex(&n.image)[..2] < *"0d")

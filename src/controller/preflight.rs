@@ -3,7 +3,9 @@
 //! attempt the retry policy allows) is sent with `dryRun=All`: the API server checks
 //! everything the spec puts in a Job (quantities, tolerations, affinity, node selector,
 //! annotations, the executor image) with its own rules, and a refusal fails the run at
-//! once, naming the field, instead of every create being refused in a loop.
+//! once, naming the field, instead of every create being refused in a loop. A dry run
+//! that cannot be made (a full quota, a webhook down) is skipped: the creates then go
+//! ahead, and one refused as invalid still fails the run (`apply::create_jobs`).
 
 use std::collections::BTreeMap;
 

@@ -175,4 +175,16 @@ groups:
         {{`{{ $value | printf "%.2f" }}`}} per second for {{ .for }}.
       runbook_url: {{ $runbook }}#imagebuildreconcileerrors
   {{- end }}{{ end }}
+  {{- with $a.runsUnreadable }}{{ if .enabled }}
+  - alert: ImageBuildRunsUnreadable
+    expr: |
+      imagebuild_runs_unreadable > 0
+    {{- include "imagebuild-operator.alertLabels" (dict "root" $ "alert" .) | nindent 4 }}
+    annotations:
+      summary: ImageBuildRuns the operator cannot read are skipped
+      description: >-
+        {{`{{ $value }}`}} ImageBuildRun(s) do not read as the operator's type and have been
+        skipped for {{ .for }}: see the Warning Events `Unreadable`.
+      runbook_url: {{ $runbook }}#imagebuildrunsunreadable
+  {{- end }}{{ end }}
 {{- end -}}
