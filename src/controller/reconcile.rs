@@ -360,7 +360,6 @@ fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus
     }
 }
 
-/// A failed reconcile is logged, counted and retried after 5 s.
 /// After a panic in `run`'s reconcile: the run fails with the panic as its condition (a
 /// panic is a bug; retrying would panic again) and its records stand.
 pub async fn panicked(
