@@ -24,4 +24,5 @@ pub mod registry;
 pub mod schedule;
 pub mod summary;
 pub mod template;
+pub mod text;
 pub mod validate;

@@ -387,7 +387,7 @@ impl Summary {
 
 /// `s` as a Markdown table cell: pipes escaped, at most 200 bytes.
 fn cell(s: &str) -> String {
-    crate::manifest::truncate(s, 200).replace('|', "\\|")
+    crate::text::truncate(s, 200).replace('|', "\\|")
 }
 
 /// `3725` as `1h 2m 5s`.

@@ -23,7 +23,7 @@ pub const BUILTIN_VARIABLES: &[&str] = &[
 ];
 
 /// What one render may spend: minijinja's fuel (about one unit an instruction, and one a
-/// 64 bytes it allocates), so a loop or a blow-up ends in an error within milliseconds.
+/// 64 bytes it allocates), so a loop or a blow-up ends in an error, not a pinned worker.
 pub const FUEL: u64 = 100_000;
 
 /// The longest text a template may render (an image reference, a build argument, an

@@ -7,6 +7,7 @@ use regex::Regex;
 
 use crate::api::{CacheMode, ImageBuildRunSpec, PhaseSpec};
 use crate::template::BUILTIN_VARIABLES;
+use crate::text::truncate;
 
 /// A spec value that is out of range or malformed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -186,7 +187,7 @@ fn bounded(field: &str, text: &str, limit: Duration) -> Result<Duration, SpecErr
             field,
             format!(
                 "`{}` is longer than the {} allowed",
-                shorten(text, 64),
+                truncate(text, 64),
                 humantime::format_duration(limit)
             ),
         ));
@@ -210,7 +211,7 @@ fn quantity(field: &str, text: &str) -> Result<(), SpecError> {
             field,
             format!(
                 "`{}` is not a quantity above zero like 2, 500m or 8Gi",
-                shorten(text, 64)
+                truncate(text, 64)
             ),
         ));
     }
@@ -226,20 +227,9 @@ fn executor_image(image: &str) -> Result<(), SpecError> {
         .map_err(|e| {
             err(
                 "spec.executor.image",
-                format!("`{}` is not an image reference: {e}", shorten(image, 128)),
+                format!("`{}` is not an image reference: {e}", truncate(image, 128)),
             )
         })
-}
-
-/// At most `max` characters of `text`, with an ellipsis when cut: offending values are
-/// quoted in messages, never whole.
-pub fn shorten(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_string();
-    }
-    let mut out: String = text.chars().take(max).collect();
-    out.push('…');
-    out
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration, SpecError> {
@@ -248,7 +238,7 @@ fn duration(field: &str, text: &str) -> Result<Duration, SpecError> {
             field,
             format!(
                 "`{}` is not a duration like 30s, 15m or 1h30m: {e}",
-                shorten(text, 64)
+                truncate(text, 64)
             ),
         )
     })?;
@@ -348,8 +338,6 @@ mod tests {
         let long = "9".repeat(10_000) + "h";
         let e = duration("spec.timeouts.run", &long).unwrap_err();
         assert!(e.to_string().len() < 400, "{}", e.to_string().len());
-        assert_eq!(shorten("abc", 2), "ab…");
-        assert_eq!(shorten("ab", 2), "ab");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::job::{JobInputs, build_job};
 use crate::manifest::{Harvest, Record, RecordStatus};
 use crate::metrics::{Counted, Outcome};
 use crate::names::ANNOTATION_DISPATCHED_BY;
-use crate::plan::{NodeId, Phase, Plan, PodAnnotations};
+use crate::plan::{Node, NodeId, Phase, Plan, PodAnnotations};
 use crate::schedule::{Action, Failure, FailureClass, NodeState};
 
 /// A Job to create, and what the metrics learn when it is.
@@ -60,10 +60,7 @@ pub fn jobs(plan: &Plan, actions: &mut [Action], making: &JobMaking<'_>) -> Vec<
         let made = annotations
             .as_ref()
             .map_err(|e| e.to_string())
-            .and_then(|a| a.render(node, attempt).map_err(|e| e.to_string()))
-            .and_then(|pod| {
-                build_job(&making.inputs, node, attempt, &pod).map_err(|e| e.to_string())
-            });
+            .and_then(|a| make_job(a, &making.inputs, node, attempt));
         match made {
             Ok(mut job) => {
                 if let Some(identity) = making.identity {
@@ -93,6 +90,20 @@ pub fn jobs(plan: &Plan, actions: &mut [Action], making: &JobMaking<'_>) -> Vec<
         }
     }
     out
+}
+
+/// The Job of `node`'s attempt `attempt`, its pod annotations rendered; why not, if the
+/// spec cannot make it.
+pub fn make_job(
+    annotations: &PodAnnotations,
+    inputs: &JobInputs<'_>,
+    node: &Node,
+    attempt: u32,
+) -> Result<Job, String> {
+    let pod = annotations
+        .render(node, attempt)
+        .map_err(|e| e.to_string())?;
+    build_job(inputs, node, attempt, &pod).map_err(|e| e.to_string())
 }
 
 /// What the actions record.

@@ -118,13 +118,13 @@ fn normal(reason: &str, action: &str, note: String) -> Event {
     event(EventType::Normal, reason, action, note)
 }
 
-fn warning(reason: &str, action: &str, note: String) -> Event {
+pub(super) fn warning(reason: &str, action: &str, note: String) -> Event {
     event(EventType::Warning, reason, action, note)
 }
 
 fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
     // The Events API caps the note at 1 KiB.
-    let note = crate::manifest::truncate(&note, 1000);
+    let note = crate::text::truncate(&note, 1000);
     Event {
         type_,
         reason: reason.to_string(),

@@ -7,14 +7,12 @@
 //! that cannot be made (a full quota, a webhook down) is skipped: the creates then go
 //! ahead, and one refused as invalid still fails the run (`apply::create_jobs`).
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::batch::v1::Job;
 use kube::Api;
 use kube::api::PostParams;
 
 use super::context::Error;
-use crate::job::{JobInputs, build_job};
+use crate::job::JobInputs;
 use crate::plan::{Phase, PodAnnotations};
 
 /// What the dry run found.
@@ -44,10 +42,12 @@ pub fn sample_jobs(
         let Some(node) = plan.nodes.iter().find(|n| n.phase == phase) else {
             continue;
         };
-        let pod: BTreeMap<String, String> = annotations
-            .render(node, attempts)
-            .map_err(|e| e.to_string())?;
-        jobs.push(build_job(inputs, node, attempts, &pod).map_err(|e| e.to_string())?);
+        jobs.push(super::actions::make_job(
+            &annotations,
+            inputs,
+            node,
+            attempts,
+        )?);
     }
     Ok(jobs)
 }

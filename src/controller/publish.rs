@@ -268,9 +268,7 @@ pub async fn write(
     }
     state.written = Some((new.clone(), Instant::now()));
     let reference = run.object_ref(&());
-    for mut event in events::transitions(&old, new) {
-        // An Event's note may have 1 KiB.
-        event.note = event.note.map(|note| crate::validate::shorten(&note, 800));
+    for event in events::transitions(&old, new) {
         // The status already says it: an Event that fails to publish is logged, not
         // retried.
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::core::NamespaceResourceScope;
-use kube::runtime::events::{Event, EventType};
 use serde::{Deserialize, Deserializer};
 
 use super::context::Ctx;
@@ -38,7 +37,7 @@ impl<'de> Deserialize<'de> for Watched {
             .unwrap_or_default();
         let run = ImageBuildRun::deserialize(value)
             .map(Arc::new)
-            .map_err(|e| crate::validate::shorten(&e.to_string(), 512));
+            .map_err(|e| crate::text::truncate(&e.to_string(), 512));
         Ok(Watched { metadata, run })
     }
 }
@@ -105,16 +104,11 @@ pub async fn report(ctx: &Ctx, watched: &Watched, why: &str) {
     let count = ctx.unreadable.note(&format!("{ns}/{name}"), false);
     ctx.metrics.set_unreadable_runs(count);
     tracing::error!(namespace = %ns, run = %name, error = %why, "the run does not read as an ImageBuildRun; skipped");
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "Unreadable".into(),
-        note: Some(crate::validate::shorten(
-            &format!("the operator cannot read this run and skips it: {why}"),
-            800,
-        )),
-        action: "Read".into(),
-        secondary: None,
-    };
+    let event = super::events::warning(
+        "Unreadable",
+        "Read",
+        format!("the operator cannot read this run and skips it: {why}"),
+    );
     if let Err(e) = ctx.recorder.publish(&event, &watched.object_ref(&())).await {
         tracing::warn!(run = %name, error = %e, "publishing an Event failed");
     }

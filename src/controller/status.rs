@@ -132,7 +132,7 @@ fn last_line(text: &str, max: usize) -> String {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("");
-    crate::manifest::truncate(line, max)
+    crate::text::truncate(line, max)
 }
 
 /// The message of Stalled when images already failed because their pods could not be
@@ -267,12 +267,12 @@ pub fn patch_body(status: &ImageBuildRunStatus) -> serde_json::Value {
     body
 }
 
-/// The longest condition message, in characters (the API allows 32,768 bytes): an error
+/// The longest condition message, in bytes (the API allows 32,768): an error
 /// that quotes a huge value is cut here, so the status write is never refused.
 pub const MAX_CONDITION_MESSAGE: usize = 2048;
 
 /// Sets condition `type_` in `conditions`, keeping its transition time when its status
-/// does not change; its message is cut to [`MAX_CONDITION_MESSAGE`] characters.
+/// does not change; its message is cut to [`MAX_CONDITION_MESSAGE`] bytes.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -283,7 +283,7 @@ pub fn set_condition(
     now: DateTime<Utc>,
 ) {
     let status_str = if status { "True" } else { "False" };
-    let message = crate::validate::shorten(message, MAX_CONDITION_MESSAGE);
+    let message = crate::text::truncate(message, MAX_CONDITION_MESSAGE);
     let time = Time(k8s_openapi::jiff::Timestamp::from_second(now.timestamp()).unwrap_or_default());
     let new = Condition {
         type_: type_.into(),

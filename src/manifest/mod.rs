@@ -19,11 +19,12 @@ use serde::{Deserialize, Serialize};
 
 mod record;
 
-pub use record::{Harvest, MAX_MESSAGE, Record, RecordStatus, shorten, truncate};
+pub use record::{Harvest, MAX_MESSAGE, Record, RecordStatus};
 
 use crate::api::{ImageBuildRun, MAX_MANIFESTS};
 use crate::names::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
 use crate::plan::Plan;
+use crate::text::shorten;
 
 /// The data key of a shard.
 pub const KEY: &str = "manifest.jsonl";

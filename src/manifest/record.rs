@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::job::{BuildReport, Outcome};
 use crate::plan::Node;
 use crate::schedule::{Failure, FailureClass, NodeState, SkipReason};
+use crate::text::shorten;
 
 /// Longest error text kept in a record.
 pub const MAX_MESSAGE: usize = 1024;
@@ -248,32 +249,6 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// `text` cut to at most `max` bytes (on a character boundary), keeping the end, where
-/// build errors are.
-pub fn shorten(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut start = text.len() - max + 3;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("...{}", &text[start..])
-}
-
-/// `text` cut to at most `max` bytes (plus `...`) on a character boundary, keeping its
-/// start; [`shorten`] keeps the end instead.
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,13 +350,5 @@ mod tests {
         assert_eq!(json["status"], "skipped_remote_exists");
         assert_eq!(json["attempt_count"], 0);
         assert!(json["skip_reason"].as_str().unwrap().contains("registry"));
-    }
-
-    #[test]
-    fn long_messages_keep_their_end() {
-        let text = format!("{}THE END", "x".repeat(2000));
-        let short = shorten(&text, 100);
-        assert_eq!(short.len(), 100);
-        assert!(short.ends_with("THE END") && short.starts_with("..."));
     }
 }

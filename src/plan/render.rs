@@ -103,7 +103,7 @@ pub(super) fn check_reference(
     let invalid = |reason: String| PlanError::InvalidReference {
         field: field.to_string(),
         instance: owner.map(str::to_string),
-        reference: crate::validate::shorten(reference, 256),
+        reference: crate::text::truncate(reference, 256),
         reason,
     };
     let parsed = Reference::from_str(reference).map_err(|e| invalid(e.to_string()))?;
@@ -125,7 +125,7 @@ fn check_cache_reference(
         .map_err(|e| PlanError::InvalidReference {
             field: field.to_string(),
             instance: owner.map(str::to_string),
-            reference: crate::validate::shorten(reference, 256),
+            reference: crate::text::truncate(reference, 256),
             reason: e.to_string(),
         })
 }
@@ -145,7 +145,7 @@ fn check_revision(field: &str, revision: &str, owner: Option<&str>) -> Result<()
             field: field.to_string(),
             message: format!(
                 "`{}` is not a git revision (a commit, branch or tag: letters, digits, `.`, `_`, `-`, `/`){}",
-                crate::validate::shorten(revision, 128),
+                crate::text::truncate(revision, 128),
                 owner
                     .map(|o| format!(" (instance {o})"))
                     .unwrap_or_default()
