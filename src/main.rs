@@ -85,7 +85,14 @@ async fn main() -> ExitCode {
             namespace,
             format,
         } => match operator::plain_client().await {
-            Ok(client) => cli::summary(client, &run, namespace.as_deref(), format).await,
+            Ok(client) => match cli::summary(client, &run, namespace.as_deref(), format).await {
+                // A run that did not succeed: the report, and a failing exit status.
+                Ok(answer) if !answer.ok => {
+                    println!("{}", answer.text);
+                    return ExitCode::FAILURE;
+                }
+                other => other.map(|a| a.text),
+            },
             Err(err) => Err(cli::CliError::Client(err.to_string())),
         },
     };

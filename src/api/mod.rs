@@ -10,11 +10,12 @@ pub use phase::{
 };
 pub use spec::{
     ExecutorMode, ExecutorSpec, HuggingFaceSource, ImageBuildRun, ImageBuildRunSpec,
-    InstanceSource, PlacementSpec, RegistrySpec, RetryBackoff, RetrySpec, SecretRef, TimeoutsSpec,
+    InstanceSource, PlacementSpec, RegistrySpec, RetryBackoff, RetryRequest, RetrySpec, SecretRef,
+    TimeoutsSpec,
 };
 pub use status::{
     FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, MAX_MANIFESTS, PhaseCounts, Progress,
-    RunPhase,
+    RetryStatus, RunPhase,
 };
 
 /// API group of every resource the operator serves.

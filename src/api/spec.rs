@@ -43,6 +43,8 @@ const QUANTITY_RULE: &str =
 #[serde(rename_all = "camelCase")]
 // Everything but maxWorkers, suspend, retry and timeouts is fixed at creation: a changed
 // instance list or template would silently mix two runs' images in one manifest.
+#[x_kube(validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)").message("cancel cannot be undone: create a new ImageBuildRun"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.retryRequest) == has(oldSelf.retryRequest) && (!has(self.retryRequest) || self.retryRequest == oldSelf.retryRequest))").message("a cancelled run cannot be retried: create a new ImageBuildRun"))]
 #[x_kube(validation = Rule::new("self.instances == oldSelf.instances").message("instances is immutable: create a new ImageBuildRun"))]
 #[x_kube(validation = Rule::new("self.builder == oldSelf.builder").message("builder is immutable: create a new ImageBuildRun"))]
 #[x_kube(validation = Rule::new("self.base == oldSelf.base").message("base is immutable: create a new ImageBuildRun"))]
@@ -113,6 +115,33 @@ pub struct ImageBuildRunSpec {
     /// resume.
     #[serde(default)]
     pub suspend: bool,
+
+    /// Stop the run: no new builds, running builds' Jobs deleted, phase `Cancelled`.
+    /// Every record stays in the manifest. Cannot be undone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+
+    /// Ask the run to build failed images again, without a new run: set `id` above the
+    /// last request's (`status.lastRetry.id`). Each id is honoured once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_request: Option<RetryRequest>,
+}
+
+/// A request to build failed images again. The failed images (all of them, or those of
+/// `instances` and the failed images they depend on) get one more attempt each, numbered
+/// after their last one; the manifest keeps their history.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryRequest {
+    /// The request's number: a request is honoured once, when its id differs from the
+    /// last one honoured (`status.lastRetry.id`).
+    #[schemars(range(min = 1))]
+    pub id: u32,
+
+    /// Instance ids whose failed images to build again; none: every failed image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(length(min = 1, max = 253)))]
+    pub instances: Vec<String>,
 }
 
 /// The instance list: exactly one of `list`, `configMap` or `huggingFace`, then `select`

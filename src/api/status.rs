@@ -87,6 +87,25 @@ pub struct ImageBuildRunStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub manifests: Vec<String>,
+
+    /// The last retry request honoured (`spec.retryRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry: Option<RetryStatus>,
+}
+
+/// What a retry request did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryStatus {
+    /// The request's id.
+    pub id: u32,
+    /// When the operator honoured it; the run's deadline (`timeouts.run`) counts from here.
+    pub at: DateTime<Utc>,
+    /// Failed images given another attempt.
+    pub reopened: u32,
+    /// What was done, and the requested instances the run does not have.
+    #[schemars(length(max = 1024))]
+    pub message: String,
 }
 
 /// Where a run is in its life.

@@ -21,6 +21,9 @@ pub fn transitions(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> Vec<
             Some(RunPhase::Succeeded) => {
                 events.push(normal("Completed", "Finish", ready_message(new)));
             }
+            Some(RunPhase::Cancelled) => {
+                events.push(normal("Cancelled", "Cancel", ready_message(new)));
+            }
             Some(phase @ (RunPhase::PartiallySucceeded | RunPhase::Failed)) => {
                 let reason = condition(new, "Ready")
                     .map(|c| c.reason.clone())
@@ -30,6 +33,11 @@ pub fn transitions(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> Vec<
             }
             _ => {}
         }
+    }
+    if let Some(retry) = &new.last_retry
+        && old.last_retry.as_ref().map(|r| r.id) != Some(retry.id)
+    {
+        events.push(normal("RetryRequested", "Retry", retry.message.clone()));
     }
     let (was, is) = (old.progress.builder.as_str(), new.progress.builder.as_str());
     if was != is {

@@ -16,6 +16,7 @@ mod publish;
 mod readable;
 pub mod reconcile;
 mod resolve;
+mod retry;
 mod state;
 pub mod status;
 

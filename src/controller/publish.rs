@@ -44,6 +44,8 @@ pub struct Derivation<'a> {
     pub attempts: u32,
     /// `suspend`.
     pub suspended: bool,
+    /// The run is cancelled (`spec.cancel`): a run not yet final ends `Cancelled`.
+    pub cancelled: bool,
     /// Why the registry could not say, if it could not.
     pub registry_error: Option<&'a str>,
     /// Pods the scheduler cannot place, and how long they may wait.
@@ -102,6 +104,9 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
         .find(|u| now - u.since >= pending_limit)
         .map(|u| u.message.clone())
         .or_else(|| status::unschedulable_failures(records.values()));
+    if d.cancelled && status.phase == Some(RunPhase::Building) {
+        status.phase = Some(RunPhase::Cancelled);
+    }
     let phase = status.phase.unwrap_or(RunPhase::Building);
     let final_phase = phase != RunPhase::Building;
     let progress = summary(&counts);
@@ -110,8 +115,9 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
         (false, true) => ("Suspended".to_string(), false),
         (false, false) => ("Building".to_string(), true),
     };
-    let conditions: [(&str, bool, &str, &str); 4] = [
+    let conditions: [(&str, bool, &str, &str); 5] = [
         ("Ready", phase == RunPhase::Succeeded, &why, &progress),
+        ("Complete", final_phase, &why, &progress),
         ("Progressing", progressing, &why, &progress),
         match d.registry_error {
             Some(err) => ("Degraded", true, "RegistryError", err),
@@ -182,11 +188,11 @@ pub fn fail(
 ) {
     status.phase = Some(RunPhase::Failed);
     status.completed_at.get_or_insert(now);
-    for type_ in ["Ready", "Progressing"] {
+    for (type_, value) in [("Ready", false), ("Progressing", false), ("Complete", true)] {
         status::set_condition(
             &mut status.conditions,
             type_,
-            false,
+            value,
             reason,
             message,
             generation,

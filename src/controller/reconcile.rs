@@ -30,11 +30,12 @@ use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
+use super::retry;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
-use crate::schedule::{self, Action, Policy};
+use crate::schedule::{self, Action, NodeState, Policy};
 use crate::validate::{self, Settings};
 
 /// Reconciles one run.
@@ -157,6 +158,20 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         Some(m) => m,
         None => Manifest::load(&ctx.client, &run, &plan).await?,
     };
+    // A retry request not yet honoured: its records first, then the status that says so.
+    if let Some(request) = run
+        .spec
+        .retry_request
+        .as_ref()
+        .filter(|r| !run.spec.cancel && old.last_retry.as_ref().map(|l| l.id) != Some(r.id))
+    {
+        let (reopened, honoured) = retry::reopen(&plan, manifest.records(), request, now);
+        tracing::info!(run = %key, "{}", honoured.message);
+        if !reopened.is_empty() {
+            manifest.write(&ctx.client, &run, reopened).await?;
+        }
+        status.last_retry = Some(honoured);
+    }
     let live = apply::live_jobs(&ctx, &ns, &uid);
     let observed = observe(
         &plan,
@@ -183,7 +198,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let checking = presence.checking();
 
     // Decide.
+    let cancelling = run.spec.cancel;
     let mut policy = policy(&run, &settings, &status);
+    policy.suspend |= cancelling;
     let mut actions = match ctx.config.max_total_workers {
         None => schedule::decide(&plan, &registry, &observed.states, &policy, now),
         Some(cap) => {
@@ -221,6 +238,18 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ready_since: &|node| ready_since(&plan, manifest.records(), node, run_started),
         now,
     };
+    if cancelling {
+        // Cancelled: nothing new; every Job in flight goes (a finished one is harvested
+        // first, by the actions decided above).
+        actions.extend(
+            observed
+                .states
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s, NodeState::Running { .. }))
+                .map(|(node, _)| Action::DeleteJob { node }),
+        );
+    }
     let new_jobs = actions::jobs(&plan, &mut actions, &making);
     let recorded = actions::records(
         &plan,
@@ -276,6 +305,17 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     for action in &actions {
         schedule::apply(&mut states, action);
     }
+    if cancelling {
+        // Their Jobs are deleted: not built, not in flight.
+        for state in &mut states {
+            if let NodeState::Running { attempt } = *state {
+                *state = NodeState::Waiting {
+                    attempts: attempt.saturating_sub(1),
+                    not_before: None,
+                };
+            }
+        }
+    }
 
     // Publish.
     publish::derive(
@@ -287,6 +327,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             manifests: manifest.names(&name),
             attempts: run.spec.retry.attempts,
             suspended: run.spec.suspend,
+            cancelled: cancelling,
             registry_error: registry_error.as_deref(),
             unschedulable: &observed.unschedulable,
             pending_timeout: settings.pending_timeout,
@@ -344,7 +385,12 @@ fn is_final(status: &ImageBuildRunStatus) -> bool {
 
 fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus) -> Policy {
     // Past what a timestamp can hold there is no deadline (validation bounds it far below).
-    let deadline = status.started_at.and_then(|t| {
+    // A retry request gives the run its whole time again.
+    let since = match (status.started_at, &status.last_retry) {
+        (Some(started), Some(retry)) => Some(started.max(retry.at)),
+        (started, _) => started,
+    };
+    let deadline = since.and_then(|t| {
         chrono::Duration::from_std(settings.run_timeout)
             .ok()
             .and_then(|d| t.checked_add_signed(d))

@@ -236,6 +236,7 @@ pub fn significant(old: &ImageBuildRunStatus, new: &ImageBuildRunStatus) -> bool
             s.observed_generation,
             c,
             s.progress.builder.clone(),
+            s.last_retry.as_ref().map(|r| r.id),
         )
     };
     key(old) != key(new)

@@ -367,3 +367,21 @@ pub async fn setup(prefix: &str) -> (Env, LogsOnFailure, TestNamespace) {
     let ns = TestNamespace::create(&client, prefix).await;
     (env, logs, ns)
 }
+
+/// A kubeconfig for the environment's API server with `token` as the only credential.
+pub fn token_kubeconfig(token: &str, path: &Path) {
+    let admin: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": cluster}],
+        "users": [{"name": "user", "user": {"token": token}}],
+        "contexts": [{"name": "user", "context": {"cluster": "e2e", "user": "user"}}],
+        "current-context": "user",
+    });
+    std::fs::write(path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
+}

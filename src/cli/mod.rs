@@ -1,6 +1,11 @@
-//! The commands besides the operator: `plan` resolves a run's instances, builds its plan
-//! and prints it, as text for people or as JSON (every node) for tools; `summary` reads a
-//! run and its manifest from the cluster and reports on it (see `summary`).
+//! The commands besides the operator, shared by `imagebuild-operator` and the kubectl
+//! plugin `kubectl-imagebuild`: `plan` resolves a run's instances, builds its plan and
+//! prints it, as text for people or as JSON (every node) for tools; `summary` reads a run
+//! and its manifest from the cluster and reports on it (see `summary`); `runs` changes a
+//! run (cancel, suspend, resume, retry); `watch` follows one (status, wait).
+
+pub mod runs;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +51,43 @@ pub enum CliError {
     /// No client for the cluster (no kubeconfig, no service account).
     #[error("{0}")]
     Client(String),
+    /// The user's credentials do not allow the request.
+    #[error("no permission to {verb} ImageBuildRuns in namespace {namespace}: {message}")]
+    Forbidden {
+        /// What was refused.
+        verb: String,
+        /// Where.
+        namespace: String,
+        /// The API server's words.
+        message: String,
+    },
+    /// The API server refused the change (a schema rule).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The run ended: what was asked makes no sense any more.
+    #[error("cannot {what} {name}: it has ended ({phase})")]
+    Finished {
+        /// The run.
+        name: String,
+        /// Its phase.
+        phase: String,
+        /// What was asked.
+        what: String,
+    },
+    /// The request makes no sense for this run.
+    #[error("{0}")]
+    Usage(String),
+    /// The run did not end in time.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// A command's answer: what to print, and whether it is a success (the exit status).
+pub struct Answer {
+    /// What to print.
+    pub text: String,
+    /// The command succeeded: for `summary` and `wait`, the run Succeeded.
+    pub ok: bool,
 }
 
 /// Output format of `summary`.
@@ -58,30 +100,16 @@ pub enum SummaryFormat {
 }
 
 /// Reads run `name` (in `namespace`, else the client's default namespace) and its
-/// manifest, and renders its summary.
+/// manifest, and renders its summary; `ok` only when the run Succeeded.
 pub async fn summary(
     client: kube::Client,
     name: &str,
     namespace: Option<&str>,
     format: SummaryFormat,
-) -> Result<String, CliError> {
-    let namespace = namespace.unwrap_or(client.default_namespace()).to_string();
-    let runs: kube::Api<ImageBuildRun> = kube::Api::namespaced(client.clone(), &namespace);
-    let run = runs
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| CliError::NotFound {
-            name: name.into(),
-            namespace: namespace.clone(),
-        })?;
-    let records = Manifest::read(&client, &run).await?;
-    let report = crate::summary::summarize(
-        name,
-        &namespace,
-        run.status.as_ref(),
-        records.values(),
-        chrono::Utc::now(),
-    );
+) -> Result<Answer, CliError> {
+    let target = runs::Target::new(client, name, namespace);
+    let run = target.get().await?;
+    let report = report(&target.client, &run, &target.namespace).await?;
     #[allow(
         clippy::expect_used,
         reason = "a report has string keys and no custom Serialize: serializing it cannot fail"
@@ -90,7 +118,26 @@ pub async fn summary(
         SummaryFormat::Markdown => report.markdown(),
         SummaryFormat::Json => serde_json::to_string_pretty(&report).expect("a summary serializes"),
     };
-    Ok(text)
+    Ok(Answer {
+        text,
+        ok: runs::phase(&run) == Some(crate::api::RunPhase::Succeeded),
+    })
+}
+
+/// The summary of `run` from its manifest.
+pub async fn report(
+    client: &kube::Client,
+    run: &ImageBuildRun,
+    namespace: &str,
+) -> Result<crate::summary::Summary, CliError> {
+    let records = Manifest::read(client, run).await?;
+    Ok(crate::summary::summarize(
+        &run.name_any(),
+        namespace,
+        run.status.as_ref(),
+        records.values(),
+        chrono::Utc::now(),
+    ))
 }
 
 /// Output format of `plan`.
