@@ -148,6 +148,8 @@ async fn the_chart_lints_renders_and_every_object_is_accepted() {
             assert!(!rendered.contains("kind: PrometheusRule"));
         } else {
             assert!(rendered.contains(&format!("--namespace={}", ns.name)));
+            // Run series keep their own `namespace` label (not exported_namespace).
+            assert!(rendered.contains("honorLabels: true"), "{rendered}");
             assert!(rendered.contains("--max-total-workers=50"));
             assert!(rendered.contains("--leader-election"));
             assert!(rendered.contains("team: builds"));
@@ -533,4 +535,111 @@ async fn installed_its_service_account_runs_a_whole_run_and_nothing_else() {
     tool("kubectl", &["get", "crd", "imagebuildruns.imagebuild.dev"]);
     assert!(runs.get("helm").await.is_ok());
     let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// The Grafana dashboard: off by default; on, a ConfigMap holding exactly the chart's
+/// dashboard file, labelled for Grafana's dashboard sidecar (label, namespace, extra
+/// labels and annotations as set), which the API server accepts; the values schema
+/// refuses unknown keys and malformed labels.
+#[tokio::test]
+async fn the_dashboard_configmap_holds_the_dashboard_file() {
+    let (_env, _logs, ns) = setup("e2e-chart-dashboard").await;
+    let file =
+        std::fs::read_to_string(format!("{CHART}/dashboards/imagebuild-operator.json")).unwrap();
+    let default = tool("helm", &["template", "imagebuild", CHART]);
+    assert!(!default.contains("kind: ConfigMap"), "{default}");
+
+    let render = |sets: &[&str]| {
+        let mut args = vec![
+            "template",
+            "imagebuild",
+            CHART,
+            "--namespace",
+            "release",
+            "--show-only",
+            "templates/dashboard.yaml",
+            "--set",
+            "dashboard.enabled=true",
+        ];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let lint = tool(
+            "helm",
+            &[&["lint", "--strict", CHART][..], &args[7..]].concat(),
+        );
+        assert!(lint.contains("0 chart(s) failed"), "{lint}");
+        let rendered = tool("helm", &args);
+        let cm: ConfigMap = serde_yaml_ng::from_str(&rendered).unwrap();
+        (rendered, cm)
+    };
+
+    let (_, cm) = render(&[]);
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("release"));
+    let labels = cm.metadata.labels.clone().unwrap();
+    assert_eq!(
+        labels.get("grafana_dashboard").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        labels.get("app.kubernetes.io/instance").map(String::as_str),
+        Some("imagebuild")
+    );
+    assert_eq!(cm.metadata.annotations, None);
+    let data = cm.data.unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(
+        data["imagebuild-operator.json"], file,
+        "the ConfigMap's JSON is the file, byte for byte"
+    );
+
+    let namespace = format!("dashboard.namespace={}", ns.name);
+    let (rendered, cm) = render(&[
+        &namespace,
+        // A number, as --set passes it.
+        "dashboard.labelValue=1",
+        "dashboard.labels.team=builds",
+        "dashboard.annotations.grafana_folder=Image builds",
+    ]);
+    assert_eq!(cm.metadata.namespace.as_deref(), Some(ns.name.as_str()));
+    let labels = cm.metadata.labels.unwrap();
+    assert_eq!(labels["grafana_dashboard"], "1");
+    assert_eq!(labels["team"], "builds");
+    assert_eq!(
+        cm.metadata.annotations.unwrap()["grafana_folder"],
+        "Image builds"
+    );
+    let (_, cm) = render(&[
+        "dashboard.label=grafana.example.com/dashboard",
+        "dashboard.labelValue=imagebuild",
+    ]);
+    let labels = cm.metadata.labels.unwrap();
+    assert_eq!(labels["grafana.example.com/dashboard"], "imagebuild");
+    assert!(!labels.contains_key("grafana_dashboard"));
+
+    let path = std::env::temp_dir().join(format!("dashboard-{}.yaml", ns.name));
+    std::fs::write(&path, &rendered).unwrap();
+    let applied = tool(
+        "kubectl",
+        &["apply", "--dry-run=server", "-f", path.to_str().unwrap()],
+    );
+    assert_eq!(
+        applied.trim(),
+        "configmap/imagebuild-imagebuild-operator-dashboard created (server dry run)"
+    );
+    let _ = std::fs::remove_file(path);
+
+    for (set, path) in [
+        ("dashboard.folder=x", "/dashboard"),
+        ("dashboard.label=a b", "/dashboard/label"),
+        ("dashboard.namespace=Monitoring", "/dashboard/namespace"),
+    ] {
+        let out = std::process::Command::new("helm")
+            .args(["template", "x", CHART, "--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(path), "{set}: {err}");
+    }
+    ns.delete().await;
 }

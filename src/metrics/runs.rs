@@ -48,8 +48,11 @@ impl Metrics {
                 self.retries.with_label_values(&[ns, run, class.as_str()]);
             }
         }
-        entry.codes.insert("429".into());
-        self.registry_requests.with_label_values(&[ns, run, "429"]);
+        // The answers every run sees (exists, missing) and the one alerts watch.
+        for code in ["200", "404", "429"] {
+            entry.codes.insert(code.into());
+            self.registry_requests.with_label_values(&[ns, run, code]);
+        }
     }
 
     /// Removes every series of the run.
