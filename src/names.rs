@@ -14,6 +14,9 @@ pub const MANAGER: &str = "imagebuild-operator";
 pub const LABEL_RUN: &str = "imagebuild.dev/run";
 /// Label: the uid of the run a Job belongs to; what the operator selects on.
 pub const LABEL_RUN_UID: &str = "imagebuild.dev/run-uid";
+/// Label: on the pod of a failed build kept for its log, the name of the build's Job
+/// (the Job is gone; the pod belongs to the run, and goes with it).
+pub const LABEL_KEPT_LOG: &str = "imagebuild.dev/kept-log";
 /// Label: the node's phase.
 pub const LABEL_PHASE: &str = "imagebuild.dev/phase";
 /// Label: a short hash of the node's instance (or upstream image, or `builder`).

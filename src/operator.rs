@@ -47,6 +47,10 @@ pub struct Options {
     /// that have work (each run still keeps its own maxWorkers). Unlimited if unset.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "IMAGEBUILD_MAX_TOTAL_WORKERS")]
     pub max_total_workers: Option<u32>,
+    /// Pods of failed builds kept per run, for their full logs (`kubectl imagebuild logs`),
+    /// until the run is deleted; 0 keeps none.
+    #[arg(long, default_value_t = 100, env = "IMAGEBUILD_KEPT_FAILED_PODS")]
+    pub kept_failed_pods: u32,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "IMAGEBUILD_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -181,6 +185,7 @@ pub async fn run(options: Options) -> Result<(), Exit> {
         registry_concurrency: options.registry_concurrency,
         registry_stall: options.registry_stall_timeout,
         max_total_workers: options.max_total_workers,
+        kept_failed_pods: options.kept_failed_pods,
         fence: fence.clone(),
         identity: lease.as_ref().map(|l| l.identity.clone()),
     };

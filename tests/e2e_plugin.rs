@@ -15,12 +15,16 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Operator, eventually, setup, token_kubeconfig};
-use common::runs::{annotations, await_phase, records, swebench_ids, swebench_run, watch_jobs};
+use common::runs::{
+    annotations, await_phase, plan, records, swebench_ids, swebench_run, watch_jobs,
+};
 use common::tool;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::manifest::RecordStatus;
+use imagebuild_operator::names::LABEL_KEPT_LOG;
+use imagebuild_operator::plan::Phase;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 
@@ -114,6 +118,39 @@ async fn wait_summary_and_retry_of_a_partly_failed_run() {
     assert_eq!(code, 1);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["totals"]["failed"], 1, "{json}");
+
+    // The failed build's pod outlives its Job, for its log: out of the Job, owned by the run.
+    let plan = plan(&run, &ids);
+    let job = common::runs::job_of(&plan, Phase::Assembly, &broken);
+    let kept = ns
+        .api::<Pod>()
+        .list(&ListParams::default().labels(&format!("{LABEL_KEPT_LOG}={job}")))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(kept.len(), 1, "the failed attempt's pod is kept");
+    let pod = &kept[0];
+    assert!(!pod.labels().contains_key("batch.kubernetes.io/job-name"));
+    let owners = pod.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(
+        (owners[0].kind.as_str(), Some(owners[0].uid.clone())),
+        ("ImageBuildRun", done.uid())
+    );
+    assert!(
+        ns.api::<Job>().get_opt(&job).await.unwrap().is_none(),
+        "its Job is gone"
+    );
+    let (code, out, err) = run_plugin(
+        &["logs", "partly", "-n", &ns.name, "--instance", &broken],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("==> assembly {broken} (Failed, BuildError) <=="))
+            && out.contains(&format!("--- attempt 1 (pod {}) ---", pod.name_any())),
+        "{out}"
+    );
 
     // retry of an instance the run does not have: refused, nothing sent.
     let (code, _, err) = run_plugin(

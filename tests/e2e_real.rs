@@ -503,6 +503,42 @@ async fn real_build_failures_are_classified_from_buildkit_output() {
     assert!(in_status("BuildError").contains("exit code: 1"));
     assert!(in_status("ImageNotFound").contains(missing.as_str()));
     assert!(in_status("DeadlineExceeded").contains("deadline"));
+
+    // The failed base's whole log (20,000 lines, about 2 MB) outlives its Job: its pod is
+    // kept for it, and the plugin prints it from the first line to the last.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-imagebuild"))
+        .args(["logs", "failures", "--failed", "-n", &fx.ns.name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = text.find("pip log line 0: ").expect("the log's first line");
+    let last = text
+        .find("pip log line 19999: ")
+        .expect("the log's last line");
+    assert!(first < last);
+    assert!(text.contains("this base cannot be built"));
+    assert!(
+        !text.contains("output clipped"),
+        "BuildKit clipped the step's output"
+    );
+    // Every line (BuildKit repeats the step's last lines under its error, too).
+    let numbers: std::collections::BTreeSet<u32> = regex::Regex::new(r"pip log line ([0-9]+): ")
+        .unwrap()
+        .captures_iter(&text)
+        .map(|c| c[1].parse().unwrap())
+        .collect();
+    let lines = numbers.len();
+    assert_eq!(numbers, (0..20_000).collect(), "every line of the step");
+    println!(
+        "logs --failed: {} bytes, {lines} lines of the failed base's RUN",
+        text.len()
+    );
+    assert!(text.len() >= 1_000_000);
     fx.ns.delete().await;
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use imagebuild_operator::cli::runs::{self, Target};
-use imagebuild_operator::cli::{self, Answer, CliError, Format, SummaryFormat, watch};
+use imagebuild_operator::cli::{self, Answer, CliError, Format, SummaryFormat, logs, watch};
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +73,18 @@ enum Command {
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = SummaryFormat::Markdown)]
         format: SummaryFormat,
+    },
+    /// Print the full build logs of a run's failed images, or of one instance's images.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["failed", "instance"])))]
+    Logs {
+        /// The ImageBuildRun.
+        run: String,
+        /// Every image that failed for good.
+        #[arg(long)]
+        failed: bool,
+        /// The images of this instance (and the failed images it is built on).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Build a run's failed images again (all of them, or those of some instances).
     Retry {
@@ -155,6 +167,17 @@ async fn execute(args: Args) -> Result<Answer, CliError> {
         } => {
             let target = target(client(args.context).await?, &run);
             done(runs::retry(&target, &instance).await?)
+        }
+        Command::Logs {
+            run,
+            failed: _,
+            instance,
+        } => {
+            let which = match instance {
+                Some(id) => logs::Which::Instance(id),
+                None => logs::Which::Failed,
+            };
+            done(logs::logs(&target(client(args.context).await?, &run), &which).await?)
         }
         Command::Cancel { run } => {
             done(runs::cancel(&target(client(args.context).await?, &run)).await?)

@@ -2,8 +2,10 @@
 //! plugin `kubectl-imagebuild`: `plan` resolves a run's instances, builds its plan and
 //! prints it, as text for people or as JSON (every node) for tools; `summary` reads a run
 //! and its manifest from the cluster and reports on it (see `summary`); `runs` changes a
-//! run (cancel, suspend, resume, retry); `watch` follows one (status, wait).
+//! run (cancel, suspend, resume, retry); `watch` follows one (status, wait); `logs`
+//! prints the full logs of its failed builds.
 
+pub mod logs;
 pub mod runs;
 pub mod watch;
 
@@ -52,7 +54,7 @@ pub enum CliError {
     #[error("{0}")]
     Client(String),
     /// The user's credentials do not allow the request.
-    #[error("no permission to {verb} ImageBuildRuns in namespace {namespace}: {message}")]
+    #[error("no permission to {verb} in namespace {namespace}: {message}")]
     Forbidden {
         /// What was refused.
         verb: String,

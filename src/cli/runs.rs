@@ -59,14 +59,14 @@ impl Target {
         self.api()
             .get(&self.name)
             .await
-            .map_err(|e| self.explain("get", e))
+            .map_err(|e| self.explain("get ImageBuildRuns", e))
     }
 
     async fn patch(&self, body: serde_json::Value) -> Result<ImageBuildRun, CliError> {
         self.api()
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(body))
             .await
-            .map_err(|e| self.explain("patch", e))
+            .map_err(|e| self.explain("patch ImageBuildRuns", e))
     }
 }
 

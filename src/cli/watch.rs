@@ -122,7 +122,7 @@ async fn follow(
                 watcher::Error::WatchError(e)
                 | watcher::Error::InitialListFailed(kube::Error::Api(e)),
             ) if e.code == 403 => {
-                return Err(target.explain("watch", kube::Error::Api(e)));
+                return Err(target.explain("watch ImageBuildRuns", kube::Error::Api(e)));
             }
             // Anything else is retried by the backoff.
             Err(_) => {}

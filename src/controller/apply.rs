@@ -7,14 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 
 use super::actions::NewJob;
 use super::context::{Ctx, Error};
 use super::observe::LiveJob;
 use crate::metrics::Metrics;
-use crate::names::LABEL_RUN_UID;
+use crate::names::{LABEL_KEPT_LOG, LABEL_RUN_UID};
 
 /// API requests a reconcile has in flight at once.
 const API_CONCURRENCY: usize = 16;
@@ -55,6 +56,51 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
         );
     }
     jobs
+}
+
+/// The run's pods kept for their logs, from the store.
+pub fn kept_pods(ctx: &Ctx, ns: &str, uid: &str) -> usize {
+    ctx.pods
+        .iter()
+        .flat_map(|s| s.state())
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(ns)
+                && p.labels().get(LABEL_RUN_UID).map(String::as_str) == Some(uid)
+                && p.labels().contains_key(LABEL_KEPT_LOG)
+        })
+        .count()
+}
+
+/// Keeps the pods `(job, pod)` of failed builds past their Jobs, for their logs: each
+/// leaves its Job (no Job label or owner, so neither the Job's deletion nor a Job of the
+/// same name takes it) and belongs to the run, which takes it when deleted. Best effort:
+/// a pod that cannot be kept goes with its Job, and the build's record still has its
+/// last lines.
+pub async fn keep_pods(api: &Api<Pod>, owner: OwnerReference, pods: Vec<(String, String)>) {
+    let requests = pods.into_iter().map(|(job, pod)| {
+        let api = api.clone();
+        let owner = owner.clone();
+        async move {
+            let body = serde_json::json!({"metadata": {
+                "labels": {
+                    LABEL_KEPT_LOG: job,
+                    "job-name": null,
+                    "batch.kubernetes.io/job-name": null,
+                    "controller-uid": null,
+                    "batch.kubernetes.io/controller-uid": null,
+                },
+                "ownerReferences": [owner],
+            }});
+            if let Err(e) = api
+                .patch(&pod, &PatchParams::default(), &Patch::Merge(body))
+                .await
+            {
+                tracing::warn!(%pod, error = %e, "the pod of a failed build could not be kept for its log");
+            }
+            Ok(())
+        }
+    });
+    let _ = all_ok(requests).await;
 }
 
 /// Deletes the Jobs `names` (one already gone is fine).

@@ -52,6 +52,8 @@ pub struct Config {
     pub registry_stall: Duration,
     /// Build Jobs in flight across all runs (`--max-total-workers`), shared fairly.
     pub max_total_workers: Option<u32>,
+    /// Pods of failed builds kept per run for their logs (`--kept-failed-pods`).
+    pub kept_failed_pods: u32,
     /// With leader election: writes only while the lease is held.
     pub fence: Arc<crate::leader::Fence>,
     /// The dispatcher's identity, for the `imagebuild.dev/dispatched-by` annotation.

@@ -52,6 +52,8 @@ pub struct Options {
     pub registry_stall: Duration,
     /// Build Jobs in flight across all runs, shared fairly between them.
     pub max_total_workers: Option<u32>,
+    /// Pods of failed builds kept per run for their logs.
+    pub kept_failed_pods: u32,
     /// With leader election: writes only while the lease is held.
     pub fence: Arc<crate::leader::Fence>,
     /// Who dispatches (the leader's identity), noted on every Job it creates.
@@ -122,6 +124,7 @@ pub async fn run(
             registry_concurrency: options.registry_concurrency,
             registry_stall: options.registry_stall,
             max_total_workers: options.max_total_workers,
+            kept_failed_pods: options.kept_failed_pods,
             fence: options.fence.clone(),
             identity: options.identity.clone(),
         },

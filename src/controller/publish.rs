@@ -323,6 +323,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
         let config = Config {
             registry_concurrency: 1,
             registry_stall: Duration::from_secs(30),
+            kept_failed_pods: 0,
             max_total_workers: None,
             fence: crate::leader::Fence::new(false),
             identity: None,

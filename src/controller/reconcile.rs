@@ -284,7 +284,35 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         })
         .chain(observed.stale_jobs.iter().cloned())
         .collect();
-    // Deletes first, so a Job is gone before one of the same name is created.
+    // The pods of failed builds stay for their logs (up to the cap), then the Jobs go;
+    // deletes first, so a Job is gone before one of the same name is created.
+    let room =
+        (ctx.config.kept_failed_pods as usize).saturating_sub(apply::kept_pods(&ctx, &ns, &uid));
+    let keep: Vec<(String, String)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteJob { node } => Some(*node),
+            _ => None,
+        })
+        .filter(|&node| {
+            matches!(
+                observed.states[node],
+                NodeState::Finished { result: Err(_), .. }
+            )
+        })
+        .filter_map(|node| {
+            let job = &plan.nodes[node].job_name;
+            let pod = live.get(job)?.pod.as_ref()?.metadata.name.clone()?;
+            Some((job.clone(), pod))
+        })
+        .take(room)
+        .collect();
+    if let (false, Some(owner)) = (
+        keep.is_empty(),
+        kube::Resource::owner_ref(run.as_ref(), &()),
+    ) {
+        apply::keep_pods(&Api::namespaced(ctx.client.clone(), &ns), owner, keep).await;
+    }
     apply::delete_jobs(&jobs, deletes).await?;
     if !ctx.config.may_write() {
         state.manifest = Some(manifest);

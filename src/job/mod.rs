@@ -75,6 +75,11 @@ pub fn node_label(node: &Node) -> String {
     sha256_hex(&format!("{}\0{}", node.phase.as_str(), node.subject()))[..16].to_string()
 }
 
+/// Most bytes of one build step's output BuildKit passes on (16 MiB).
+const STEP_LOG_MAX_SIZE: &str = "16777216";
+/// Most bytes a second of one build step's output (100 MiB/s: no clipping in practice).
+const STEP_LOG_MAX_SPEED: &str = "104857600";
+
 /// The Job that builds `node` (attempt `attempt`, 1-based). `pod_annotations` are added to
 /// the pod (e.g. the run's rendered `placement.podAnnotations`).
 pub fn build_job(
@@ -124,6 +129,10 @@ pub fn build_job(
     let mut env = vec![
         json!({"name": "IMAGEBUILD_EXECUTOR_MODE", "value": mode}),
         json!({"name": "IMAGEBUILD_BUILDKIT_ROOT", "value": state_dir}),
+        // BuildKit clips a step's output at 2 MiB, and at 200 KiB/s: a pip or conda
+        // failure needs its whole log (the kubelet rotates container logs past 10 MiB).
+        json!({"name": "BUILDKIT_STEP_LOG_MAX_SIZE", "value": STEP_LOG_MAX_SIZE}),
+        json!({"name": "BUILDKIT_STEP_LOG_MAX_SPEED", "value": STEP_LOG_MAX_SPEED}),
     ];
     let mut mounts = vec![json!({"name": "work", "mountPath": WORK_DIR})];
     mounts.push(json!({"name": "buildkit", "mountPath": state_dir}));

@@ -295,7 +295,9 @@ FROM ${BUSYBOX} AS builder
 COPY --from=source /agent-server /agent-server
 
 FROM ${BASE_IMAGE} AS base-image-minimal
-RUN if [ -e /fail-build ]; then echo "this base cannot be built" >&2; exit 1; fi; \
+RUN if [ -e /fail-build ]; then i=0; while [ $i -lt 20000 ]; do \
+      echo "pip log line $i: Collecting package-$i from the local index, a long line as pip writes"; \
+      i=$((i+1)); done; echo "this base cannot be built" >&2; exit 1; fi; \
     if [ -e /slow ]; then sleep 600; fi; \
     echo "base of $(cat /upstream.txt)" > /base.txt
 "#;

@@ -57,11 +57,11 @@ The RBAC rules of the operator, each with why it needs it. Used by the ClusterRo
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, delete]
-# Build pods: read only (watched), for where a build ran, why it is pending, and its
-# exit report.
+# Build pods: watched, for where a build ran, why it is pending, and its exit report;
+# the pod of a failed build is patched to outlive its Job, for its log.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [list, watch, patch]
 # ConfigMaps: the manifest shards the runs own (created, replaced, deleted with stale
 # shards), and instance lists a run names in spec.instances.configMap (read).
 - apiGroups: [""]
