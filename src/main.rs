@@ -1,5 +1,6 @@
 //! The `imagebuild-operator` command: `run` is the operator (`operator::run`); `plan` prints
-//! the build plan of an ImageBuildRun file; `summary` reports on a run from its manifest.
+//! the build plan of an ImageBuildRun file; `summary` reports on a run from its manifest
+//! (as `kubectl imagebuild plan` and `summary` do).
 
 // Data never panics the operator: every unwrap, expect or panic outside tests carries a
 // written reason next to it (see clippy.toml for tests).
@@ -101,9 +102,10 @@ async fn main() -> ExitCode {
             println!("{text}");
             ExitCode::SUCCESS
         }
+        // As the kubectl plugin: 1 says the run did not succeed, 2 that the command failed.
         Err(err) => {
             eprintln!("error: {err}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

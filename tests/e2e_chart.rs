@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::cluster::{Operator, TestNamespace, install_crypto_provider, setup};
+use common::cluster::{Operator, TestNamespace, install_crypto_provider, setup, token_kubeconfig};
 use common::runs::{await_phase, swebench_ids, swebench_run};
 use common::tool;
 use imagebuild_operator::api::{ConfigMapKeyRef, ImageBuildRun, RunPhase, SecretRef};
@@ -199,24 +199,6 @@ fn operator_accepts_the_deployments_arguments(rendered: &str) {
     let parsed = <Run as clap::Parser>::try_parse_from(&args);
     let run = parsed.unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert_eq!(run.options.registry_stall_timeout, Duration::from_secs(30));
-}
-
-/// A kubeconfig for the environment's API server with `token` as the only credential.
-fn token_kubeconfig(token: &str, path: &Path) {
-    let admin: serde_json::Value = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap(),
-    )
-    .unwrap();
-    let cluster = &admin["clusters"][0]["cluster"];
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": cluster}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
-        "current-context": "operator",
-    });
-    std::fs::write(path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
 }
 
 async fn client_from(path: &Path) -> Client {

@@ -38,7 +38,9 @@ const BUILT_INS: [&str; 6] = [
 ];
 
 /// Targets (panel title, refId) a healthy run may leave at zero (or NaN) throughout.
-const MAY_BE_ZERO: [(&str, &str); 8] = [
+const MAY_BE_ZERO: [(&str, &str); 9] = [
+    // A 404 or 409 counted before the first scrape makes a series whose rate stays 0.
+    ("Kubernetes API errors", "A"),
     // No pod waits for a node, no run is suspended.
     ("Workers", "C"),
     ("Workers", "D"),
@@ -503,6 +505,17 @@ impl Drop for Remove {
     }
 }
 
+/// Waits (at most 30 s) until `query` returns a series.
+async fn until_prometheus_has(env: &Env, query: &str, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        let data = prometheus(env, "/api/v1/query", &[("query", query.to_string())])
+            .await
+            .ok()?;
+        (!data["result"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn every_panel_query_answers_from_a_real_run() {
     let began = Instant::now();
@@ -578,9 +591,24 @@ async fn every_panel_query_answers_from_a_real_run() {
         )
         .await
         .unwrap();
+    // Created suspended: its counters exist (at zero) and Prometheus scrapes them before
+    // anything is built, failed or retried, so every rate sees every step.
+    run.spec.suspend = true;
     let runs = ns.api::<ImageBuildRun>();
     let created = Instant::now();
     runs.create(&PostParams::default(), &run).await.unwrap();
+    let series = format!(
+        "imagebuild_builds_total{{namespace=\"{}\",run=\"{name}\"}}",
+        ns.name
+    );
+    until_prometheus_has(&env, &series, "Prometheus to scrape the run's counters").await;
+    runs.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"suspend": false}})),
+    )
+    .await
+    .unwrap();
     let done = await_phase(
         &runs,
         name,
@@ -593,17 +621,7 @@ async fn every_panel_query_answers_from_a_real_run() {
         "imagebuild_run_status_phase{{namespace=\"{}\",run=\"{name}\",phase=\"PartiallySucceeded\"}} == 1",
         ns.name
     );
-    eventually(
-        Duration::from_secs(30),
-        "Prometheus to see the run finished",
-        || async {
-            let data = prometheus(&env, "/api/v1/query", &[("query", final_phase.clone())])
-                .await
-                .ok()?;
-            (!data["result"].as_array()?.is_empty()).then_some(())
-        },
-    )
-    .await;
+    until_prometheus_has(&env, &final_phase, "Prometheus to see the run finished").await;
     let end = unix_now();
     let status = done.status.unwrap();
     assert_eq!(

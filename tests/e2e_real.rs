@@ -421,7 +421,7 @@ async fn real_build_failures_are_classified_from_buildkit_output() {
     ];
     let fx = Fixture::new("e2e-real-failures", false, &upstreams).await;
     let spec = RealRun {
-        build_timeout: "40s",
+        build_timeout: "25s",
         ..fx.run("failures", &fx.real.executor_rootless, "rootless")
     };
     let run = spec.resource();

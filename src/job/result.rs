@@ -99,6 +99,9 @@ fn terminated(pod: Option<&Pod>) -> Option<&ContainerStateTerminated> {
     statuses.first()?.state.as_ref()?.terminated.as_ref()
 }
 
+/// The wrapper's last line when the build was stopped by SIGTERM (`src/job/wrapper.sh`).
+const STOPPED_BY_SIGNAL: &str = "the build was stopped by a signal";
+
 /// The failure of a Job whose pod failed (the Job's own deadline is handled by the caller).
 fn classify_pod(pod: Option<&Pod>) -> Failure {
     let Some(pod) = pod else {
@@ -137,6 +140,14 @@ fn classify_pod(pod: Option<&Pod>) -> Failure {
     };
     if let Some(class) = classify_text(&text) {
         return Failure::new(class, text);
+    }
+    if pod.metadata.deletion_timestamp.is_some() || text.contains(STOPPED_BY_SIGNAL) {
+        // Stopped from outside before it ended (the Job's own deadline is handled by the
+        // caller): a pod deleted by hand, a node shut down. Another attempt may finish.
+        return Failure::new(
+            FailureClass::Evicted,
+            format!("the build pod was deleted or stopped before the build ended\n{text}"),
+        );
     }
     if let Some(c) = disrupted {
         // Preempted, node drained or gone: the build never had a fair chance.
@@ -253,6 +264,32 @@ mod tests {
         assert_eq!(report.digest, "sha256:ab");
         assert_eq!((report.build_seconds, report.push_seconds), (12, 3));
         assert_eq!(BuildReport::parse("plain log tail"), None);
+    }
+
+    fn failed_pod(message: &str, deleted: bool) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "p",
+                "deletionTimestamp": deleted.then_some("2026-12-02T00:00:00Z"),
+            },
+            "status": {"phase": "Failed", "containerStatuses": [{
+                "name": "build", "image": "b", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 143, "reason": "Error", "message": message}},
+            }]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_build_stopped_from_outside_is_retried_and_a_failed_one_is_not() {
+        let stopped = "#5 RUN sleep 600\nthe build was stopped by a signal\n";
+        let failure = classify_pod(Some(&failed_pod(stopped, false)));
+        assert_eq!(failure.class, FailureClass::Evicted, "{failure:?}");
+        let failure = classify_pod(Some(&failed_pod("exit code: 137", true)));
+        assert_eq!(failure.class, FailureClass::Evicted, "a pod being deleted");
+        let failure = classify_pod(Some(&failed_pod("RUN make: exit code: 2", false)));
+        assert_eq!(failure.class, FailureClass::BuildError);
     }
 
     #[test]
