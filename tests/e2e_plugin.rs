@@ -412,6 +412,22 @@ async fn cancel_suspend_resume_and_clear_errors() {
     let (code, _, err) = run_plugin(&["suspend", "endless", "-n", &ns.name], None);
     assert_eq!(code, 2);
     assert!(err.contains("it has ended (Cancelled)"), "{err}");
+    // A run waiting for its instance list (a ConfigMap that does not exist) is cancelled
+    // as well: it ends Cancelled without a plan.
+    let mut waiting = swebench_run("unplanned", &env.registry, &ns.name, &swebench_ids(1), 1);
+    waiting.spec.instances.list = None;
+    waiting.spec.instances.config_map =
+        Some(serde_json::from_value(serde_json::json!({"name": "nope", "key": "ids"})).unwrap());
+    runs.create(&PostParams::default(), &waiting).await.unwrap();
+    await_phase(&runs, "unplanned", RunPhase::Resolving, WAIT).await;
+    let (code, out, err) = run_plugin(&["cancel", "unplanned", "-n", &ns.name], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let unplanned = await_phase(&runs, "unplanned", RunPhase::Cancelled, WAIT).await;
+    assert_eq!(
+        condition(&unplanned, "Complete"),
+        Some(("True".into(), "Cancelled".into()))
+    );
+
     // wait gives up at its timeout, with exit 2, on a run that does not end.
     let mut other = swebench_run("slow", &env.registry, &ns.name, &swebench_ids(1), 1);
     other.spec.placement.pod_annotations =

@@ -1,7 +1,7 @@
 //! Results users can trust, on the real control plane: the `summary` command against a run
 //! with scripted build times, failures, retries and skips; the counts in the status, in
 //! the manifest and from an independent watcher agreeing after operator restarts; and a
-//! large run with its sizes and costs printed: 300 instances by default, the 10,000 of the
+//! large run with its sizes and costs printed: 200 instances by default, the 10,000 of the
 //! benchmark with `IMAGEBUILD_SCALE_INSTANCES=10000` (see docs/benchmarks.md).
 //!
 //! Needs `e2e/cluster up`; run with `e2e/cluster test`.
@@ -461,13 +461,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Instances of the large run: `IMAGEBUILD_SCALE_INSTANCES`, default 300 (601 images,
-/// three manifest shards), which keeps the suite short; the benchmark sets 10,000.
+/// Instances of the large run: `IMAGEBUILD_SCALE_INSTANCES`, default 200 (401 images,
+/// two manifest shards), which keeps the suite short; the benchmark sets 10,000.
 fn scale_instances() -> usize {
     std::env::var("IMAGEBUILD_SCALE_INSTANCES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(300)
+        .unwrap_or(200)
 }
 
 #[tokio::test]

@@ -239,6 +239,28 @@ pub fn log_failure(run: &ImageBuildRun, record: &Record) {
     }
 }
 
+/// Deletes of every Job in flight (a cancelled run).
+pub fn stop_all(states: &[NodeState]) -> Vec<Action> {
+    states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, NodeState::Running { .. }))
+        .map(|(node, _)| Action::DeleteJob { node })
+        .collect()
+}
+
+/// The states after [`stop_all`]'s deletes: the stopped images wait, not built.
+pub fn stopped(states: &mut [NodeState]) {
+    for state in states {
+        if let NodeState::Running { attempt } = *state {
+            *state = NodeState::Waiting {
+                attempts: attempt.saturating_sub(1),
+                not_before: None,
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,15 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 
 use super::actions::NewJob;
 use super::context::{Ctx, Error};
 use super::observe::LiveJob;
+use crate::api::ImageBuildRun;
 use crate::metrics::Metrics;
 use crate::names::{LABEL_KEPT_LOG, LABEL_RUN_UID};
+use crate::plan::Plan;
+use crate::schedule::{Action, NodeState};
 
 /// API requests a reconcile has in flight at once.
 const API_CONCURRENCY: usize = 16;
@@ -59,7 +61,7 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
 }
 
 /// The run's pods kept for their logs, from the store.
-pub fn kept_pods(ctx: &Ctx, ns: &str, uid: &str) -> usize {
+fn kept_pods(ctx: &Ctx, ns: &str, uid: &str) -> usize {
     ctx.pods
         .iter()
         .flat_map(|s| s.state())
@@ -71,13 +73,44 @@ pub fn kept_pods(ctx: &Ctx, ns: &str, uid: &str) -> usize {
         .count()
 }
 
-/// Keeps the pods `(job, pod)` of failed builds past their Jobs, for their logs: each
-/// leaves its Job (no Job label or owner, so neither the Job's deletion nor a Job of the
-/// same name takes it) and belongs to the run, which takes it when deleted. Best effort:
-/// a pod that cannot be kept goes with its Job, and the build's record still has its
-/// last lines.
-pub async fn keep_pods(api: &Api<Pod>, owner: OwnerReference, pods: Vec<(String, String)>) {
-    let requests = pods.into_iter().map(|(job, pod)| {
+/// The `(job, pod)` of each failed build whose Job `actions` delete.
+pub fn failed_pods(
+    plan: &Plan,
+    actions: &[Action],
+    states: &[NodeState],
+    live: &BTreeMap<String, LiveJob>,
+) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteJob { node } => Some(*node),
+            _ => None,
+        })
+        .filter(|&node| matches!(states[node], NodeState::Finished { result: Err(_), .. }))
+        .filter_map(|node| {
+            let job = &plan.nodes[node].job_name;
+            let pod = live.get(job)?.pod.as_ref()?.metadata.name.clone()?;
+            Some((job.clone(), pod))
+        })
+        .collect()
+}
+
+/// Keeps the pods `(job, pod)` of failed builds past their Jobs, for their logs, as far as
+/// the run's room (`--kept-failed-pods`) goes: each leaves its Job (no Job label or owner,
+/// so neither the Job's deletion nor a Job of the same name takes it) and belongs to the
+/// run, which takes it when deleted. Best effort: a pod that cannot be kept goes with its
+/// Job, and the build's record still has its last lines.
+pub async fn keep_pods(ctx: &Ctx, run: &ImageBuildRun, pods: Vec<(String, String)>) {
+    let (ns, uid) = (
+        run.namespace().unwrap_or_default(),
+        run.uid().unwrap_or_default(),
+    );
+    let room = (ctx.config.kept_failed_pods as usize).saturating_sub(kept_pods(ctx, &ns, &uid));
+    let Some(owner) = kube::Resource::owner_ref(run, &()) else {
+        return;
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let requests = pods.into_iter().take(room).map(|(job, pod)| {
         let api = api.clone();
         let owner = owner.clone();
         async move {

@@ -178,6 +178,19 @@ pub fn resolving(
     );
 }
 
+/// Ends a run that was cancelled before its plan was made: `Cancelled`, nothing built.
+pub fn cancelled(status: &mut ImageBuildRunStatus, generation: Option<i64>, now: DateTime<Utc>) {
+    let message = "cancelled before its plan was made";
+    end(
+        status,
+        RunPhase::Cancelled,
+        "Cancelled",
+        message,
+        generation,
+        now,
+    );
+}
+
 /// The run fails for good (its spec is invalid, or it cannot be planned).
 pub fn fail(
     status: &mut ImageBuildRunStatus,
@@ -186,7 +199,19 @@ pub fn fail(
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) {
-    status.phase = Some(RunPhase::Failed);
+    end(status, RunPhase::Failed, reason, message, generation, now);
+}
+
+/// Ends the run in `phase` without a derivation: not Ready, not Progressing, Complete.
+fn end(
+    status: &mut ImageBuildRunStatus,
+    phase: RunPhase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    status.phase = Some(phase);
     status.completed_at.get_or_insert(now);
     for (type_, value) in [("Ready", false), ("Progressing", false), ("Complete", true)] {
         status::set_condition(

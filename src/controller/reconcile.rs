@@ -35,7 +35,7 @@ use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
-use crate::schedule::{self, Action, NodeState, Policy};
+use crate::schedule::{self, Action, Policy};
 use crate::validate::{self, Settings};
 
 /// Reconciles one run.
@@ -101,6 +101,15 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     });
     let plan = match step {
         Step::Ready(plan) => plan,
+        // Cancelled before its plan: any Job of it (from before a restart) goes.
+        Step::Pending { .. } if run.spec.cancel => {
+            let live = apply::live_jobs(&ctx, &ns, &uid);
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+            apply::delete_jobs(&jobs, live.into_keys().collect()).await?;
+            publish::cancelled(&mut status, generation, now);
+            publish::write(&ctx, &run, &mut state, &status, false).await?;
+            return Ok(Requeue::await_change());
+        }
         Step::Pending { error, wait } => {
             publish::resolving(&mut status, error.as_deref(), generation, now);
             publish::write(&ctx, &run, &mut state, &status, false).await?;
@@ -165,11 +174,19 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .as_ref()
         .filter(|r| !run.spec.cancel && old.last_retry.as_ref().map(|l| l.id) != Some(r.id))
     {
-        let (reopened, honoured) = retry::reopen(&plan, manifest.records(), request, now);
-        tracing::info!(run = %key, "{}", honoured.message);
-        if !reopened.is_empty() {
-            manifest.write(&ctx.client, &run, reopened).await?;
-        }
+        let honoured = match state.retry.take().filter(|r| r.id == request.id) {
+            // Its records were written by an earlier pass whose status write failed.
+            Some(done) => done,
+            None => {
+                let (reopened, honoured) = retry::reopen(&plan, manifest.records(), request, now);
+                tracing::info!(run = %key, "{}", honoured.message);
+                if !reopened.is_empty() {
+                    manifest.write(&ctx.client, &run, reopened).await?;
+                }
+                honoured
+            }
+        };
+        state.retry = Some(honoured.clone());
         status.last_retry = Some(honoured);
     }
     let live = apply::live_jobs(&ctx, &ns, &uid);
@@ -241,14 +258,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if cancelling {
         // Cancelled: nothing new; every Job in flight goes (a finished one is harvested
         // first, by the actions decided above).
-        actions.extend(
-            observed
-                .states
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| matches!(s, NodeState::Running { .. }))
-                .map(|(node, _)| Action::DeleteJob { node }),
-        );
+        actions.extend(actions::stop_all(&observed.states));
     }
     let new_jobs = actions::jobs(&plan, &mut actions, &making);
     let recorded = actions::records(
@@ -286,33 +296,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .collect();
     // The pods of failed builds stay for their logs (up to the cap), then the Jobs go;
     // deletes first, so a Job is gone before one of the same name is created.
-    let room =
-        (ctx.config.kept_failed_pods as usize).saturating_sub(apply::kept_pods(&ctx, &ns, &uid));
-    let keep: Vec<(String, String)> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::DeleteJob { node } => Some(*node),
-            _ => None,
-        })
-        .filter(|&node| {
-            matches!(
-                observed.states[node],
-                NodeState::Finished { result: Err(_), .. }
-            )
-        })
-        .filter_map(|node| {
-            let job = &plan.nodes[node].job_name;
-            let pod = live.get(job)?.pod.as_ref()?.metadata.name.clone()?;
-            Some((job.clone(), pod))
-        })
-        .take(room)
-        .collect();
-    if let (false, Some(owner)) = (
-        keep.is_empty(),
-        kube::Resource::owner_ref(run.as_ref(), &()),
-    ) {
-        apply::keep_pods(&Api::namespaced(ctx.client.clone(), &ns), owner, keep).await;
-    }
+    let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
+    apply::keep_pods(&ctx, &run, failed).await;
     apply::delete_jobs(&jobs, deletes).await?;
     if !ctx.config.may_write() {
         state.manifest = Some(manifest);
@@ -334,15 +319,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         schedule::apply(&mut states, action);
     }
     if cancelling {
-        // Their Jobs are deleted: not built, not in flight.
-        for state in &mut states {
-            if let NodeState::Running { attempt } = *state {
-                *state = NodeState::Waiting {
-                    attempts: attempt.saturating_sub(1),
-                    not_before: None,
-                };
-            }
-        }
+        actions::stopped(&mut states);
     }
 
     // Publish.

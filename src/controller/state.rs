@@ -34,6 +34,9 @@ pub struct RunState {
     pub written: Option<(ImageBuildRunStatus, Instant)>,
     /// The generation whose Jobs the API server accepted in a dry run (`preflight`).
     pub preflight: Option<Option<i64>>,
+    /// The retry request whose records this process wrote, and what it did: a status
+    /// write that failed after them says so again, not "0 reopened".
+    pub retry: Option<crate::api::RetryStatus>,
 }
 
 impl RunState {
