@@ -436,6 +436,23 @@ async fn cancel_suspend_resume_and_clear_errors() {
     let (code, _, err) = run_plugin(&["wait", "slow", "-n", &ns.name, "--timeout", "2s"], None);
     assert_eq!(code, 2);
     assert!(err.contains("slow did not end within 2s"), "{err}");
+    // A run deleted while waited on: exit 2 at once, not at the timeout.
+    let waiting = Command::new(env!("CARGO_BIN_EXE_kubectl-imagebuild"))
+        .args(["wait", "slow", "-n", &ns.name, "--timeout", "5m"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deleted = Instant::now();
+    runs.delete("slow", &Default::default()).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("ImageBuildRun slow not found"), "{err}");
+    assert!(deleted.elapsed() < Duration::from_secs(60));
     let _ = std::fs::remove_file(kubeconfig);
     ns.delete().await;
 }

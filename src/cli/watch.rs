@@ -106,17 +106,23 @@ async fn follow(
         return Ok(first);
     }
     let config = watcher::Config::default().fields(&format!("metadata.name={}", target.name));
-    let mut stream = watcher(target.api(), config)
-        .default_backoff()
-        .applied_objects()
-        .boxed();
+    let mut stream = watcher(target.api(), config).default_backoff().boxed();
+    let uid = first.metadata.uid.clone();
     loop {
         match stream.try_next().await {
-            Ok(Some(run)) => {
+            Ok(Some(watcher::Event::Apply(run) | watcher::Event::InitApply(run))) => {
+                // The same name, created again, is another run: this one is gone.
+                if run.metadata.uid != uid {
+                    return Err(target.explain("watch ImageBuildRuns", gone()));
+                }
                 if !each(&run) {
                     return Ok(run);
                 }
             }
+            Ok(Some(watcher::Event::Delete(_))) => {
+                return Err(target.explain("watch ImageBuildRuns", gone()));
+            }
+            Ok(Some(_)) => {}
             Ok(None) => return Err(CliError::Usage("the watch of the run ended".into())),
             Err(
                 watcher::Error::WatchError(e)
@@ -128,6 +134,15 @@ async fn follow(
             Err(_) => {}
         }
     }
+}
+
+/// The error of a run deleted while it was followed: what a read of it would answer.
+fn gone() -> kube::Error {
+    kube::Error::Api(
+        kube::core::Status::failure("the run was deleted", "NotFound")
+            .with_code(404)
+            .boxed(),
+    )
 }
 
 /// Bars, one per phase with images, under a headline.
