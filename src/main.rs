@@ -6,11 +6,10 @@
 // written reason next to it (see clippy.toml for tests).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use imagebuild_operator::cli::{self, Format, SummaryFormat};
+use imagebuild_operator::cli::{self, SummaryFormat};
 use imagebuild_operator::operator;
 
 #[derive(Parser)]
@@ -28,20 +27,7 @@ enum Command {
     /// Run the operator: reconcile ImageBuildRuns into build Jobs until SIGTERM.
     Run(operator::Options),
     /// Resolve a run's instances and print its build plan.
-    Plan {
-        /// The ImageBuildRun YAML file.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-        /// Read instance ids (or JSON lines) from this file instead of the run's source.
-        #[arg(long)]
-        instances_file: Option<PathBuf>,
-        /// Output format: a text summary, or every node as JSON.
-        #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
-        output: Format,
-        /// Nodes listed in the text summary.
-        #[arg(long, default_value_t = 10)]
-        show: usize,
-    },
+    Plan(cli::PlanArgs),
     /// Report on a run from its manifest: totals, wall clock, build times per phase,
     /// slowest and failed builds, skip reasons.
     Summary {
@@ -68,19 +54,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
-        Command::Plan {
-            file,
-            instances_file,
-            output,
-            show,
-        } => {
-            async {
-                let run = cli::load_run(&file)?;
-                let plan = cli::plan_run(&run, instances_file.as_ref()).await?;
-                Ok(cli::render(&run, &plan, output, show))
-            }
-            .await
-        }
+        Command::Plan(args) => args.run().await,
         Command::Summary {
             run,
             namespace,

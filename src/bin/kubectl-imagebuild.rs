@@ -7,13 +7,12 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use imagebuild_operator::cli::runs::{self, Target};
-use imagebuild_operator::cli::{self, Answer, CliError, Format, SummaryFormat, logs, watch};
+use imagebuild_operator::cli::{self, Answer, CliError, SummaryFormat, logs, watch};
 
 #[derive(Parser)]
 #[command(
@@ -52,20 +51,7 @@ enum Command {
         timeout: Duration,
     },
     /// Resolve a run file's instances and print its build plan (nothing is sent).
-    Plan {
-        /// The ImageBuildRun YAML file.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-        /// Read instance ids (or JSON lines) from this file instead of the run's source.
-        #[arg(long)]
-        instances_file: Option<PathBuf>,
-        /// Output format: a text summary, or every node as JSON.
-        #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
-        output: Format,
-        /// Nodes listed in the text summary.
-        #[arg(long, default_value_t = 10)]
-        show: usize,
-    },
+    Plan(cli::PlanArgs),
     /// Report on a run from its manifest; exit 1 unless it Succeeded.
     Summary {
         /// The ImageBuildRun.
@@ -135,16 +121,7 @@ async fn execute(args: Args) -> Result<Answer, CliError> {
     let namespace = args.namespace.as_deref();
     let target = |client, run: &str| Target::new(client, run, namespace);
     Ok(match args.command {
-        Command::Plan {
-            file,
-            instances_file,
-            output,
-            show,
-        } => {
-            let run = cli::load_run(&file)?;
-            let plan = cli::plan_run(&run, instances_file.as_ref()).await?;
-            done(cli::render(&run, &plan, output, show))
-        }
+        Command::Plan(args) => done(args.run().await?),
         Command::Status { run, watch } => {
             let target = target(client(args.context).await?, &run);
             done(watch::status(&target, watch).await?)

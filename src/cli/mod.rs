@@ -142,6 +142,32 @@ pub async fn report(
     ))
 }
 
+/// The `plan` command's arguments (both binaries have it).
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// The ImageBuildRun YAML file.
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    /// Read instance ids (or JSON lines) from this file instead of the run's source.
+    #[arg(long)]
+    instances_file: Option<PathBuf>,
+    /// Output format: a text summary, or every node as JSON.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Nodes listed in the text summary.
+    #[arg(long, default_value_t = 10)]
+    show: usize,
+}
+
+impl PlanArgs {
+    /// Loads the run, resolves its instances, plans it and renders the plan.
+    pub async fn run(self) -> Result<String, CliError> {
+        let run = load_run(&self.file)?;
+        let plan = plan_run(&run, self.instances_file.as_ref()).await?;
+        Ok(render(&run, &plan, self.output, self.show))
+    }
+}
+
 /// Output format of `plan`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
