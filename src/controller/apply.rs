@@ -12,7 +12,8 @@ use kube::{Api, ResourceExt};
 
 use super::actions::NewJob;
 use super::context::{Ctx, Error};
-use super::observe::LiveJob;
+use super::observe::{LiveJob, attempt_of};
+use super::state::Dispatched;
 use crate::api::ImageBuildRun;
 use crate::metrics::Metrics;
 use crate::names::{LABEL_KEPT_LOG, LABEL_RUN_UID};
@@ -101,6 +102,9 @@ pub fn failed_pods(
 /// run, which takes it when deleted. Best effort: a pod that cannot be kept goes with its
 /// Job, and the build's record still has its last lines.
 pub async fn keep_pods(ctx: &Ctx, run: &ImageBuildRun, pods: Vec<(String, String)>) {
+    if pods.is_empty() {
+        return;
+    }
     let (ns, uid) = (
         run.namespace().unwrap_or_default(),
         run.uid().unwrap_or_default(),
@@ -130,43 +134,45 @@ pub async fn keep_pods(ctx: &Ctx, run: &ImageBuildRun, pods: Vec<(String, String
             {
                 tracing::warn!(%pod, error = %e, "the pod of a failed build could not be kept for its log");
             }
-            Ok(())
+            Ok(None)
         }
     });
-    let _ = all_ok(requests).await;
+    let _ = all_ok(requests, |()| {}).await;
 }
 
 /// Deletes the Jobs `names` (one already gone is fine).
 pub async fn delete_jobs(api: &Api<Job>, names: Vec<String>) -> Result<(), Error> {
-    all_ok(names.into_iter().map(|name| {
+    let requests = names.into_iter().map(|name| {
         let api = api.clone();
         async move {
             match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Ok(_) => Ok(None),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
                 Err(e) => Err(e.into()),
             }
         }
-    }))
-    .await
+    });
+    all_ok(requests, |()| {}).await
 }
 
-/// Creates `jobs` (one that exists already, from before a restart, is fine) and tells
-/// the metrics how long each image waited.
+/// Creates `jobs` (one that exists already, from before a restart, is fine), notes each
+/// in `dispatched`, and tells the metrics how long each image waited.
 pub async fn create_jobs(
     api: &Api<Job>,
     jobs: Vec<NewJob>,
     metrics: &Metrics,
+    dispatched: &mut Dispatched,
 ) -> Result<(), Error> {
-    all_ok(jobs.into_iter().map(|new| {
+    let requests = jobs.into_iter().map(|new| {
         let api = api.clone();
         async move {
+            let made = (new.job.name_any(), attempt_of(&new.job));
             match api.create(&PostParams::default(), &new.job).await {
                 Ok(_) => {
                     metrics.job_created(new.phase.as_str(), new.waited);
-                    Ok(())
+                    Ok(Some(made))
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(made)),
                 // Refused as invalid: sending it again would be refused again.
                 Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
                     Err(Error::JobRefused(super::preflight::refusal(&e.message)))
@@ -174,20 +180,30 @@ pub async fn create_jobs(
                 Err(e) => Err(e.into()),
             }
         }
-    }))
+    });
+    let now = std::time::Instant::now();
+    all_ok(requests, |(name, attempt)| {
+        dispatched.note(name, attempt, now)
+    })
     .await
 }
 
-/// Runs `requests`, [`API_CONCURRENCY`] at a time, until all are done; the first error.
-async fn all_ok<F>(requests: impl Iterator<Item = F>) -> Result<(), Error>
+/// Runs `requests`, [`API_CONCURRENCY`] at a time, until all are done, handing each
+/// success's value to `done`; the first error.
+async fn all_ok<F, T>(
+    requests: impl Iterator<Item = F>,
+    mut done: impl FnMut(T),
+) -> Result<(), Error>
 where
-    F: std::future::Future<Output = Result<(), Error>>,
+    F: std::future::Future<Output = Result<Option<T>, Error>>,
 {
     let mut results = futures::stream::iter(requests).buffer_unordered(API_CONCURRENCY);
     let mut first = Ok(());
     while let Some(result) = results.next().await {
-        if first.is_ok() {
-            first = result;
+        match result {
+            Ok(value) => value.into_iter().for_each(&mut done),
+            Err(e) if first.is_ok() => first = Err(e),
+            Err(_) => {}
         }
     }
     first
@@ -300,18 +316,26 @@ mod tests {
             _ => 201,
         }));
         let metrics = Metrics::new();
+        let mut dispatched = Dispatched::default();
         create_jobs(
             &jobs,
             vec![new_job("new"), new_job("made-before")],
             &metrics,
+            &mut dispatched,
         )
         .await
         .unwrap();
         assert_eq!(queue_waits(&metrics).await, 1);
         assert!(
-            create_jobs(&jobs, vec![new_job("refused")], &metrics)
+            create_jobs(&jobs, vec![new_job("refused")], &metrics, &mut dispatched)
                 .await
                 .is_err()
+        );
+        // Both Jobs that exist are running until the store shows them; the refused is not.
+        let unseen = dispatched.unseen(&BTreeMap::new(), std::time::Instant::now());
+        assert_eq!(
+            unseen,
+            BTreeMap::from([("made-before".to_string(), 1), ("new".to_string(), 1)])
         );
         assert_eq!(queue_waits(&metrics).await, 1);
         drop(jobs);

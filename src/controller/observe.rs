@@ -49,11 +49,16 @@ pub struct Observed {
 }
 
 /// Builds the states. A Job unschedulable for longer than `pending_timeout` counts as
-/// failed with `Unschedulable`.
+/// failed with `Unschedulable`. `dispatched` holds the attempt of each Job this process
+/// created (by name): until the store shows that attempt's Job, its node is running it.
+/// A store lags its watch, and a reconcile can start between two of its events: without
+/// this, a Job just created would look not yet made, and its slot free (to another run
+/// sharing `--max-total-workers`, or to a lower attempt's finished Job).
 pub fn observe(
     plan: &Plan,
     records: &BTreeMap<String, Record>,
     jobs: &BTreeMap<String, LiveJob>,
+    dispatched: &BTreeMap<String, u32>,
     pending_timeout: Duration,
     now: DateTime<Utc>,
 ) -> Observed {
@@ -66,15 +71,21 @@ pub fn observe(
         known.insert(node.job_name.as_str());
         let record = records.get(&node.job_name);
         let terminal = record.map(Record::state).filter(NodeState::is_terminal);
-        let state = match (terminal, jobs.get(&node.job_name)) {
-            (Some(state), live) => {
+        let live = jobs.get(&node.job_name);
+        let unseen = dispatched
+            .get(&node.job_name)
+            .copied()
+            .filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
+        let state = match (terminal, live, unseen) {
+            (Some(state), live, _) => {
                 if live.is_some() {
                     observed.stale_jobs.push(node.job_name.clone());
                 }
                 state
             }
-            (None, Some(live)) => job_state(id, live, pending_timeout, now, &mut observed),
-            (None, None) => record.map(Record::state).unwrap_or(NodeState::NEW),
+            (None, _, Some(attempt)) => NodeState::Running { attempt },
+            (None, Some(live), None) => job_state(id, live, pending_timeout, now, &mut observed),
+            (None, None, None) => record.map(Record::state).unwrap_or(NodeState::NEW),
         };
         observed.states.push(state);
     }
@@ -314,6 +325,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             &plan,
             &BTreeMap::new(),
             &BTreeMap::new(),
+            &BTreeMap::new(),
             Duration::from_secs(60),
             Utc::now(),
         );
@@ -334,7 +346,14 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
                 live(&spec, &plan, 1, json!({}), json!({})),
             ),
         ]);
-        let o = observe(&plan, &records, &jobs, Duration::from_secs(60), Utc::now());
+        let o = observe(
+            &plan,
+            &records,
+            &jobs,
+            &BTreeMap::new(),
+            Duration::from_secs(60),
+            Utc::now(),
+        );
         assert_eq!(o.states[0], NodeState::Succeeded);
         assert_eq!(o.stale_jobs, vec![name, "not-in-plan".to_string()]);
     }
@@ -357,6 +376,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             &plan,
             &BTreeMap::new(),
             &jobs,
+            &BTreeMap::new(),
             Duration::from_secs(60),
             Utc::now(),
         );
@@ -389,6 +409,56 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
     }
 
     #[test]
+    fn a_job_created_but_not_yet_in_the_store_is_running() {
+        let (spec, plan) = plan();
+        let name = plan.nodes[0].job_name.clone();
+        let observe_with = |jobs: &BTreeMap<String, LiveJob>, attempt: u32| {
+            let dispatched = BTreeMap::from([(name.clone(), attempt)]);
+            observe(
+                &plan,
+                &BTreeMap::new(),
+                jobs,
+                &dispatched,
+                Duration::from_secs(60),
+                Utc::now(),
+            )
+        };
+        // Not in the store at all.
+        let o = observe_with(&BTreeMap::new(), 1);
+        assert_eq!(o.states[0], NodeState::Running { attempt: 1 });
+        assert_eq!(o.states[1], NodeState::NEW, "only the created Job's node");
+        // The store still has the failed attempt 2 when attempt 3 was created: nothing is
+        // harvested twice, and the slot is taken.
+        let failed = BTreeMap::from([(
+            name.clone(),
+            live(
+                &spec,
+                &plan,
+                0,
+                json!({"conditions": [{"type": "Failed", "status": "True"}]}),
+                json!({}),
+            ),
+        )]);
+        let o = observe_with(&failed, 3);
+        assert_eq!(o.states[0], NodeState::Running { attempt: 3 });
+        assert!(o.outcomes.is_empty());
+        // Once the store has the attempt created, the Job tells.
+        let o = observe_with(&failed, 2);
+        assert!(
+            matches!(
+                o.states[0],
+                NodeState::Finished {
+                    attempt: 2,
+                    result: Err(_),
+                    ..
+                }
+            ),
+            "{:?}",
+            o.states[0]
+        );
+    }
+
+    #[test]
     fn an_unschedulable_pod_fails_its_node_after_the_pending_timeout() {
         let (spec, plan) = plan();
         let since = Utc::now() - chrono::Duration::minutes(20);
@@ -402,6 +472,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             &plan,
             &BTreeMap::new(),
             &jobs,
+            &BTreeMap::new(),
             Duration::from_secs(3600),
             Utc::now(),
         );
@@ -411,6 +482,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             &plan,
             &BTreeMap::new(),
             &jobs,
+            &BTreeMap::new(),
             Duration::from_secs(900),
             Utc::now(),
         );

@@ -190,10 +190,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         status.last_retry = Some(honoured);
     }
     let live = apply::live_jobs(&ctx, &ns, &uid);
+    let unseen = state.dispatched.unseen(&live, Instant::now());
     let observed = observe(
         &plan,
         manifest.records(),
         &live,
+        &unseen,
         settings.pending_timeout,
         now,
     );
@@ -286,7 +288,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             .set_medians(&id, actions::built_durations(manifest.records().values()));
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let deletes = actions
+    let deletes: Vec<String> = actions
         .iter()
         .filter_map(|a| match a {
             Action::DeleteJob { node } => Some(plan.nodes[*node].job_name.clone()),
@@ -298,12 +300,15 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // deletes first, so a Job is gone before one of the same name is created.
     let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
     apply::keep_pods(&ctx, &run, failed).await;
+    for name in &deletes {
+        state.dispatched.forget(name);
+    }
     apply::delete_jobs(&jobs, deletes).await?;
     if !ctx.config.may_write() {
         state.manifest = Some(manifest);
         return Ok(Requeue::await_change());
     }
-    match apply::create_jobs(&jobs, new_jobs, &ctx.metrics).await {
+    match apply::create_jobs(&jobs, new_jobs, &ctx.metrics, &mut state.dispatched).await {
         Err(Error::JobRefused(message)) => {
             // Past the dry run (a pod annotation rendered for one instance only, say):
             // the records stand, the run fails rather than retry a refused create.

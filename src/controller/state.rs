@@ -8,10 +8,11 @@
 //! channels kept in the state (see `resolve` and `presence`) rather than reaching into
 //! the table, and a run the table no longer holds is simply started afresh.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::observe::{LiveJob, attempt_of};
 use super::presence::Presence;
 use super::resolve::Resolution;
 use crate::api::ImageBuildRunStatus;
@@ -37,6 +38,47 @@ pub struct RunState {
     /// The retry request whose records this process wrote, and what it did: a status
     /// write that failed after them says so again, not "0 reopened".
     pub retry: Option<crate::api::RetryStatus>,
+    /// The Jobs this process created that its store may not show yet.
+    pub dispatched: Dispatched,
+}
+
+/// How long a Job created is taken as running without the store showing it. Past that
+/// (it was deleted before the watch saw it, or the watch is down), its node is read from
+/// the store and the records again, and a create of a Job that exists is answered 409.
+const UNSEEN_FOR_AT_MOST: Duration = Duration::from_secs(60);
+
+/// The Jobs this process created, by name: the attempt and when, until the store shows
+/// that attempt's Job (see [`super::observe::observe`]).
+#[derive(Default)]
+pub struct Dispatched(BTreeMap<String, (u32, Instant)>);
+
+impl Dispatched {
+    /// Job `name` was created (or found made) for `attempt`.
+    pub fn note(&mut self, name: String, attempt: u32, now: Instant) {
+        self.0.insert(name, (attempt, now));
+    }
+
+    /// Job `name` was deleted.
+    pub fn forget(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
+    /// Drops the Jobs the store shows (at their attempt or a later one) and those unseen
+    /// for [`UNSEEN_FOR_AT_MOST`]; the attempts of the others, by name.
+    pub fn unseen(
+        &mut self,
+        live: &BTreeMap<String, LiveJob>,
+        now: Instant,
+    ) -> BTreeMap<String, u32> {
+        self.0.retain(|name, (attempt, at)| {
+            now.saturating_duration_since(*at) < UNSEEN_FOR_AT_MOST
+                && live.get(name).is_none_or(|l| attempt_of(&l.job) < *attempt)
+        });
+        self.0
+            .iter()
+            .map(|(name, (attempt, _))| (name.clone(), *attempt))
+            .collect()
+    }
 }
 
 impl RunState {
