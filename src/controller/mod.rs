@@ -19,14 +19,15 @@ mod resolve;
 mod retry;
 mod state;
 pub mod status;
+mod trim;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -65,9 +66,21 @@ fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"))
 }
 
+/// How many watch events wait for the controller at most: the watch waits for it past
+/// that, so memory stays bounded whatever the API server sends.
+const TRIGGER_BUFFER: usize = 1024;
+
 /// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
-/// namespaces) and returns its store; the reflector runs until the process ends.
-fn reflect<K>(client: &Client, ns: Option<&str>) -> Store<K>
+/// namespaces), each object trimmed by `trim` before the store takes it; returns its
+/// store. Each object applied or deleted is then sent to `triggers`, if given: a
+/// reconcile it triggers finds it in the store. The reflector runs until the process
+/// ends (or `triggers` is dropped).
+fn reflect<K>(
+    client: &Client,
+    ns: Option<&str>,
+    trim: fn(&mut K),
+    triggers: Option<mpsc::Sender<Result<K, watcher::Error>>>,
+) -> Store<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
@@ -81,12 +94,22 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let config = managed();
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let stream = watcher(api, managed())
         .default_backoff()
+        .modify(trim)
+        .reflect(writer)
         .touched_objects();
-    tokio::spawn(stream.for_each(|_| async {}));
+    tokio::spawn(async move {
+        let (mut stream, mut triggers) = (std::pin::pin!(stream), triggers);
+        while let Some(object) = stream.next().await {
+            if let Some(tx) = triggers.as_mut()
+                && tx.send(object).await.is_err()
+            {
+                return;
+            }
+        }
+    });
     reader
 }
 
@@ -106,9 +129,13 @@ pub async fn run(
     };
     let mut job_stores = Vec::new();
     let mut pod_stores = Vec::new();
+    let mut job_triggers = Vec::new();
     for scope in &scopes {
-        job_stores.push(reflect::<Job>(&client, scope.as_deref()));
-        pod_stores.push(reflect::<Pod>(&client, scope.as_deref()));
+        // One watch of Jobs: the store the reconciles read, then the controller's trigger.
+        let (tx, rx) = mpsc::channel(TRIGGER_BUFFER);
+        job_stores.push(reflect(&client, scope.as_deref(), trim::job, Some(tx)));
+        job_triggers.push(rx);
+        pod_stores.push(reflect(&client, scope.as_deref(), trim::pod, None));
     }
     for store in &job_stores {
         let _ = store.wait_until_ready().await;
@@ -131,19 +158,15 @@ pub async fn run(
         metrics.clone(),
     ));
     let mut run_stores = Vec::new();
-    let controllers = scopes.into_iter().map(|scope| {
-        let (runs, jobs): (Api<Watched>, Api<Job>) = match &scope {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
+    let controllers = scopes.into_iter().zip(job_triggers).map(|(scope, jobs)| {
+        let runs: Api<Watched> = match &scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
         };
-        let owned = managed();
         let controller = Controller::new(runs, watcher::Config::default());
         run_stores.push(controller.store());
         controller
-            .owns(jobs, owned)
+            .owns_stream::<Job>(jobs)
             .with_config(
                 kube::runtime::controller::Config::default().concurrency(options.concurrency),
             )

@@ -1,0 +1,389 @@
+//! The operator benchmark, run by `e2e/bench` (ignored by the suite): SWE-bench-shaped
+//! runs of each size in `IMAGEBUILD_BENCH_SIZES` (default "500 1000") on the local
+//! control plane, each with a fresh operator, and a registry skip scan. It prints
+//! figures and asserts only that each run ended with every image accounted for: the
+//! targets are read from the table, not enforced on a machine of unknown speed.
+//!
+//! Per run: images, wall time, images/s, the operator's peak RSS (and its RSS when 25, 50,
+//! 75 and 100% of the Jobs had finished), its CPU, its API requests per image (reads:
+//! GET and WATCH; writes: the rest) from its own metrics, the status writes, and from an
+//! independent Job watcher: the fraction of time `maxWorkers` Jobs were in flight while
+//! work remained (first to last Job created), the slots' use over that time, and the
+//! dispatch latency (a Job's completion, as the watcher saw it, to the next Job's
+//! creation, first in first out). The control plane's share: the CPU of the API server,
+//! etcd, the controller manager and kwok over the run, and the operator's own reconcile
+//! time (its histogram), which is the part of a dispatch the operator spends.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{Operator, process_cpu_seconds, setup};
+use common::prometheus::{matching, number, scrape, sum};
+use common::runs::{
+    Seen, annotations, await_phase, count_status_writes, swebench_run, watch_jobs_pushing,
+};
+use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::PostParams;
+use prometheus_parse::Sample;
+use serde_json::json;
+
+/// The sizes to run, in instances.
+fn sizes() -> Vec<usize> {
+    std::env::var("IMAGEBUILD_BENCH_SIZES")
+        .unwrap_or_else(|_| "500 1000".into())
+        .split([' ', ','])
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// `maxWorkers` of every run (`IMAGEBUILD_BENCH_WORKERS`, default 32).
+fn workers() -> u32 {
+    std::env::var("IMAGEBUILD_BENCH_WORKERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(32)
+}
+
+/// The control plane's processes, by name, as the environment starts them.
+const CONTROL_PLANE: [&str; 4] = ["kube-apiserver", "etcd", "kube-controller", "kwok"];
+
+fn pids_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
+fn control_plane_cpu() -> BTreeMap<&'static str, f64> {
+    CONTROL_PLANE
+        .iter()
+        .map(|name| {
+            let cpu = pids_named(name)
+                .into_iter()
+                .filter_map(process_cpu_seconds)
+                .sum();
+            (*name, cpu)
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples the operator's RSS every 100 ms; the RSS when each quarter of `total` Jobs had
+/// finished, as the watcher counts them.
+fn sample_rss(pid: u32, seen: Arc<Mutex<Seen>>, total: usize) -> Arc<Mutex<Vec<u64>>> {
+    let marks = Arc::new(Mutex::new(Vec::new()));
+    let out = marks.clone();
+    tokio::spawn(async move {
+        loop {
+            let finished = seen.lock().unwrap().finished();
+            let Some(rss) = rss_kib(pid) else { return };
+            {
+                let mut marks = marks.lock().unwrap();
+                while marks.len() < 4 && finished * 4 >= total * (marks.len() + 1) {
+                    marks.push(rss);
+                }
+                if marks.len() == 4 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    out
+}
+
+/// What the watcher saw of slots and dispatch.
+struct Slots {
+    /// Fraction of the time from the first to the last Job created with `workers` in
+    /// flight.
+    full: f64,
+    /// Jobs in flight over that time, as a fraction of `workers`.
+    used: f64,
+    /// Completion to the next creation, sorted.
+    dispatch: Vec<Duration>,
+}
+
+fn slots(seen: &Seen, workers: usize) -> Slots {
+    // +1 for a creation, -1 for a completion; at one instant, completions first.
+    let mut events: Vec<(Instant, i32)> = Vec::new();
+    for job in seen.jobs.values() {
+        events.push((job.created, 1));
+        if let Some(f) = job.finished {
+            events.push((f, -1));
+        }
+    }
+    events.sort();
+    let (Some(first), Some(last)) = (
+        seen.jobs.values().map(|j| j.created).min(),
+        seen.jobs.values().map(|j| j.created).max(),
+    ) else {
+        return Slots {
+            full: 0.0,
+            used: 0.0,
+            dispatch: Vec::new(),
+        };
+    };
+    let (mut active, mut prev) = (0usize, first);
+    let (mut full, mut used) = (Duration::ZERO, 0.0);
+    let mut freed = std::collections::VecDeque::new();
+    let mut dispatch = Vec::new();
+    for (t, delta) in events {
+        // `active` Jobs were in flight from `prev` to `t`: the part inside the window counts.
+        let (lo, hi) = (prev.max(first), t.min(last));
+        if hi > lo {
+            if active >= workers {
+                full += hi - lo;
+            }
+            used += (hi - lo).as_secs_f64() * active.min(workers) as f64;
+        }
+        prev = prev.max(t);
+        if delta > 0 {
+            active += 1;
+            if let Some(f) = freed.pop_front() {
+                dispatch.push(t - f);
+            }
+        } else {
+            active = active.saturating_sub(1);
+            if t < last {
+                freed.push_back(t);
+            }
+        }
+    }
+    let window = (last - first).as_secs_f64().max(f64::EPSILON);
+    dispatch.sort();
+    Slots {
+        full: full.as_secs_f64() / window,
+        used: used / (window * workers as f64),
+        dispatch,
+    }
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// The `q` quantile of a Prometheus histogram from its buckets, in ms (upper bound).
+fn histogram_quantile(samples: &[Sample], metric: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = matching(samples, &format!("{metric}_bucket"), &[])
+        .into_iter()
+        .filter_map(|s| {
+            let le = s.labels.get("le")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, number(s)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= total * q)
+        .map_or(f64::NAN, |(le, _)| le * 1000.0)
+}
+
+struct Row {
+    instances: usize,
+    images: usize,
+    wall: f64,
+    peak_mib: f64,
+    quarters_mib: Vec<f64>,
+    cpu: f64,
+    reads: f64,
+    writes: f64,
+    status_writes: usize,
+    slots: Slots,
+    reconcile_p50: f64,
+    reconcile_p99: f64,
+    control_plane: BTreeMap<&'static str, f64>,
+}
+
+async fn one_run(n: usize, workers: u32) -> Row {
+    let (env, _logs, ns) = setup(&format!("e2e-bench-{n}")).await;
+    let operator = Operator::start_quiet(&ns.name, &[]);
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    let writes = count_status_writes(runs.clone());
+    let ids: Vec<String> = (0..n).map(|i| format!("bench__bench-{i:05}")).collect();
+    let list = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("bench-instances".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("ids.txt".into(), ids.join("\n"))])),
+        ..Default::default()
+    };
+    cms.create(&PostParams::default(), &list).await.unwrap();
+    let mut run = swebench_run("bench", &env.registry, &ns.name, &ids[..1], workers);
+    run.spec.instances.list = None;
+    run.spec.instances.config_map =
+        Some(serde_json::from_value(json!({"name": "bench-instances", "key": "ids.txt"})).unwrap());
+    run.spec.placement.cpu = k8s_openapi::apimachinery::pkg::api::resource::Quantity("10m".into());
+    run.spec.placement.pod_annotations = annotations(&[("sim.imagebuild.dev/duration", "1s")]);
+    let images = 1 + 2 * n;
+    // Settle what the operator did on start before counting.
+    let _ = operator.metrics_addr();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu_before = operator.cpu_seconds().unwrap_or(0.0);
+    let plane_before = control_plane_cpu();
+    let quarters = sample_rss(operator.pid(), seen.clone(), images);
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let timeout = Duration::from_secs(300 + n as u64);
+    await_phase(&runs, "bench", RunPhase::Succeeded, timeout).await;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = operator.cpu_seconds().unwrap_or(0.0) - cpu_before;
+    let plane_after = control_plane_cpu();
+    let samples = scrape(&operator.metrics_addr()).await;
+    let requests = |verbs: &[&str]| -> f64 {
+        verbs
+            .iter()
+            .filter_map(|verb| {
+                sum(
+                    &samples,
+                    "imagebuild_kubernetes_requests_total",
+                    &[("verb", verb)],
+                )
+            })
+            .sum()
+    };
+    let reads = requests(&["GET", "WATCH"]);
+    let writes_n = requests(&["POST", "PATCH", "PUT", "DELETE"]);
+    let (built, slots) = {
+        let seen = seen.lock().unwrap();
+        (seen.results().0.len(), slots(&seen, workers as usize))
+    };
+    assert_eq!(built, images, "every image built, as the watcher saw");
+    let row = Row {
+        instances: n,
+        images,
+        wall,
+        peak_mib: operator.peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
+        quarters_mib: quarters
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|k| *k as f64 / 1024.0)
+            .collect(),
+        cpu,
+        reads,
+        writes: writes_n,
+        status_writes: writes.lock().unwrap().get("bench").copied().unwrap_or(0),
+        slots,
+        reconcile_p50: histogram_quantile(&samples, "imagebuild_reconcile_duration_seconds", 0.5),
+        reconcile_p99: histogram_quantile(&samples, "imagebuild_reconcile_duration_seconds", 0.99),
+        control_plane: plane_after
+            .iter()
+            .map(|(k, v)| (*k, v - plane_before.get(k).copied().unwrap_or(0.0)))
+            .collect(),
+    };
+    ns.delete().await;
+    row
+}
+
+fn print(rows: &[Row], workers: u32) {
+    println!();
+    println!(
+        "operator benchmark: maxWorkers {workers}, 1 s simulated builds (kwok), release build"
+    );
+    println!(
+        "| instances | images | wall s | images/s | peak RSS MiB | RSS at 25/50/75/100% MiB | CPU s (% of a core) | API requests per image (reads/writes) | status writes | full slots | slots used | dispatch p50/p99/max ms | reconcile p50/p99 ms | control plane CPU s (apiserver/etcd/kcm/kwok) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let quarters: Vec<String> = r.quarters_mib.iter().map(|m| format!("{m:.1}")).collect();
+        let cp = |k: &str| r.control_plane.get(k).copied().unwrap_or(0.0);
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} ({:.1}%) | {:.2} ({:.2}/{:.2}) | {} | {:.3} | {:.3} | {:.0}/{:.0}/{:.0} | {:.1}/{:.1} | {:.0}/{:.0}/{:.0}/{:.0} |",
+            r.instances,
+            r.images,
+            r.wall,
+            r.images as f64 / r.wall,
+            r.peak_mib,
+            quarters.join("/"),
+            r.cpu,
+            100.0 * r.cpu / r.wall,
+            (r.reads + r.writes) / r.images as f64,
+            r.reads / r.images as f64,
+            r.writes / r.images as f64,
+            r.status_writes,
+            r.slots.full,
+            r.slots.used,
+            quantile(&r.slots.dispatch, 0.5),
+            quantile(&r.slots.dispatch, 0.99),
+            quantile(&r.slots.dispatch, 1.0),
+            r.reconcile_p50,
+            r.reconcile_p99,
+            cp("kube-apiserver"),
+            cp("etcd"),
+            cp("kube-controller"),
+            cp("kwok"),
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "the benchmark: e2e/bench"]
+async fn bench_runs() {
+    let workers = workers();
+    let mut rows = Vec::new();
+    for n in sizes() {
+        rows.push(one_run(n, workers).await);
+        // Each row as it comes: a long run's figures are not lost to a later failure.
+        print(&rows[rows.len() - 1..], workers);
+    }
+    print(&rows, workers);
+}
+
+#[test]
+fn slots_and_dispatch_are_read_from_the_watchers_timeline() {
+    // Two slots: a Job from 0 to 10, one from 0 to 5, one from 5.1 to 12 (created last).
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut seen = Seen::default();
+    for (i, (c, f)) in [(0, 10_000), (0, 5_000), (5_100, 12_000)]
+        .into_iter()
+        .enumerate()
+    {
+        seen.jobs.insert(
+            i.to_string(),
+            common::runs::SeenJob {
+                name: i.to_string(),
+                run: "r".into(),
+                phase: "base".into(),
+                attempt: 1,
+                created: at(c),
+                created_ms: 0,
+                finished: Some(at(f)),
+                succeeded: Some(true),
+                dispatched_by: None,
+            },
+        );
+    }
+    let s = slots(&seen, 2);
+    // Full for 5.0 of the 5.1 s window; one slot idle for 0.1 s of 10.2 slot-seconds.
+    assert!((s.full - 5.0 / 5.1).abs() < 1e-6, "{}", s.full);
+    assert!((s.used - 10.1 / 10.2).abs() < 1e-6, "{}", s.used);
+    assert_eq!(s.dispatch, vec![Duration::from_millis(100)]);
+}
