@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Operator, process_cpu_seconds, setup};
-use common::prometheus::{matching, number, scrape, sum};
+use common::prometheus::{matching, scrape, sum};
 use common::runs::{
     Seen, annotations, await_phase, count_status_writes, swebench_run, watch_jobs_pushing,
 };
+use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -181,19 +182,20 @@ fn quantile(sorted: &[Duration], q: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-/// The `q` quantile of a Prometheus histogram from its buckets, in ms (upper bound).
+/// The `q` quantile of a Prometheus histogram (its buckets summed over its series), in ms:
+/// the upper bound of the first bucket that holds it.
 fn histogram_quantile(samples: &[Sample], metric: &str, q: f64) -> f64 {
-    let mut buckets: Vec<(f64, f64)> = matching(samples, &format!("{metric}_bucket"), &[])
+    let mut buckets: BTreeMap<u64, f64> = BTreeMap::new();
+    for sample in matching(samples, metric, &[]) {
+        if let prometheus_parse::Value::Histogram(counts) = &sample.value {
+            for c in counts {
+                *buckets.entry(c.less_than.to_bits()).or_default() += c.count;
+            }
+        }
+    }
+    let mut buckets: Vec<(f64, f64)> = buckets
         .into_iter()
-        .filter_map(|s| {
-            let le = s.labels.get("le")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, number(s)))
-        })
+        .map(|(le, n)| (f64::from_bits(le), n))
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total = buckets.last().map_or(0.0, |b| b.1);
@@ -354,6 +356,79 @@ async fn bench_runs() {
         print(&rows[rows.len() - 1..], workers);
     }
     print(&rows, workers);
+}
+
+/// Instances of the registry skip scan (`IMAGEBUILD_BENCH_SKIP`, default 1,000).
+fn skip_instances() -> usize {
+    std::env::var("IMAGEBUILD_BENCH_SKIP")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000)
+}
+
+#[tokio::test]
+#[ignore = "the benchmark: e2e/bench"]
+async fn bench_registry_skip_scan() {
+    let n = skip_instances();
+    let (env, _logs, ns) = setup("e2e-bench-skip").await;
+    let operator = Operator::start_quiet(&ns.name, &[]);
+    let runs = ns.api::<ImageBuildRun>();
+    let seen = watch_jobs_pushing(ns.api::<Job>(), false);
+    let ids: Vec<String> = (0..n).map(|i| format!("skip__skip-{i:05}")).collect();
+    let mut run = swebench_run("skip", &env.registry, &ns.name, &ids, 32);
+    // The builder and every assembly exist; the bases are then not needed.
+    let plan = common::runs::plan(&run, &ids);
+    let wanted: Vec<String> = plan
+        .nodes
+        .iter()
+        .filter(|node| node.phase != imagebuild_operator::plan::Phase::Base)
+        .map(|node| node.image.clone())
+        .collect();
+    let pushing = Instant::now();
+    let oci = common::oci::oci();
+    let (layers, config) = common::oci::tiny_image();
+    futures::stream::iter(wanted.iter())
+        .for_each_concurrent(16, |image| {
+            let (oci, layers, config) = (oci.clone(), layers.clone(), config.clone());
+            async move {
+                let reference = image.parse().unwrap();
+                oci.push(
+                    &reference,
+                    &layers,
+                    config,
+                    &oci_client::secrets::RegistryAuth::Anonymous,
+                    None,
+                )
+                .await
+                .unwrap();
+            }
+        })
+        .await;
+    let pushed = pushing.elapsed();
+    let _ = operator.metrics_addr();
+    run.spec.placement.pod_annotations = annotations(&[("sim.imagebuild.dev/duration", "1s")]);
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let done = await_phase(&runs, "skip", RunPhase::Succeeded, Duration::from_secs(300)).await;
+    let took = started.elapsed();
+    let status = done.status.unwrap();
+    let skipped: u32 = [status.builder, status.bases, status.assemblies]
+        .iter()
+        .map(|c| c.skipped)
+        .sum();
+    let jobs = seen.lock().unwrap().jobs.len();
+    println!();
+    println!(
+        "registry skip scan: {n} instances, {} images ({} present, pushed in {:.1} s): created to Succeeded in {:.2} s, {jobs} Jobs, {} skipped as present",
+        plan.nodes.len(),
+        wanted.len(),
+        pushed.as_secs_f64(),
+        took.as_secs_f64(),
+        skipped,
+    );
+    assert_eq!(skipped as usize, plan.nodes.len(), "every image skipped");
+    assert_eq!(jobs, 0, "no Job for an image that exists");
+    ns.delete().await;
 }
 
 #[test]

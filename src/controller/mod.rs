@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, ResourceExt};
 
 use crate::metrics::Metrics;
 use crate::metrics::server::Health;
@@ -66,21 +67,15 @@ fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"))
 }
 
-/// How many watch events wait for the controller at most: the watch waits for it past
-/// that, so memory stays bounded whatever the API server sends.
+/// How many Job events wait for the controller at most: the watch waits for it past that,
+/// so memory stays bounded whatever the API server sends.
 const TRIGGER_BUFFER: usize = 1024;
 
 /// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
 /// namespaces), each object trimmed by `trim` before the store takes it; returns its
-/// store. Each object applied or deleted is then sent to `triggers`, if given: a
-/// reconcile it triggers finds it in the store. The reflector runs until the process
-/// ends (or `triggers` is dropped).
-fn reflect<K>(
-    client: &Client,
-    ns: Option<&str>,
-    trim: fn(&mut K),
-    triggers: Option<mpsc::Sender<Result<K, watcher::Error>>>,
-) -> Store<K>
+/// store, and hands each event, once the store has it, to `then`. Runs until the process
+/// ends, or until `then` returns false.
+fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, trim: fn(&mut K), mut then: F) -> Store<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
@@ -89,6 +84,8 @@ where
         + Send
         + Sync
         + 'static,
+    F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
 {
     let api: Api<K> = match ns {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -98,19 +95,51 @@ where
     let stream = watcher(api, managed())
         .default_backoff()
         .modify(trim)
-        .reflect(writer)
-        .touched_objects();
+        .reflect(writer);
     tokio::spawn(async move {
-        let (mut stream, mut triggers) = (std::pin::pin!(stream), triggers);
-        while let Some(object) = stream.next().await {
-            if let Some(tx) = triggers.as_mut()
-                && tx.send(object).await.is_err()
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            // An error is retried by the backoff; the watch resumes.
+            if let Ok(event) = event
+                && !then(event).await
             {
                 return;
             }
         }
     });
     reader
+}
+
+/// Which Job events wake the Job's run: its end (once), and its deletion before an end
+/// was told (deleted by hand, or the end missed). A Job's creation and its progress
+/// (started, pods counted, ready) change nothing a reconcile decides: the reconcile that
+/// created it counts it as running (`state::Dispatched`), and pods waiting for a node are
+/// looked at on a timer. Most of a Job's events are progress, so this saves most
+/// reconciles.
+#[derive(Default)]
+struct JobTriggers {
+    /// The uids of the Jobs whose end was told.
+    ended: HashSet<String>,
+}
+
+impl JobTriggers {
+    fn wakes(&mut self, event: watcher::Event<Job>) -> Option<Job> {
+        match event {
+            // A new list (a start, or a watch that lost its place): every end is told again.
+            watcher::Event::Init => {
+                self.ended.clear();
+                None
+            }
+            watcher::Event::InitDone => None,
+            watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                let ended = crate::job::outcome(&job, None).is_some();
+                (ended && self.ended.insert(job.uid().unwrap_or_default())).then_some(job)
+            }
+            watcher::Event::Delete(job) => {
+                (!self.ended.remove(&job.uid().unwrap_or_default())).then_some(job)
+            }
+        }
+    }
 }
 
 /// Runs the controller until `shutdown` turns true (SIGTERM or Ctrl-C); returns after
@@ -133,9 +162,38 @@ pub async fn run(
     for scope in &scopes {
         // One watch of Jobs: the store the reconciles read, then the controller's trigger.
         let (tx, rx) = mpsc::channel(TRIGGER_BUFFER);
-        job_stores.push(reflect(&client, scope.as_deref(), trim::job, Some(tx)));
+        let pod_tx = tx.clone();
+        let mut triggers = JobTriggers::default();
+        let wake = move |event| {
+            let (woken, mut tx) = (triggers.wakes(event), tx.clone());
+            async move {
+                match woken {
+                    Some(job) => tx.send(Ok(job)).await.is_ok(),
+                    None => true,
+                }
+            }
+        };
+        let jobs = reflect(&client, scope.as_deref(), trim::job, wake);
+        // A pod the scheduler cannot place wakes its run through its Job.
+        let mut waiting = PodTriggers::default();
+        let (job_store, tx) = (jobs.clone(), pod_tx);
+        let wake = move |event| {
+            let job = waiting.wakes(event).and_then(|pod| {
+                let name = pod.labels().get("batch.kubernetes.io/job-name")?.clone();
+                let ns = pod.namespace()?;
+                job_store.get(&reflector::ObjectRef::new(&name).within(&ns))
+            });
+            let mut tx = tx.clone();
+            async move {
+                match job {
+                    Some(job) => tx.send(Ok((*job).clone())).await.is_ok(),
+                    None => true,
+                }
+            }
+        };
+        pod_stores.push(reflect(&client, scope.as_deref(), trim::pod, wake));
+        job_stores.push(jobs);
         job_triggers.push(rx);
-        pod_stores.push(reflect(&client, scope.as_deref(), trim::pod, None));
     }
     for store in &job_stores {
         let _ = store.wait_until_ready().await;
@@ -163,7 +221,15 @@ pub async fn run(
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
-        let controller = Controller::new(runs, watcher::Config::default());
+        // A run is reconciled when its spec changes (its generation), not when its status
+        // does: the status is this operator's own write, and each write woke a reconcile.
+        let (reader, writer) = reflector::store();
+        let specs = watcher(runs, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects()
+            .predicate_filter(predicates::generation, Default::default());
+        let controller = Controller::for_stream(specs, reader);
         run_stores.push(controller.store());
         controller
             .owns_stream::<Job>(jobs)
@@ -312,9 +378,95 @@ async fn prune(ctx: Arc<context::Ctx>, stores: Vec<Store<Watched>>, health: Arc<
     }
 }
 
+/// Which pod events wake the pod's run: a pod the scheduler cannot place, once (the
+/// run's `Stalled` condition and its pending timeout start there). A reconcile that sees
+/// such a pod looks again every few seconds until it is placed or fails.
+#[derive(Default)]
+struct PodTriggers {
+    /// The uids of the pods told as unschedulable.
+    told: HashSet<String>,
+}
+
+impl PodTriggers {
+    fn wakes(&mut self, event: watcher::Event<Pod>) -> Option<Pod> {
+        match event {
+            watcher::Event::Init => {
+                self.told.clear();
+                None
+            }
+            watcher::Event::InitDone => None,
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                let waiting = observe::unschedulable(&pod).is_some();
+                (waiting && self.told.insert(pod.uid().unwrap_or_default())).then_some(pod)
+            }
+            watcher::Event::Delete(pod) => {
+                self.told.remove(&pod.uid().unwrap_or_default());
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(uid: &str, condition: Option<&str>) -> Job {
+        let conditions: Vec<serde_json::Value> = condition
+            .map(|c| serde_json::json!({"type": c, "status": "True"}))
+            .into_iter()
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": uid, "uid": uid},
+            "status": {"active": 1, "conditions": conditions},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pod_wakes_its_run_once_when_it_cannot_be_placed() {
+        use watcher::Event::{Apply, Delete, Init};
+        let pod = |scheduled: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "uid": "p"},
+                "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled",
+                    "status": scheduled, "reason": "Unschedulable", "message": "0/4 nodes",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+            }))
+            .unwrap()
+        };
+        let mut t = PodTriggers::default();
+        let mut wakes = |e| t.wakes(e).is_some();
+        assert!(!wakes(Apply(pod("True"))));
+        assert!(wakes(Apply(pod("False"))));
+        assert!(!wakes(Apply(pod("False"))), "told once");
+        assert!(!wakes(Delete(pod("False"))));
+        assert!(wakes(Apply(pod("False"))), "forgotten once deleted");
+        assert!(!wakes(Init));
+        assert!(wakes(Apply(pod("False"))), "a new list tells it again");
+    }
+
+    #[test]
+    fn a_job_wakes_its_run_when_it_ends_or_goes_unended() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut t = JobTriggers::default();
+        let mut wakes = |e| t.wakes(e).map(|j| j.name_any());
+        // Created and progressing: nothing to decide.
+        assert_eq!(wakes(Apply(job("a", None))), None);
+        assert_eq!(wakes(Apply(job("a", None))), None);
+        // Its end, told once however many updates follow; its deletion then is no news.
+        assert_eq!(wakes(Apply(job("a", Some("Complete")))), Some("a".into()));
+        assert_eq!(wakes(Apply(job("a", Some("Complete")))), None);
+        assert_eq!(wakes(Delete(job("a", Some("Complete")))), None);
+        // A Job deleted before it ended (by hand), and one whose end was never seen.
+        assert_eq!(wakes(Delete(job("b", None))), Some("b".into()));
+        assert_eq!(wakes(Delete(job("c", Some("Failed")))), Some("c".into()));
+        // A new list tells every end again.
+        assert_eq!(wakes(Apply(job("d", Some("Failed")))), Some("d".into()));
+        assert_eq!(wakes(Init), None);
+        assert_eq!(wakes(InitApply(job("d", Some("Failed")))), Some("d".into()));
+        assert_eq!(wakes(InitDone), None);
+    }
 
     #[tokio::test]
     async fn a_panic_is_caught_with_its_message() {

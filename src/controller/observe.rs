@@ -239,7 +239,7 @@ fn finished_at(job: &Job) -> Option<DateTime<Utc>> {
 }
 
 /// The scheduler's message and since when, for a pod it cannot place.
-fn unschedulable(pod: &Pod) -> Option<(String, DateTime<Utc>)> {
+pub fn unschedulable(pod: &Pod) -> Option<(String, DateTime<Utc>)> {
     let status = pod.status.as_ref()?;
     let cond = status
         .conditions

@@ -5,9 +5,9 @@
 //! 3. **check presence**: what the registry says of its images, checked in the background
 //!    (`presence`);
 //! 4. **decide**: the scheduler's actions, within the run's share of the workers (`ledger`);
-//! 5. **apply**: the records the actions make, then the Jobs deleted and created
-//!    (`actions`, `apply`): a crash in between leaves a Job that is harvested again, never
-//!    a lost result;
+//! 5. **apply**: new Jobs whose names are free, the records the actions make, then the
+//!    finished Jobs deleted and the retries created (`actions`, `apply`): a crash in
+//!    between leaves a Job that is harvested again, never a lost result;
 //! 6. **publish**: the status, its gauges and Events (`publish`).
 //!
 //! A run whose final status is of its current spec is left alone: a restart or a new
@@ -242,8 +242,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         },
     );
 
-    // Apply: the Jobs are made first (one the spec cannot make fails its image), then the
-    // records are written, then the Jobs deleted and created.
+    // Apply: the Jobs are made first (one the spec cannot make fails its image), those
+    // with free names created, the records written, then the Jobs deleted and the rest
+    // created.
     let run_started = status.started_at.unwrap_or(now);
     let making = JobMaking {
         inputs: JobInputs {
@@ -275,6 +276,23 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         state.manifest = Some(manifest);
         return Ok(Requeue::await_change());
     }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let deletes: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteJob { node } => Some(plan.nodes[*node].job_name.clone()),
+            _ => None,
+        })
+        .chain(observed.stale_jobs.iter().cloned())
+        .collect();
+    // The Jobs whose names are free are created first: a freed slot is taken again before
+    // the records are written (a crash between the two loses nothing: the finished Jobs
+    // are deleted only once their records are written, and are read again). A Job of the
+    // same name as one being deleted (a retry) waits for that deletion.
+    let (late, early): (Vec<_>, Vec<_>) = new_jobs
+        .into_iter()
+        .partition(|new| deletes.contains(&new.job.name_any()));
+    let mut created = apply::create_jobs(&jobs, early, &ctx.metrics, &mut state.dispatched).await;
     let progressed = !recorded.records.is_empty();
     if progressed {
         manifest.write(&ctx.client, &run, recorded.records).await?;
@@ -287,28 +305,22 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ctx.metrics
             .set_medians(&id, actions::built_durations(manifest.records().values()));
     }
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let deletes: Vec<String> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::DeleteJob { node } => Some(plan.nodes[*node].job_name.clone()),
-            _ => None,
-        })
-        .chain(observed.stale_jobs.iter().cloned())
-        .collect();
-    // The pods of failed builds stay for their logs (up to the cap), then the Jobs go;
-    // deletes first, so a Job is gone before one of the same name is created.
-    let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
-    apply::keep_pods(&ctx, &run, failed).await;
-    for name in &deletes {
-        state.dispatched.forget(name);
+    if created.is_ok() {
+        // The pods of failed builds stay for their logs (up to the cap), then the Jobs
+        // go; deletes first, so a Job is gone before one of the same name is created.
+        let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
+        apply::keep_pods(&ctx, &run, failed).await;
+        for name in &deletes {
+            state.dispatched.forget(name);
+        }
+        apply::delete_jobs(&jobs, deletes).await?;
+        if !ctx.config.may_write() {
+            state.manifest = Some(manifest);
+            return Ok(Requeue::await_change());
+        }
+        created = apply::create_jobs(&jobs, late, &ctx.metrics, &mut state.dispatched).await;
     }
-    apply::delete_jobs(&jobs, deletes).await?;
-    if !ctx.config.may_write() {
-        state.manifest = Some(manifest);
-        return Ok(Requeue::await_change());
-    }
-    match apply::create_jobs(&jobs, new_jobs, &ctx.metrics, &mut state.dispatched).await {
+    match created {
         Err(Error::JobRefused(message)) => {
             // Past the dry run (a pod annotation rendered for one instance only, say):
             // the records stand, the run fails rather than retry a refused create.
