@@ -42,12 +42,17 @@ fn sizes() -> Vec<usize> {
         .collect()
 }
 
-/// `maxWorkers` of every run (`IMAGEBUILD_BENCH_WORKERS`, default 32).
+/// `maxWorkers` of every run (`IMAGEBUILD_BENCH_WORKERS`, default 16).
 fn workers() -> u32 {
     std::env::var("IMAGEBUILD_BENCH_WORKERS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(32)
+        .unwrap_or(16)
+}
+
+/// How long each simulated build takes (`IMAGEBUILD_BENCH_BUILD`, default 3s).
+fn build_time() -> String {
+    std::env::var("IMAGEBUILD_BENCH_BUILD").unwrap_or_else(|_| "3s".into())
 }
 
 /// The control plane's processes, by name, as the environment starts them.
@@ -242,7 +247,8 @@ async fn one_run(n: usize, workers: u32) -> Row {
     run.spec.instances.config_map =
         Some(serde_json::from_value(json!({"name": "bench-instances", "key": "ids.txt"})).unwrap());
     run.spec.placement.cpu = k8s_openapi::apimachinery::pkg::api::resource::Quantity("10m".into());
-    run.spec.placement.pod_annotations = annotations(&[("sim.imagebuild.dev/duration", "1s")]);
+    run.spec.placement.pod_annotations =
+        annotations(&[("sim.imagebuild.dev/duration", &build_time())]);
     let images = 1 + 2 * n;
     // Settle what the operator did on start before counting.
     let _ = operator.metrics_addr();
@@ -252,7 +258,7 @@ async fn one_run(n: usize, workers: u32) -> Row {
     let quarters = sample_rss(operator.pid(), seen.clone(), images);
     let started = Instant::now();
     runs.create(&PostParams::default(), &run).await.unwrap();
-    let timeout = Duration::from_secs(300 + n as u64);
+    let timeout = Duration::from_secs(600 + 2 * n as u64);
     await_phase(&runs, "bench", RunPhase::Succeeded, timeout).await;
     let wall = started.elapsed().as_secs_f64();
     let cpu = operator.cpu_seconds().unwrap_or(0.0) - cpu_before;
@@ -307,7 +313,8 @@ async fn one_run(n: usize, workers: u32) -> Row {
 fn print(rows: &[Row], workers: u32) {
     println!();
     println!(
-        "operator benchmark: maxWorkers {workers}, 1 s simulated builds (kwok), release build"
+        "operator benchmark: maxWorkers {workers}, {} simulated builds (kwok), release build",
+        build_time()
     );
     println!(
         "| instances | images | wall s | images/s | peak RSS MiB | RSS at 25/50/75/100% MiB | CPU s (% of a core) | API requests per image (reads/writes) | status writes | full slots | slots used | dispatch p50/p99/max ms | reconcile p50/p99 ms | control plane CPU s (apiserver/etcd/kcm/kwok) |"

@@ -5,11 +5,14 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::readable::Watched;
 
 use super::ledger::Ledger;
 use super::state::RunTable;
@@ -84,7 +87,33 @@ pub struct Ctx {
     pub(super) recorder: Recorder,
     pub(super) runs: RunTable,
     pub(super) unreadable: super::readable::Unreadable,
+    /// Wakes a run from background work.
+    pub(super) wakes: Wakes,
     ledger: Mutex<Ledger>,
+}
+
+/// Wakes a run's reconcile from background work (a round of registry checks that
+/// ended), through the controller of the run's namespace, rather than leave the answers
+/// to the next timed look.
+#[derive(Clone, Default)]
+pub struct Wakes(Vec<(Option<String>, UnboundedSender<ObjectRef<Watched>>)>);
+
+impl Wakes {
+    /// Over the controllers' channels, by the namespace each watches (`None`: all).
+    pub fn new(channels: Vec<(Option<String>, UnboundedSender<ObjectRef<Watched>>)>) -> Wakes {
+        Wakes(channels)
+    }
+
+    /// Wakes run `name` in `ns` (nothing if no controller watches it, or it stopped).
+    pub fn wake(&self, ns: &str, name: &str) {
+        if let Some((_, tx)) = self
+            .0
+            .iter()
+            .find(|(scope, _)| scope.as_deref().is_none_or(|s| s == ns))
+        {
+            let _ = tx.unbounded_send(ObjectRef::new(name).within(ns));
+        }
+    }
 }
 
 impl Ctx {
@@ -109,6 +138,7 @@ impl Ctx {
             metrics,
             runs: RunTable::default(),
             unreadable: Default::default(),
+            wakes: Wakes::default(),
             ledger: Mutex::new(Ledger::default()),
         }
     }

@@ -201,7 +201,14 @@ pub async fn run(
     for store in &pod_stores {
         let _ = store.wait_until_ready().await;
     }
-    let ctx = Arc::new(context::Ctx::new(
+    let (wake_senders, wake_receivers): (Vec<_>, Vec<_>) = scopes
+        .iter()
+        .map(|scope| {
+            let (tx, rx) = mpsc::unbounded();
+            ((scope.clone(), tx), rx)
+        })
+        .unzip();
+    let mut ctx = context::Ctx::new(
         client.clone(),
         job_stores,
         pod_stores,
@@ -214,42 +221,49 @@ pub async fn run(
             identity: options.identity.clone(),
         },
         metrics.clone(),
-    ));
+    );
+    ctx.wakes = context::Wakes::new(wake_senders);
+    let ctx = Arc::new(ctx);
     let mut run_stores = Vec::new();
-    let controllers = scopes.into_iter().zip(job_triggers).map(|(scope, jobs)| {
-        let runs: Api<Watched> = match &scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        // A run is reconciled when its spec changes (its generation), not when its status
-        // does: the status is this operator's own write, and each write woke a reconcile.
-        let (reader, writer) = reflector::store();
-        let specs = watcher(runs, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects()
-            .predicate_filter(predicates::generation, Default::default());
-        let controller = Controller::for_stream(specs, reader);
-        run_stores.push(controller.store());
-        controller
-            .owns_stream::<Job>(jobs)
-            .with_config(
-                kube::runtime::controller::Config::default().concurrency(options.concurrency),
-            )
-            .graceful_shutdown_on({
-                let mut shutdown = shutdown.clone();
-                async move {
-                    let _ = shutdown.wait_for(|stop| *stop).await;
-                }
-            })
-            .run(guarded, error_policy, ctx.clone())
-            .for_each(|result| async move {
-                match result {
-                    Ok((run, _)) => tracing::debug!(run = %run, "reconciled"),
-                    Err(err) => tracing::debug!(error = %err, "reconcile error"),
-                }
-            })
-    });
+    let triggers = job_triggers.into_iter().zip(wake_receivers);
+    let controllers = scopes
+        .into_iter()
+        .zip(triggers)
+        .map(|(scope, (jobs, wakes))| {
+            let runs: Api<Watched> = match &scope {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            // A run is reconciled when its spec changes (its generation), not when its status
+            // does: the status is this operator's own write, and each write woke a reconcile.
+            let (reader, writer) = reflector::store();
+            let specs = watcher(runs, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .applied_objects()
+                .predicate_filter(predicates::generation, Default::default());
+            let controller = Controller::for_stream(specs, reader);
+            run_stores.push(controller.store());
+            controller
+                .owns_stream::<Job>(jobs)
+                .reconcile_on(wakes)
+                .with_config(
+                    kube::runtime::controller::Config::default().concurrency(options.concurrency),
+                )
+                .graceful_shutdown_on({
+                    let mut shutdown = shutdown.clone();
+                    async move {
+                        let _ = shutdown.wait_for(|stop| *stop).await;
+                    }
+                })
+                .run(guarded, error_policy, ctx.clone())
+                .for_each(|result| async move {
+                    match result {
+                        Ok((run, _)) => tracing::debug!(run = %run, "reconciled"),
+                        Err(err) => tracing::debug!(error = %err, "reconcile error"),
+                    }
+                })
+        });
     let controllers: Vec<_> = controllers.collect();
     tokio::spawn(prune(ctx.clone(), run_stores, health));
     futures::future::join_all(controllers).await;

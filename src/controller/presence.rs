@@ -158,13 +158,15 @@ impl Presence {
         self.recheck_at = Some(now + RECHECK);
     }
 
-    /// Starts a round over `todo` with `checker`, in a task of its own.
+    /// Starts a round over `todo` with `checker`, in a task of its own, which calls
+    /// `done` once every answer is sent.
     pub fn start(
         &mut self,
         checker: RegistryChecker,
         plan: &Arc<Plan>,
         todo: Vec<usize>,
         now: Instant,
+        done: impl FnOnce() + Send + 'static,
     ) {
         let (send, answers) = mpsc::unbounded_channel();
         let pending = todo.len();
@@ -187,6 +189,7 @@ impl Presence {
                     return;
                 }
             }
+            done();
         });
         self.recheck_at = None;
         self.round = Some(Round {

@@ -35,8 +35,11 @@ use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
-use crate::schedule::{self, Action, Policy};
+use crate::schedule::{self, Action, NodeState, Policy};
 use crate::validate::{self, Settings};
+
+/// The least time between two manifest writes of a run (see the apply step).
+const MANIFEST_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reconciles one run.
 pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
@@ -208,7 +211,11 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let todo = presence.due(&observed.states, Instant::now());
     if !todo.is_empty() {
         match presence::checker_for(&run, &ctx).await {
-            Ok(checker) => presence.start(checker, &plan, todo, Instant::now()),
+            Ok(checker) => {
+                let (wakes, ns, name) = (ctx.wakes.clone(), ns.clone(), name.clone());
+                let done = move || wakes.wake(&ns, &name);
+                presence.start(checker, &plan, todo, Instant::now(), done);
+            }
             Err(message) => presence.not_started(message, Instant::now()),
         }
     }
@@ -276,6 +283,24 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         state.manifest = Some(manifest);
         return Ok(Requeue::await_change());
     }
+    let mut states = observed.states.clone();
+    for action in &actions {
+        schedule::apply(&mut states, action);
+    }
+    if cancelling {
+        actions::stopped(&mut states);
+    }
+    // Records are written at most once a second per run: the finished Jobs they harvest
+    // stay until then (a Job is deleted only once its record is written) and are read
+    // again by the next reconcile, which writes them all in one go. Not held: a run that
+    // ends with them, or is cancelled.
+    let ending = states.iter().all(NodeState::is_terminal);
+    let hold = !recorded.records.is_empty()
+        && !ending
+        && !cancelling
+        && state
+            .manifest_written
+            .is_some_and(|at| at.elapsed() < MANIFEST_WRITE_INTERVAL);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let deletes: Vec<String> = actions
         .iter()
@@ -293,9 +318,19 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .into_iter()
         .partition(|new| deletes.contains(&new.job.name_any()));
     let mut created = apply::create_jobs(&jobs, early, &ctx.metrics, &mut state.dispatched).await;
-    let progressed = !recorded.records.is_empty();
+    let unheld: Vec<String> = match hold {
+        // Only the Jobs no held record harvests go now (stale ones, a cancel's).
+        true => deletes
+            .iter()
+            .filter(|name| !recorded.records.contains_key(*name))
+            .cloned()
+            .collect(),
+        false => Vec::new(),
+    };
+    let progressed = !recorded.records.is_empty() && !hold;
     if progressed {
         manifest.write(&ctx.client, &run, recorded.records).await?;
+        state.manifest_written = Some(Instant::now());
         for (record, pending) in &recorded.counted {
             ctx.metrics.count(&id, &actions::counted(record, *pending));
             actions::log_failure(&run, record);
@@ -305,7 +340,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ctx.metrics
             .set_medians(&id, actions::built_durations(manifest.records().values()));
     }
-    if created.is_ok() {
+    if created.is_ok() && hold {
+        for name in &unheld {
+            state.dispatched.forget(name);
+        }
+        apply::delete_jobs(&jobs, unheld).await?;
+    } else if created.is_ok() {
         // The pods of failed builds stay for their logs (up to the cap), then the Jobs
         // go; deletes first, so a Job is gone before one of the same name is created.
         let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
@@ -330,13 +370,6 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             return Ok(Requeue::await_change());
         }
         result => result?,
-    }
-    let mut states = observed.states.clone();
-    for action in &actions {
-        schedule::apply(&mut states, action);
-    }
-    if cancelling {
-        actions::stopped(&mut states);
     }
 
     // Publish.
@@ -366,6 +399,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
     // Wake for the next retry, or to watch pending pods and the run deadline.
     let mut wait = Duration::from_secs(30);
+    if let Some(at) = state.manifest_written.filter(|_| hold) {
+        wait = wait
+            .min(MANIFEST_WRITE_INTERVAL.saturating_sub(at.elapsed()) + Duration::from_millis(10));
+    }
     for at in schedule::next_wakeup(&states)
         .into_iter()
         .chain(policy.deadline)

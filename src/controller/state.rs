@@ -40,6 +40,8 @@ pub struct RunState {
     pub retry: Option<crate::api::RetryStatus>,
     /// The Jobs this process created that its store may not show yet.
     pub dispatched: Dispatched,
+    /// When this process last wrote the run's records.
+    pub manifest_written: Option<Instant>,
 }
 
 /// How long a Job created is taken as running without the store showing it. Past that
