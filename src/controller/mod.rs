@@ -25,8 +25,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::channel::mpsc;
-use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
@@ -66,10 +66,6 @@ pub struct Options {
 fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"))
 }
-
-/// How many Job events wait for the controller at most: the watch waits for it past that,
-/// so memory stays bounded whatever the API server sends.
-const TRIGGER_BUFFER: usize = 1024;
 
 /// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
 /// namespaces), each object trimmed by `trim` before the store takes it; returns its
@@ -161,17 +157,19 @@ pub async fn run(
     let mut job_triggers = Vec::new();
     for scope in &scopes {
         // One watch of Jobs: the store the reconciles read, then the controller's trigger.
-        let (tx, rx) = mpsc::channel(TRIGGER_BUFFER);
+        // Unbounded, as the watch must never wait for the controller: the stores must be
+        // ready before the controller starts, and a full channel would stop the first list
+        // short of that. Once running, the controller drains the channel as events come
+        // (it keeps one wake per run); before, it holds at most one event per ended Job
+        // and unplaceable pod listed.
+        let (tx, rx) = mpsc::unbounded();
         let pod_tx = tx.clone();
         let mut triggers = JobTriggers::default();
         let wake = move |event| {
-            let (woken, mut tx) = (triggers.wakes(event), tx.clone());
-            async move {
-                match woken {
-                    Some(job) => tx.send(Ok(job)).await.is_ok(),
-                    None => true,
-                }
-            }
+            let sent = triggers
+                .wakes(event)
+                .is_none_or(|job| tx.unbounded_send(Ok(job)).is_ok());
+            std::future::ready(sent)
         };
         let jobs = reflect(&client, scope.as_deref(), trim::job, wake);
         // A pod the scheduler cannot place wakes its run through its Job.
@@ -183,13 +181,8 @@ pub async fn run(
                 let ns = pod.namespace()?;
                 job_store.get(&reflector::ObjectRef::new(&name).within(&ns))
             });
-            let mut tx = tx.clone();
-            async move {
-                match job {
-                    Some(job) => tx.send(Ok((*job).clone())).await.is_ok(),
-                    None => true,
-                }
-            }
+            let sent = job.is_none_or(|job| tx.unbounded_send(Ok((*job).clone())).is_ok());
+            std::future::ready(sent)
         };
         pod_stores.push(reflect(&client, scope.as_deref(), trim::pod, wake));
         job_stores.push(jobs);
