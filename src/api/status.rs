@@ -127,6 +127,19 @@ pub enum RunPhase {
     Cancelled,
 }
 
+impl RunPhase {
+    /// Whether the run has ended in this phase (until its spec changes).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunPhase::Succeeded
+                | RunPhase::PartiallySucceeded
+                | RunPhase::Failed
+                | RunPhase::Cancelled
+        )
+    }
+}
+
 /// Image counts of one phase. `total` = skipped + pending + running + succeeded + failed.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,

@@ -84,15 +84,7 @@ pub fn has_ended(run: &ImageBuildRun) -> bool {
 
 /// Whether `phase` is one a run ends in.
 pub fn is_final(phase: Option<RunPhase>) -> bool {
-    matches!(
-        phase,
-        Some(
-            RunPhase::Succeeded
-                | RunPhase::PartiallySucceeded
-                | RunPhase::Failed
-                | RunPhase::Cancelled
-        )
-    )
+    phase.is_some_and(RunPhase::is_final)
 }
 
 fn finished_already(target: &Target, run: &ImageBuildRun, what: &str) -> CliError {

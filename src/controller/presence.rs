@@ -3,6 +3,10 @@
 //! arrived. A round that fails (a refused credential, an unreachable registry) or hears
 //! nothing for the stall timeout says why in `Degraded` and is tried again later; the
 //! error clears once a round ends with every image that is still wanted known.
+//!
+//! Final images are asked about first; an input (the builder, a base) only once some
+//! image built on it is known to be missing. A run whose final images all exist asks
+//! nothing more: its inputs are not needed (the scheduler skips them as such).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +20,7 @@ use tokio::task::AbortHandle;
 use super::context::Ctx;
 use crate::api::ImageBuildRun;
 use crate::metrics::RunId;
-use crate::plan::Plan;
+use crate::plan::{Phase, Plan};
 use crate::registry::{self, DockerConfig, RegistryChecker, RegistryError};
 use crate::schedule::{NodeState, Registry};
 
@@ -90,7 +94,7 @@ impl Presence {
 
     /// Takes the answers that arrived; ends the round when all are in, or when it heard
     /// nothing for `stall`.
-    pub fn collect(&mut self, states: &[NodeState], now: Instant, stall: Duration) {
+    pub fn collect(&mut self, plan: &Plan, states: &[NodeState], now: Instant, stall: Duration) {
         if let Some(round) = &mut self.round {
             while let Ok((node, answer)) = round.answers.try_recv() {
                 round.pending = round.pending.saturating_sub(1);
@@ -130,25 +134,44 @@ impl Presence {
         }
         // Nothing left to ask about (images that failed meanwhile are not wanted any
         // more): whatever went wrong no longer matters.
-        if self.round.is_none() && self.todo(states).is_empty() {
+        if self.round.is_none() && self.todo(plan, states).is_empty() {
             self.error = None;
             self.recheck_at = None;
         }
     }
 
-    /// The nodes to check now: unknown, not final, and no round running or waiting.
-    pub fn due(&self, states: &[NodeState], now: Instant) -> Vec<usize> {
+    /// The nodes to check now (see [`Presence::todo`]), if no round is running or
+    /// waiting.
+    pub fn due(&self, plan: &Plan, states: &[NodeState], now: Instant) -> Vec<usize> {
         if self.round.is_some() || self.recheck_at.is_some_and(|t| now < t) {
             return Vec::new();
         }
-        self.todo(states)
+        self.todo(plan, states)
     }
 
-    fn todo(&self, states: &[NodeState]) -> Vec<usize> {
-        (0..self.known.len())
-            .filter(|&i| self.known[i] == Registry::Unknown)
-            .filter(|&i| states.get(i).is_some_and(|s| !s.is_terminal()))
-            .collect()
+    /// The unknown images worth asking about, in plan order: final images not yet
+    /// ended, and inputs of an image that will be built (known missing, not ended).
+    /// An input whose dependents are unknown waits for their answers.
+    fn todo(&self, plan: &Plan, states: &[NodeState]) -> Vec<usize> {
+        let n = self.known.len().min(plan.nodes.len());
+        let mut built = vec![false; n];
+        let mut todo = Vec::new();
+        // Backwards: the plan lists every image after its inputs.
+        for i in (0..n).rev() {
+            if states.get(i).is_none_or(|s| s.is_terminal()) {
+                continue;
+            }
+            let wanted = matches!(plan.nodes[i].phase, Phase::Assembly | Phase::PostAssembly)
+                || plan.dependents[i].iter().any(|&d| d < n && built[d]);
+            match self.known[i] {
+                _ if !wanted => {}
+                Registry::Unknown => todo.push(i),
+                Registry::Missing => built[i] = true,
+                Registry::Exists => {}
+            }
+        }
+        todo.reverse();
+        todo
     }
 
     /// A round could not start (the push Secret could not be read): say so and try
@@ -274,16 +297,82 @@ mod tests {
 
     const STALL: Duration = Duration::from_secs(30);
 
+    /// Two instances: the builder, their bases, then their assemblies.
+    fn plan() -> Plan {
+        crate::plan::fixture(&["a__a-1", "b__b-1"])
+    }
+
+    fn of(plan: &Plan, phase: Phase) -> Vec<usize> {
+        (0..plan.nodes.len())
+            .filter(|&i| plan.nodes[i].phase == phase)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn final_images_are_asked_first_and_inputs_only_for_an_image_to_build() {
+        let t0 = Instant::now();
+        let plan = plan();
+        let (builder, bases, assemblies) = (
+            of(&plan, Phase::Builder),
+            of(&plan, Phase::Base),
+            of(&plan, Phase::Assembly),
+        );
+        assert_eq!((builder.len(), bases.len(), assemblies.len()), (1, 2, 2));
+        let mut p = Presence::new(plan.nodes.len(), false);
+        let states = waiting(plan.nodes.len());
+        assert_eq!(p.due(&plan, &states, t0), assemblies);
+        let send = round(&mut p, &assemblies, t0);
+        // The first assembly exists, the second is missing: only the second's inputs
+        // are worth asking about.
+        send.send((
+            assemblies[0],
+            Ok(registry::Presence::Exists("sha256:1".into())),
+        ))
+        .unwrap();
+        send.send((assemblies[1], Ok(registry::Presence::Missing)))
+            .unwrap();
+        p.collect(&plan, &states, t0, STALL);
+        assert!(!p.checking());
+        let base = plan.nodes[assemblies[1]]
+            .deps
+            .iter()
+            .copied()
+            .find(|d| bases.contains(d))
+            .unwrap();
+        assert_eq!(p.due(&plan, &states, t0), vec![builder[0], base]);
+        // Every final image exists: nothing else is asked.
+        let mut p = Presence::new(plan.nodes.len(), false);
+        let send = round(&mut p, &assemblies, t0);
+        for &a in &assemblies {
+            send.send((a, Ok(registry::Presence::Exists("sha256:1".into()))))
+                .unwrap();
+        }
+        p.collect(&plan, &states, t0, STALL);
+        assert!(p.due(&plan, &states, t0).is_empty());
+    }
+
     #[tokio::test]
     async fn answers_become_known_and_an_error_clears_when_nothing_wanted_is_unknown() {
         let t0 = Instant::now();
-        let mut p = Presence::new(3, false);
-        let mut states = waiting(3);
-        assert_eq!(p.due(&states, t0), vec![0, 1, 2]);
-        let send = round(&mut p, &[0, 1, 2], t0);
+        let plan = plan();
+        let assemblies = of(&plan, Phase::Assembly);
+        let (a0, a1) = (assemblies[0], assemblies[1]);
+        let mut p = Presence::new(plan.nodes.len(), false);
+        let mut states = waiting(plan.nodes.len());
+        // The builder (node 0) and a base are asked about once an assembly built on
+        // them is known missing.
+        p.known[a0] = Registry::Missing;
+        let base = plan.nodes[a0]
+            .deps
+            .iter()
+            .copied()
+            .find(|&d| d != 0)
+            .unwrap();
+        assert_eq!(p.due(&plan, &states, t0), vec![0, base, a1]);
+        let send = round(&mut p, &[0, base, a1], t0);
         send.send((0, Ok(registry::Presence::Missing))).unwrap();
         send.send((
-            1,
+            a1,
             Err(RegistryError::Unauthorized {
                 registry: "r.io".into(),
                 image: "r.io/x:1".into(),
@@ -291,36 +380,42 @@ mod tests {
             }),
         ))
         .unwrap();
-        p.collect(&states, t0, STALL);
+        p.collect(&plan, &states, t0, STALL);
         assert_eq!(p.known()[0], Registry::Missing);
         assert!(p.checking());
-        send.send((2, Ok(registry::Presence::Exists("sha256:1".into()))))
+        send.send((base, Ok(registry::Presence::Exists("sha256:1".into()))))
             .unwrap();
-        p.collect(&states, t0, STALL);
+        p.collect(&plan, &states, t0, STALL);
         assert!(!p.checking());
         assert!(p.error().unwrap().contains("HTTP 401"), "{:?}", p.error());
         // Not again before the recheck is due.
-        assert!(p.due(&states, t0 + Duration::from_secs(1)).is_empty());
-        assert_eq!(p.due(&states, t0 + RECHECK), vec![1]);
-        // The image it could not check failed meanwhile (its input failed): nothing
+        assert!(
+            p.due(&plan, &states, t0 + Duration::from_secs(1))
+                .is_empty()
+        );
+        assert_eq!(p.due(&plan, &states, t0 + RECHECK), vec![a1]);
+        // The image it could not check failed meanwhile (an input failed): nothing
         // wanted is unknown any more, so the registry is no longer a problem.
-        states[1] = NodeState::Failed(Failure::new(FailureClass::DependencyFailed, "x"));
-        p.collect(&states, t0 + Duration::from_secs(2), STALL);
+        states[a1] = NodeState::Failed(Failure::new(FailureClass::DependencyFailed, "x"));
+        p.collect(&plan, &states, t0 + Duration::from_secs(2), STALL);
         assert_eq!(p.error(), None);
-        assert!(p.due(&states, t0 + RECHECK).is_empty());
+        assert!(p.due(&plan, &states, t0 + RECHECK).is_empty());
     }
 
     #[tokio::test]
     async fn a_registry_that_never_answers_is_reported_after_the_stall_timeout() {
         let t0 = Instant::now();
-        let mut p = Presence::new(2, false);
-        let states = waiting(2);
-        let send = round(&mut p, &[0, 1], t0);
-        send.send((0, Ok(registry::Presence::Missing))).unwrap();
-        p.collect(&states, t0 + Duration::from_secs(10), STALL);
+        let plan = plan();
+        let assemblies = of(&plan, Phase::Assembly);
+        let mut p = Presence::new(plan.nodes.len(), false);
+        let states = waiting(plan.nodes.len());
+        let send = round(&mut p, &assemblies, t0);
+        send.send((assemblies[0], Ok(registry::Presence::Exists("d".into()))))
+            .unwrap();
+        p.collect(&plan, &states, t0 + Duration::from_secs(10), STALL);
         assert!(p.checking() && p.error().is_none());
         // 30 s since the last answer: give up for now, say why, ask again later.
-        p.collect(&states, t0 + Duration::from_secs(40), STALL);
+        p.collect(&plan, &states, t0 + Duration::from_secs(40), STALL);
         assert!(!p.checking());
         let error = p.error().unwrap();
         assert!(
@@ -328,16 +423,20 @@ mod tests {
             "{error}"
         );
         assert_eq!(
-            p.due(&states, t0 + Duration::from_secs(40) + RECHECK),
-            vec![1]
+            p.due(&plan, &states, t0 + Duration::from_secs(40) + RECHECK),
+            vec![assemblies[1]]
         );
         drop(send);
     }
 
     #[test]
     fn a_forced_rebuild_asks_nothing() {
-        let p = Presence::new(3, true);
-        assert!(p.due(&waiting(3), Instant::now()).is_empty());
+        let plan = plan();
+        let p = Presence::new(plan.nodes.len(), true);
+        assert!(
+            p.due(&plan, &waiting(plan.nodes.len()), Instant::now())
+                .is_empty()
+        );
         assert!(p.known().iter().all(|r| *r == Registry::Missing));
     }
 }

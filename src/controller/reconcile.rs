@@ -207,8 +207,13 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let presence = state
         .presence
         .get_or_insert_with(|| Presence::new(plan.nodes.len(), run.spec.force_rebuild));
-    presence.collect(&observed.states, Instant::now(), ctx.config.registry_stall);
-    let todo = presence.due(&observed.states, Instant::now());
+    presence.collect(
+        &plan,
+        &observed.states,
+        Instant::now(),
+        ctx.config.registry_stall,
+    );
+    let todo = presence.due(&plan, &observed.states, Instant::now());
     if !todo.is_empty() {
         match presence::checker_for(&run, &ctx).await {
             Ok(checker) => {
@@ -431,15 +436,7 @@ fn finished(status: &ImageBuildRunStatus, generation: Option<i64>) -> bool {
 
 /// Whether the run is in a final phase (of whatever generation).
 fn is_final(status: &ImageBuildRunStatus) -> bool {
-    matches!(
-        status.phase,
-        Some(
-            RunPhase::Succeeded
-                | RunPhase::PartiallySucceeded
-                | RunPhase::Failed
-                | RunPhase::Cancelled
-        )
-    )
+    status.phase.is_some_and(RunPhase::is_final)
 }
 
 fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus) -> Policy {

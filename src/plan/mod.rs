@@ -354,3 +354,26 @@ impl Plan {
         self.nodes.iter().filter(|n| n.phase == phase).count()
     }
 }
+
+/// A plan for unit tests: builder `r.io/b:1`, a base per upstream image and an assembly
+/// per instance `ids` (`repo__name`).
+#[cfg(test)]
+pub fn fixture(ids: &[&str]) -> Plan {
+    let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
+        r#"
+instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
+builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
+base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
+assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | lower }}"}
+"#,
+    )
+    .unwrap();
+    let raw: Vec<_> = ids
+        .iter()
+        .map(|id| crate::instances::RawInstance {
+            id: id.to_string(),
+            image: None,
+        })
+        .collect();
+    build("run", &spec, &raw).unwrap()
+}
