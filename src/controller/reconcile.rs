@@ -99,8 +99,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     };
 
+    // The resolution wakes the run when it ends (the requeue below is the fallback).
     let step = state.resolution.step(Instant::now(), || {
-        resolve::spawn(run.clone(), ctx.client.clone())
+        let (wakes, ns, name) = (ctx.wakes.clone(), ns.clone(), name.clone());
+        resolve::spawn(run.clone(), ctx.client.clone(), move || {
+            wakes.wake(&ns, &name)
+        })
     });
     let plan = match step {
         Step::Ready(plan) => plan,

@@ -154,15 +154,19 @@ pub fn backoff(failures: u32) -> Duration {
         .min(RETRY_MAX)
 }
 
-/// Starts resolving `run` in a task of its own; its result arrives on the receiver.
+/// Starts resolving `run` in a task of its own; its result arrives on the receiver,
+/// and then `done` is called (it wakes the run).
 pub fn spawn(
     run: Arc<ImageBuildRun>,
     client: Client,
+    done: impl FnOnce() + Send + 'static,
 ) -> oneshot::Receiver<Result<Plan, ResolveError>> {
     let (send, receive) = oneshot::channel();
     tokio::spawn(async move {
         // The reconcile may be gone by now; nothing to tell then.
-        let _ = send.send(resolve(&run, &client).await);
+        if send.send(resolve(&run, &client).await).is_ok() {
+            done();
+        }
     });
     receive
 }
