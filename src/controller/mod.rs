@@ -25,8 +25,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::channel::mpsc;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::metrics::server::Health;
 use crate::names::MANAGER;
 use readable::Watched;
+use trim::Lean;
 
 /// How often caches and metrics of deleted runs are dropped.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
@@ -68,29 +69,29 @@ fn managed() -> watcher::Config {
 }
 
 /// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
-/// namespaces), each object trimmed by `trim` before the store takes it; returns its
+/// namespaces), each object read as its [`Lean`] form (only the kept fields); returns its
 /// store, and hands each event, once the store has it, to `then`. Runs until the process
 /// ends, or until `then` returns false.
-fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, trim: fn(&mut K), mut then: F) -> Store<K>
+fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, mut then: F) -> Store<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
         + std::fmt::Debug
-        + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static,
+    Lean<K>: serde::de::DeserializeOwned,
     F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
-    let api: Api<K> = match ns {
+    let api: Api<Lean<K>> = match ns {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     let (reader, writer) = reflector::store();
     let stream = watcher(api, managed())
         .default_backoff()
-        .modify(trim)
+        .map_ok(unwrap_lean)
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -104,6 +105,18 @@ where
         }
     });
     reader
+}
+
+/// The watch's event with the kept object itself.
+fn unwrap_lean<K>(event: watcher::Event<Lean<K>>) -> watcher::Event<K> {
+    use watcher::Event;
+    match event {
+        Event::Apply(o) => Event::Apply(o.0),
+        Event::Delete(o) => Event::Delete(o.0),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(o.0),
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 /// Which Job events wake the Job's run: its end (once), and its deletion before an end
@@ -171,7 +184,7 @@ pub async fn run(
                 .is_none_or(|job| tx.unbounded_send(Ok(job)).is_ok());
             std::future::ready(sent)
         };
-        let jobs = reflect(&client, scope.as_deref(), trim::job, wake);
+        let jobs = reflect(&client, scope.as_deref(), wake);
         // A pod the scheduler cannot place wakes its run through its Job.
         let mut waiting = PodTriggers::default();
         let (job_store, tx) = (jobs.clone(), pod_tx);
@@ -184,7 +197,7 @@ pub async fn run(
             let sent = job.is_none_or(|job| tx.unbounded_send(Ok((*job).clone())).is_ok());
             std::future::ready(sent)
         };
-        pod_stores.push(reflect(&client, scope.as_deref(), trim::pod, wake));
+        pod_stores.push(reflect(&client, scope.as_deref(), wake));
         job_stores.push(jobs);
         job_triggers.push(rx);
     }
