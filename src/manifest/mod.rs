@@ -69,6 +69,18 @@ pub enum ManifestError {
     Stale(String),
 }
 
+/// What a write of a shard reads of the API server's answer.
+#[derive(Deserialize)]
+struct Written {
+    metadata: WrittenMeta,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WrittenMeta {
+    resource_version: Option<String>,
+}
+
 /// How many shards a run of `nodes` images has.
 pub fn shard_count(nodes: usize) -> usize {
     nodes.div_ceil(RECORDS_PER_SHARD).max(1)
@@ -309,23 +321,29 @@ impl Manifest {
         changes: BTreeMap<String, Record>,
     ) -> Result<(), ManifestError> {
         let touched = self.apply(changes);
-        let cms: Api<ConfigMap> =
-            Api::namespaced(client.clone(), &run.namespace().unwrap_or_default());
+        let ns = run.namespace().unwrap_or_default();
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        let request = kube::core::Request::new(ConfigMap::url_path(&(), Some(&ns)));
         for i in touched {
             let cm = self.shard(run, i, self.render_shard(i))?;
             let name = shard_name(&run.name_any(), i);
-            let written = match &self.versions[i] {
-                Some(_) => cms.replace(&name, &PostParams::default(), &cm).await,
-                None => cms.create(&PostParams::default(), &cm).await,
-            };
-            let written = match written {
-                Ok(cm) => cm,
+            let body = serde_json::to_vec(&cm).map_err(kube::Error::SerdeError)?;
+            let pp = PostParams::default();
+            let sent = match &self.versions[i] {
+                Some(_) => request.replace(&name, &pp, body),
+                None => request.create(&pp, body),
+            }
+            .map_err(kube::Error::BuildRequest)?;
+            // Only the new resourceVersion is read back; the shard's text, echoed whole in
+            // the answer, is skipped by the parser.
+            let written = match client.request::<Written>(sent).await {
+                Ok(written) => written,
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     return Err(self.conflict(&cms, run, &name).await);
                 }
                 Err(e) => return Err(e.into()),
             };
-            self.versions[i] = written.resource_version();
+            self.versions[i] = written.metadata.resource_version;
         }
         Ok(())
     }
