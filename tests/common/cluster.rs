@@ -260,7 +260,12 @@ impl Operator {
             rand::random::<u32>()
         ));
         let file = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_imagebuild-operator"))
+        // A profiler to run it under (`e2e/bench` says how), e.g. `heaptrack -o FILE`.
+        let wrapper = std::env::var("IMAGEBUILD_OPERATOR_WRAPPER").unwrap_or_default();
+        let mut command: Vec<&str> = wrapper.split_whitespace().collect();
+        command.push(env!("CARGO_BIN_EXE_imagebuild-operator"));
+        let child = std::process::Command::new(command[0])
+            .args(&command[1..])
             .args(["run", "--namespace", namespace])
             .args(args)
             .args(endpoint)
