@@ -66,16 +66,34 @@ pub fn observe(
         states: Vec::with_capacity(plan.nodes.len()),
         ..Default::default()
     };
-    let mut known = std::collections::BTreeSet::new();
+    // Records, Jobs and Jobs just made, by node: one pass over each (the plan's index
+    // finds the node), rather than a lookup by name per node.
+    let n = plan.nodes.len();
+    let mut recorded: Vec<Option<&Record>> = vec![None; n];
+    for (name, record) in records {
+        if let Some(id) = plan.node_of(name) {
+            recorded[id] = Some(record);
+        }
+    }
+    let mut live_of: Vec<Option<&LiveJob>> = vec![None; n];
+    let mut unknown = Vec::new();
+    for (name, live) in jobs {
+        match plan.node_of(name) {
+            Some(id) => live_of[id] = Some(live),
+            None => unknown.push(name.clone()),
+        }
+    }
+    let mut made: Vec<Option<u32>> = vec![None; n];
+    for (name, &attempt) in dispatched {
+        if let Some(id) = plan.node_of(name) {
+            made[id] = Some(attempt);
+        }
+    }
     for (id, node) in plan.nodes.iter().enumerate() {
-        known.insert(node.job_name.as_str());
-        let record = records.get(&node.job_name);
+        let record = recorded[id];
         let terminal = record.map(Record::state).filter(NodeState::is_terminal);
-        let live = jobs.get(&node.job_name);
-        let unseen = dispatched
-            .get(&node.job_name)
-            .copied()
-            .filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
+        let live = live_of[id];
+        let unseen = made[id].filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
         let state = match (terminal, live, unseen) {
             (Some(state), live, _) => {
                 if live.is_some() {
@@ -89,11 +107,8 @@ pub fn observe(
         };
         observed.states.push(state);
     }
-    for name in jobs.keys() {
-        if !known.contains(name.as_str()) {
-            observed.stale_jobs.push(name.clone());
-        }
-    }
+    // Jobs of no node of the plan (an older plan's) go too.
+    observed.stale_jobs.extend(unknown);
     observed
 }
 

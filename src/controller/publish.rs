@@ -71,9 +71,8 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
     );
     status::fill(status, &counts, builder_retrying);
     let records = d.records;
-    status.failures = status::failures(d.plan, |name| records.get(name));
-    status.retries_exhausted =
-        status::retries_exhausted(d.plan, |name| records.get(name), d.attempts);
+    status.failures = status::failures(d.plan, records);
+    status.retries_exhausted = status::retries_exhausted(d.plan, records, d.attempts);
     status.manifests = d.manifests.clone();
     status.last_progress_at = records
         .values()

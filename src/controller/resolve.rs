@@ -205,10 +205,7 @@ mod tests {
     }
 
     fn empty_plan() -> Plan {
-        Plan {
-            nodes: vec![],
-            dependents: vec![],
-        }
+        Plan::default()
     }
 
     #[test]

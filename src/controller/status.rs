@@ -1,12 +1,14 @@
 //! The run's status from its node states: per-phase counts, the overall phase, progress
 //! strings and conditions. Pure.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, PhaseCounts, RunPhase};
 use crate::manifest::{Record, RecordStatus};
-use crate::plan::{Phase, Plan};
+use crate::plan::{NodeId, Phase, Plan};
 use crate::schedule::NodeState;
 
 /// Counts of every phase.
@@ -79,48 +81,45 @@ pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4], builder
     status.phase = Some(run_phase(counts));
 }
 
-/// The most recent failures, newest first, at most [`MAX_FAILURE_RECORDS`]: `record` gives
-/// each plan node's record, if it has one.
-pub fn failures<'a>(
-    plan: &Plan,
-    record: impl Fn(&str) -> Option<&'a Record>,
-) -> Vec<FailureRecord> {
-    let mut failed: Vec<(&crate::plan::Node, &Record)> = plan
-        .nodes
-        .iter()
-        .filter_map(|n| record(&n.job_name).map(|r| (n, r)))
-        .filter(|(_, r)| r.status == RecordStatus::Failed)
-        .collect();
+/// The most recent failures of the plan's images, newest first, at most
+/// [`MAX_FAILURE_RECORDS`].
+pub fn failures(plan: &Plan, records: &BTreeMap<String, Record>) -> Vec<FailureRecord> {
+    let mut failed: Vec<(NodeId, &Record)> = failed(plan, records).collect();
     // Newest first; plan order among equals, so the list is stable.
-    failed.sort_by_key(|(_, r)| std::cmp::Reverse(r.time));
+    failed.sort_by_key(|&(id, r)| (std::cmp::Reverse(r.time), id));
     failed
         .into_iter()
         .take(MAX_FAILURE_RECORDS)
-        .map(|(node, r)| FailureRecord {
-            instance: node.subject().to_string(),
-            phase: node.phase.as_str().to_string(),
-            reason: r.failure_class.clone().unwrap_or_default(),
-            message: last_line(r.error.as_deref().unwrap_or(""), 300),
-            time: r.time,
+        .map(|(id, r)| {
+            let node = &plan.nodes[id];
+            FailureRecord {
+                instance: node.subject().to_string(),
+                phase: node.phase.as_str().to_string(),
+                reason: r.failure_class.clone().unwrap_or_default(),
+                message: last_line(r.error.as_deref().unwrap_or(""), 300),
+                time: r.time,
+            }
         })
         .collect()
 }
 
-/// Images of the plan that failed for good with a transient failure after `attempts`
-/// attempts (not those a run deadline cut short), given each plan node's record.
-pub fn retries_exhausted<'a>(
-    plan: &Plan,
-    record: impl Fn(&str) -> Option<&'a Record>,
-    attempts: u32,
-) -> u32 {
-    plan.nodes
+/// The records of the plan's images that failed for good, with their nodes. One pass
+/// over the records (most of them not failures), not a lookup per node.
+fn failed<'a>(
+    plan: &'a Plan,
+    records: &'a BTreeMap<String, Record>,
+) -> impl Iterator<Item = (NodeId, &'a Record)> {
+    records
         .iter()
-        .filter_map(|n| record(&n.job_name))
-        .filter(|r| {
-            r.status == RecordStatus::Failed
-                && r.failure().class.is_transient()
-                && r.attempt_count >= attempts
-        })
+        .filter(|(_, r)| r.status == RecordStatus::Failed)
+        .filter_map(|(name, r)| Some((plan.node_of(name)?, r)))
+}
+
+/// Images of the plan that failed for good with a transient failure after `attempts`
+/// attempts (not those a run deadline cut short).
+pub fn retries_exhausted(plan: &Plan, records: &BTreeMap<String, Record>, attempts: u32) -> u32 {
+    failed(plan, records)
+        .filter(|(_, r)| r.failure().class.is_transient() && r.attempt_count >= attempts)
         .count() as u32
 }
 
@@ -423,7 +422,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
             };
             records.insert(node.job_name.clone(), record);
         }
-        let list = failures(&plan, |name| records.get(name));
+        let list = failures(&plan, &records);
         assert_eq!(list.len(), MAX_FAILURE_RECORDS);
         assert_eq!(list[0].instance, "r__r-29", "newest first");
         assert!(list.windows(2).all(|w| w[0].time >= w[1].time));

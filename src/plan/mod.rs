@@ -8,7 +8,7 @@ mod render;
 
 use render::{Fields, ImageOwners, Rendered, check_reference};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use regex::Regex;
 use serde::Serialize;
@@ -102,12 +102,14 @@ impl Node {
 
 /// Every image of a run and the edges between them. Dependencies always come earlier in
 /// `nodes`, so plan order is a topological order.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Plan {
     /// The nodes: builder first, then bases, assemblies and post-assembly layers.
     pub nodes: Vec<Node>,
     /// For each node, the nodes that depend on it.
     pub dependents: Vec<Vec<NodeId>>,
+    /// Each node by its Job name (the manifest's and the Jobs' key).
+    by_job: HashMap<String, NodeId>,
 }
 
 /// Why a plan could not be made.
@@ -323,7 +325,16 @@ pub fn build(
             dependents[dep].push(id);
         }
     }
-    Ok(Plan { nodes, dependents })
+    let by_job = nodes
+        .iter()
+        .enumerate()
+        .map(|(id, n)| (n.job_name.clone(), id))
+        .collect();
+    Ok(Plan {
+        nodes,
+        dependents,
+        by_job,
+    })
 }
 
 fn node(
@@ -349,6 +360,11 @@ fn node(
 }
 
 impl Plan {
+    /// The node whose Job (and record) is named `job`.
+    pub fn node_of(&self, job: &str) -> Option<NodeId> {
+        self.by_job.get(job).copied()
+    }
+
     /// Number of nodes of `phase`.
     pub fn count(&self, phase: Phase) -> usize {
         self.nodes.iter().filter(|n| n.phase == phase).count()
