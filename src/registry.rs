@@ -1,9 +1,10 @@
-//! Does an image already exist? A manifest HEAD (OCI and Docker media types) through
+//! Does an image already exist? A manifest HEAD (OCI and Docker media types), or for many
+//! images of one repository its tag list (a page answers for a thousand images), through
 //! oci-client, with the run's push credentials (a docker config JSON Secret) or the
 //! anonymous bearer-token flow, bounded concurrency, and backoff on 429 and 5xx.
 //! A 401 or 403 is an error for the run's status, never taken as "missing".
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +16,15 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
+/// Tags asked for per page of a repository's tag list.
+pub const TAGS_PAGE: usize = 1000;
+
 /// What the registry says about an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Presence {
-    /// The manifest exists, with this digest.
-    Exists(String),
+    /// The manifest exists, with this digest (none when its tag was found in the
+    /// repository's tag list).
+    Exists(Option<String>),
     /// No such manifest (or repository).
     Missing,
 }
@@ -215,12 +220,76 @@ impl RegistryChecker {
 
     /// Whether `image` exists.
     pub async fn check(&self, image: &str) -> Result<Presence, RegistryError> {
+        let (reference, auth) = self.parse(image)?;
+        let asked = self
+            .ask(image, &reference, || {
+                self.client.fetch_manifest_digest(&reference, &auth)
+            })
+            .await?;
+        Ok(match asked {
+            Some(digest) => Presence::Exists(Some(digest)),
+            None => Presence::Missing,
+        })
+    }
+
+    /// The tags of `image`'s repository, listed [`TAGS_PAGE`] at a time; `None` if it
+    /// has more than `max`, or the registry would not list them (its images are then
+    /// checked one by one, which says why). A repository that does not exist has none.
+    pub async fn tags(&self, image: &str, max: usize) -> Option<HashSet<String>> {
+        let (reference, auth) = self.parse(image).ok()?;
+        let mut tags = HashSet::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = self
+                .ask(image, &reference, || {
+                    let last = last.as_deref();
+                    self.client
+                        .list_tags(&reference, &auth, Some(TAGS_PAGE), last)
+                })
+                .await;
+            let page = match page {
+                Ok(Some(page)) => page.tags,
+                Ok(None) => return Some(tags),
+                Err(e) => {
+                    tracing::debug!(%image, error = %e, "the registry did not list the repository's tags");
+                    return None;
+                }
+            };
+            let (full, before) = (page.len() >= TAGS_PAGE, tags.len());
+            last = page.last().cloned();
+            tags.extend(page);
+            if !full {
+                return Some(tags);
+            }
+            // A registry that ignores `last` would give the same page for ever.
+            if tags.len() == before || tags.len() > max {
+                return None;
+            }
+        }
+    }
+
+    fn parse(&self, image: &str) -> Result<(Reference, RegistryAuth), RegistryError> {
         let reference: Reference = image.parse().map_err(|e| RegistryError::Invalid {
             image: image.to_string(),
             message: format!("{e}"),
         })?;
-        let registry = reference.resolve_registry().to_string();
         let auth = self.config.auth_for(reference.registry());
+        Ok((reference, auth))
+    }
+
+    /// One request (`call`) about `image`, retried with backoff while the registry is
+    /// unavailable; `None` if the registry says there is no such thing.
+    async fn ask<T, F, Fut>(
+        &self,
+        image: &str,
+        reference: &Reference,
+        mut call: F,
+    ) -> Result<Option<T>, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        let registry = reference.resolve_registry().to_string();
         #[allow(
             clippy::expect_used,
             reason = "the semaphore is owned by self and never closed"
@@ -234,12 +303,7 @@ impl RegistryChecker {
         let mut attempt = 1;
         loop {
             // A registry that trickles its answer gets no more than this either.
-            let result = match tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                self.client.fetch_manifest_digest(&reference, &auth),
-            )
-            .await
-            {
+            let result = match tokio::time::timeout(REQUEST_TIMEOUT, call()).await {
                 Ok(result) => result,
                 Err(_) => Err(oci_client::errors::OciDistributionError::IoError(
                     std::io::Error::new(
@@ -251,8 +315,12 @@ impl RegistryChecker {
             if let Some(observe) = &self.observer {
                 observe(&status_code(&result));
             }
-            match classify(result) {
-                Answer::Done(presence) => return Ok(presence),
+            let err = match result {
+                Ok(found) => return Ok(Some(found)),
+                Err(err) => err,
+            };
+            match classify(err) {
+                Answer::NotFound => return Ok(None),
                 Answer::Refused(status) => {
                     return Err(RegistryError::Unauthorized {
                         registry,
@@ -285,7 +353,7 @@ impl RegistryChecker {
 }
 
 /// The HTTP status code behind a manifest request's result, as a label.
-fn status_code(result: &Result<String, OciDistributionError>) -> String {
+fn status_code<T>(result: &Result<T, OciDistributionError>) -> String {
     use OciDistributionError as E;
     let err = match result {
         Ok(_) => return "200".into(),
@@ -312,18 +380,14 @@ fn status_code(result: &Result<String, OciDistributionError>) -> String {
 }
 
 enum Answer {
-    Done(Presence),
+    NotFound,
     Refused(u16),
     Retry(String),
     Invalid(String),
 }
 
-fn classify(result: Result<String, OciDistributionError>) -> Answer {
+fn classify(err: OciDistributionError) -> Answer {
     use OciDistributionError as E;
-    let err = match result {
-        Ok(digest) => return Answer::Done(Presence::Exists(digest)),
-        Err(err) => err,
-    };
     match &err {
         E::RegistryError { envelope, .. } => {
             let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
@@ -335,7 +399,7 @@ fn classify(result: Result<String, OciDistributionError>) -> Answer {
                         | OciErrorCode::NotFound
                 )
             }) {
-                Answer::Done(Presence::Missing)
+                Answer::NotFound
             } else if codes
                 .iter()
                 .any(|c| matches!(c, OciErrorCode::Unauthorized))
@@ -354,7 +418,7 @@ fn classify(result: Result<String, OciDistributionError>) -> Answer {
         }
         E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => Answer::Refused(401),
         E::ServerError { code, .. } => match code {
-            404 => Answer::Done(Presence::Missing),
+            404 => Answer::NotFound,
             401 | 403 => Answer::Refused(*code),
             429 | 500..=599 => Answer::Retry(err.to_string()),
             _ => Answer::Invalid(err.to_string()),

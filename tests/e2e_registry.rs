@@ -24,7 +24,7 @@ async fn existing_and_missing_images_anonymously() {
     let name = format!("{}/e2e/check-anon", env.registry);
     assert_eq!(
         checker.check(&format!("{name}:{tag}")).await,
-        Ok(Presence::Exists(digest))
+        Ok(Presence::Exists(Some(digest)))
     );
     assert_eq!(
         checker.check(&format!("{name}:{tag}-missing")).await,
@@ -32,6 +32,17 @@ async fn existing_and_missing_images_anonymously() {
     );
     let no_repo = format!("{}/e2e/never-pushed-{tag}:latest", env.registry);
     assert_eq!(checker.check(&no_repo).await, Ok(Presence::Missing));
+
+    // The repository's tag list names the pushed tag; a repository never pushed has none.
+    let tags = checker
+        .tags(&format!("{name}:{tag}"), 10_000)
+        .await
+        .unwrap();
+    assert!(tags.contains(&tag), "{tags:?}");
+    assert_eq!(
+        checker.tags(&no_repo, 10_000).await,
+        Some(Default::default())
+    );
 }
 
 #[tokio::test]
@@ -46,9 +57,14 @@ async fn credentials_come_from_a_docker_config_and_refusal_is_an_error() {
 
     let json = std::fs::read(&env.auth_dockerconfig).unwrap();
     let checker = RegistryChecker::new(DockerConfig::parse(&json).unwrap(), true, 4);
-    assert_eq!(checker.check(&name).await, Ok(Presence::Exists(digest)));
+    assert_eq!(
+        checker.check(&name).await,
+        Ok(Presence::Exists(Some(digest)))
+    );
     let missing = format!("{}/e2e/check-auth:{tag}-missing", env.auth_registry);
     assert_eq!(checker.check(&missing).await, Ok(Presence::Missing));
+    let tags = checker.tags(&name, 10_000).await.unwrap();
+    assert!(tags.contains(&tag), "{tags:?}");
 
     let wrong = format!(
         r#"{{"auths":{{"{}":{{"username":"{}","password":"wrong"}}}}}}"#,
@@ -58,7 +74,10 @@ async fn credentials_come_from_a_docker_config_and_refusal_is_an_error() {
         DockerConfig::default(),
         DockerConfig::parse(wrong.as_bytes()).unwrap(),
     ] {
-        let refused = RegistryChecker::new(config, true, 4).check(&name).await;
+        let checker = RegistryChecker::new(config, true, 4);
+        // Not listed: its images are checked one by one, which says why.
+        assert_eq!(checker.tags(&name, 10_000).await, None);
+        let refused = checker.check(&name).await;
         assert!(
             matches!(
                 &refused,

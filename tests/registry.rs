@@ -57,7 +57,11 @@ async fn transient_errors_are_retried_with_backoff() {
     ] {
         let (addr, count) = flaky_registry(status, 2).await;
         let got = checker().check(&format!("{addr}/repo:tag")).await;
-        assert_eq!(got, Ok(Presence::Exists("sha256:1111".into())), "{status}");
+        assert_eq!(
+            got,
+            Ok(Presence::Exists(Some("sha256:1111".into()))),
+            "{status}"
+        );
         assert_eq!(
             count.load(Ordering::SeqCst),
             3,
@@ -105,4 +109,51 @@ async fn the_observer_hears_the_status_code_of_every_attempt() {
         .await;
     assert!(got.is_err());
     assert_eq!(*heard.lock().unwrap(), vec!["network"; 4]);
+}
+
+/// A registry whose repository `r` has tags `t00000`..`t{n-1}`, listed in pages of `?n=`
+/// after `?last=`, or (`ignores_last`) always from the first. Returns its address and the
+/// number of list requests.
+async fn listing_registry(n: usize, ignores_last: bool) -> (String, Arc<AtomicU32>) {
+    let lists = Arc::new(AtomicU32::new(0));
+    let seen = lists.clone();
+    let list = move |query: axum::extract::Query<std::collections::HashMap<String, String>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let page: usize = query.get("n").and_then(|n| n.parse().ok()).unwrap_or(100);
+        let last = query.get("last").filter(|_| !ignores_last);
+        let tags: Vec<String> = (0..n)
+            .map(|i| format!("t{i:05}"))
+            .filter(|t| last.is_none_or(|l| t > l))
+            .take(page)
+            .collect();
+        async move { axum::Json(serde_json::json!({"name": "r", "tags": tags})) }
+    };
+    let app = axum::Router::new()
+        .route("/v2/", axum::routing::get(|| async { "{}" }))
+        .route("/v2/r/tags/list", axum::routing::get(list));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr.to_string(), lists)
+}
+
+#[tokio::test]
+async fn a_tag_list_is_read_page_by_page_within_its_bound() {
+    // 2,500 tags: three pages of a thousand.
+    let (addr, lists) = listing_registry(2500, false).await;
+    let tags = checker()
+        .tags(&format!("{addr}/r:x"), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(tags.len(), 2500);
+    assert!(tags.contains("t00000") && tags.contains("t02499"));
+    assert_eq!(lists.load(Ordering::SeqCst), 3);
+    // More tags than the caller would read: it stops and says so.
+    let (addr, lists) = listing_registry(2500, false).await;
+    assert_eq!(checker().tags(&format!("{addr}/r:x"), 1500).await, None);
+    assert_eq!(lists.load(Ordering::SeqCst), 2);
+    // A registry that ignores `last` gives the first page for ever: not taken.
+    let (addr, lists) = listing_registry(2500, true).await;
+    assert_eq!(checker().tags(&format!("{addr}/r:x"), 10_000).await, None);
+    assert_eq!(lists.load(Ordering::SeqCst), 2);
 }

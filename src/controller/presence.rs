@@ -8,6 +8,7 @@
 //! image built on it is known to be missing. A run whose final images all exist asks
 //! nothing more: its inputs are not needed (the scheduler skips them as such).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,20 @@ pub const RECHECK: Duration = Duration::from_secs(30);
 /// Checks of one run's images in flight at once.
 const CHECKS_IN_FLIGHT: usize = 64;
 
+/// Images of one repository to ask about from which its tag list is read instead.
+const LIST_FROM: usize = 16;
+
+/// A repository is listed only while it has at most this many tags per image asked
+/// about (listing costs a request per thousand tags, checking one per image).
+const TAGS_PER_IMAGE_ASKED: usize = 100;
+
 type Answer = (usize, Result<registry::Presence, RegistryError>);
+
+/// `image`'s repository and tag (`None` without a tag: a digest reference).
+fn split_tag(image: &str) -> Option<(&str, &str)> {
+    let (repository, tag) = image.rsplit_once(':')?;
+    (!tag.contains('/') && !repository.contains('@')).then_some((repository, tag))
+}
 
 /// The registry's answers for a run, and the round of checks in flight.
 #[derive(Debug)]
@@ -201,7 +215,40 @@ impl Presence {
         hosts.dedup();
         let plan = plan.clone();
         let task = tokio::spawn(async move {
-            let checks = todo.into_iter().map(|i| {
+            // A repository with many images to ask about is listed instead: a page of
+            // its tag list answers for up to a thousand of them. Unless it holds far more
+            // tags than are asked about, or will not be listed: then one by one.
+            let mut by_repository: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for &i in &todo {
+                let repository = split_tag(&plan.nodes[i].image).map_or("", |(r, _)| r);
+                by_repository.entry(repository).or_default().push(i);
+            }
+            let mut one_by_one = Vec::new();
+            for (repository, nodes) in by_repository {
+                let listed = match repository {
+                    "" => None,
+                    _ if nodes.len() < LIST_FROM => None,
+                    _ => {
+                        let max = nodes.len().saturating_mul(TAGS_PER_IMAGE_ASKED);
+                        checker.tags(&plan.nodes[nodes[0]].image, max).await
+                    }
+                };
+                let Some(tags) = listed else {
+                    one_by_one.extend(nodes);
+                    continue;
+                };
+                for i in nodes {
+                    let tag = split_tag(&plan.nodes[i].image).map_or("", |(_, t)| t);
+                    let answer = match tags.contains(tag) {
+                        true => registry::Presence::Exists(None),
+                        false => registry::Presence::Missing,
+                    };
+                    if send.send((i, Ok(answer))).is_err() {
+                        return;
+                    }
+                }
+            }
+            let checks = one_by_one.into_iter().map(|i| {
                 let checker = checker.clone();
                 let image = plan.nodes[i].image.clone();
                 async move { (i, checker.check(&image).await) }
@@ -324,11 +371,8 @@ mod tests {
         let send = round(&mut p, &assemblies, t0);
         // The first assembly exists, the second is missing: only the second's inputs
         // are worth asking about.
-        send.send((
-            assemblies[0],
-            Ok(registry::Presence::Exists("sha256:1".into())),
-        ))
-        .unwrap();
+        send.send((assemblies[0], Ok(registry::Presence::Exists(None))))
+            .unwrap();
         send.send((assemblies[1], Ok(registry::Presence::Missing)))
             .unwrap();
         p.collect(&plan, &states, t0, STALL);
@@ -344,7 +388,7 @@ mod tests {
         let mut p = Presence::new(plan.nodes.len(), false);
         let send = round(&mut p, &assemblies, t0);
         for &a in &assemblies {
-            send.send((a, Ok(registry::Presence::Exists("sha256:1".into()))))
+            send.send((a, Ok(registry::Presence::Exists(None))))
                 .unwrap();
         }
         p.collect(&plan, &states, t0, STALL);
@@ -383,7 +427,7 @@ mod tests {
         p.collect(&plan, &states, t0, STALL);
         assert_eq!(p.known()[0], Registry::Missing);
         assert!(p.checking());
-        send.send((base, Ok(registry::Presence::Exists("sha256:1".into()))))
+        send.send((base, Ok(registry::Presence::Exists(None))))
             .unwrap();
         p.collect(&plan, &states, t0, STALL);
         assert!(!p.checking());
@@ -410,7 +454,7 @@ mod tests {
         let mut p = Presence::new(plan.nodes.len(), false);
         let states = waiting(plan.nodes.len());
         let send = round(&mut p, &assemblies, t0);
-        send.send((assemblies[0], Ok(registry::Presence::Exists("d".into()))))
+        send.send((assemblies[0], Ok(registry::Presence::Exists(None))))
             .unwrap();
         p.collect(&plan, &states, t0 + Duration::from_secs(10), STALL);
         assert!(p.checking() && p.error().is_none());
