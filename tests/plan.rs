@@ -65,13 +65,13 @@ fn swebench_verified_resolves_to_the_official_images_and_tags() {
             base.image,
             format!("ghcr.io/openhands/eval-base:93c33d0-{custom}")
         );
-        assert_eq!(node.build_args["BASE_IMAGE"], base.image);
+        assert_eq!(node.build_arg("BASE_IMAGE").unwrap(), base.image);
         assert_eq!(
-            node.build_args["BUILDER_IMAGE"],
+            node.build_arg("BUILDER_IMAGE").unwrap(),
             "ghcr.io/openhands/eval-builder:43376f1"
         );
         assert_eq!(
-            base.build_args["BASE_IMAGE"],
+            base.build_arg("BASE_IMAGE").unwrap(),
             format!("docker.io/swebench/{custom}:latest")
         );
     }
@@ -106,7 +106,7 @@ fn post_assembly_layers_replace_the_assembly_in_place() {
                 .starts_with("sphinx-doc__")
         );
         assert_eq!(post.image, assembly.image);
-        assert_eq!(post.build_args["ASSEMBLY_IMAGE"], assembly.image);
+        assert_eq!(post.build_arg("ASSEMBLY_IMAGE").unwrap(), assembly.image);
     }
 }
 

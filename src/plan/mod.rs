@@ -74,8 +74,10 @@ pub struct Node {
     pub upstream_image: Option<String>,
     /// The image reference pushed.
     pub image: String,
-    /// Rendered build arguments.
-    pub build_args: BTreeMap<String, String>,
+    /// Rendered build arguments, by name (a list: a map of one or two would take a
+    /// B-tree node of eleven, 0.5 KiB per image).
+    #[serde(serialize_with = "as_map")]
+    pub build_args: Vec<(String, String)>,
     /// Rendered git revision, for git contexts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub git_revision: Option<String>,
@@ -90,6 +92,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// The rendered build argument `name`.
+    pub fn build_arg(&self, name: &str) -> Option<&str> {
+        self.build_args
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// What the node is built for: its instance, else its upstream image (a base), else
     /// `builder`.
     pub fn subject(&self) -> &str {
@@ -98,6 +108,10 @@ impl Node {
             .or(self.upstream_image.as_deref())
             .unwrap_or("builder")
     }
+}
+
+fn as_map<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 /// Every image of a run and the edges between them. Dependencies always come earlier in
@@ -262,16 +276,22 @@ pub fn build(
         })?),
         None => None,
     };
+    // An assembly's template context, made again for its post-assembly layer (kept for
+    // every instance, the contexts were most of the plan's memory while it was built).
+    let assembly_context = |instance: &str, upstream: &str, base: &str| {
+        let mut ctx = vars.clone();
+        ctx.set_instance(instance, Some(upstream));
+        ctx.set_image("builder", &builder_image);
+        ctx.set_image("base", base);
+        ctx
+    };
     let mut assemblies = Vec::with_capacity(instances.len());
     for (instance, upstream) in instances.iter().zip(&upstreams) {
         let base = base_of[upstream.as_str()];
-        let mut ctx = vars.clone();
-        ctx.set_instance(&instance.id, Some(upstream));
-        ctx.set_image("builder", &builder_image);
-        ctx.set_image("base", &nodes[base].image);
+        let ctx = assembly_context(&instance.id, upstream, &nodes[base].image);
         let rendered = phases[2].render(&set, &ctx, Some(&instance.id))?;
         images.claim("spec.assembly.image", &rendered.image, &instance.id)?;
-        assemblies.push((nodes.len(), ctx));
+        assemblies.push((nodes.len(), base));
         let id = Some(instance.id.as_str());
         nodes.push(node(
             run,
@@ -285,7 +305,7 @@ pub fn build(
     }
 
     if let (Some((fields, _)), Some(pattern)) = (&post, &post_match) {
-        for (assembly, mut ctx) in assemblies {
+        for (assembly, base) in assemblies {
             let (instance, upstream) = (
                 nodes[assembly].instance_id.clone(),
                 nodes[assembly].upstream_image.clone(),
@@ -293,6 +313,11 @@ pub fn build(
             let Some(instance) = instance.filter(|i| pattern.is_match(i)) else {
                 continue;
             };
+            let mut ctx = assembly_context(
+                &instance,
+                upstream.as_deref().unwrap_or_default(),
+                &nodes[base].image,
+            );
             ctx.set_image("assembly", &nodes[assembly].image);
             let rendered = fields.render(&set, &ctx, Some(&instance))?;
             let id = Some(instance.as_str());

@@ -56,12 +56,12 @@ impl<'a> Fields<'a> {
         let field = |name: &str| format!("{}.{name}", self.prefix);
         let image = set.render(&field("image"), ctx, owner)?;
         check_reference(&field("image"), &image, owner)?;
-        let mut build_args = BTreeMap::new();
+        let mut build_args = Vec::with_capacity(self.build_args.len());
         for key in self.build_args.keys() {
-            build_args.insert(
+            build_args.push((
                 key.clone(),
                 set.render(&field(&format!("buildArgs.{key}")), ctx, owner)?,
-            );
+            ));
         }
         let cache_ref = match self.cache_ref {
             Some(_) => {
@@ -90,7 +90,7 @@ impl<'a> Fields<'a> {
 
 pub(super) struct Rendered {
     pub(super) image: String,
-    pub(super) build_args: BTreeMap<String, String>,
+    pub(super) build_args: Vec<(String, String)>,
     pub(super) cache_ref: Option<String>,
     pub(super) git_revision: Option<String>,
 }
