@@ -19,6 +19,7 @@ mod resolve;
 mod retry;
 mod state;
 pub mod status;
+mod triggers;
 mod trim;
 
 use std::collections::HashSet;
@@ -28,7 +29,6 @@ use std::time::{Duration, Instant};
 use futures::channel::mpsc;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::metrics::server::Health;
 use crate::names::MANAGER;
 use readable::Watched;
+use triggers::{JobTriggers, PodTriggers};
 use trim::Lean;
 
 /// How often caches and metrics of deleted runs are dropped.
@@ -116,38 +117,6 @@ fn unwrap_lean<K>(event: watcher::Event<Lean<K>>) -> watcher::Event<K> {
         Event::Init => Event::Init,
         Event::InitApply(o) => Event::InitApply(o.0),
         Event::InitDone => Event::InitDone,
-    }
-}
-
-/// Which Job events wake the Job's run: its end (once), and its deletion before an end
-/// was told (deleted by hand, or the end missed). A Job's creation and its progress
-/// (started, pods counted, ready) change nothing a reconcile decides: the reconcile that
-/// created it counts it as running (`state::Dispatched`), and pods waiting for a node are
-/// looked at on a timer. Most of a Job's events are progress, so this saves most
-/// reconciles.
-#[derive(Default)]
-struct JobTriggers {
-    /// The uids of the Jobs whose end was told.
-    ended: HashSet<String>,
-}
-
-impl JobTriggers {
-    fn wakes(&mut self, event: watcher::Event<Job>) -> Option<Job> {
-        match event {
-            // A new list (a start, or a watch that lost its place): every end is told again.
-            watcher::Event::Init => {
-                self.ended.clear();
-                None
-            }
-            watcher::Event::InitDone => None,
-            watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
-                let ended = crate::job::outcome(&job, None).is_some();
-                (ended && self.ended.insert(job.uid().unwrap_or_default())).then_some(job)
-            }
-            watcher::Event::Delete(job) => {
-                (!self.ended.remove(&job.uid().unwrap_or_default())).then_some(job)
-            }
-        }
     }
 }
 
@@ -398,95 +367,9 @@ async fn prune(ctx: Arc<context::Ctx>, stores: Vec<Store<Watched>>, health: Arc<
     }
 }
 
-/// Which pod events wake the pod's run: a pod the scheduler cannot place, once (the
-/// run's `Stalled` condition and its pending timeout start there). A reconcile that sees
-/// such a pod looks again every few seconds until it is placed or fails.
-#[derive(Default)]
-struct PodTriggers {
-    /// The uids of the pods told as unschedulable.
-    told: HashSet<String>,
-}
-
-impl PodTriggers {
-    fn wakes(&mut self, event: watcher::Event<Pod>) -> Option<Pod> {
-        match event {
-            watcher::Event::Init => {
-                self.told.clear();
-                None
-            }
-            watcher::Event::InitDone => None,
-            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                let waiting = observe::unschedulable(&pod).is_some();
-                (waiting && self.told.insert(pod.uid().unwrap_or_default())).then_some(pod)
-            }
-            watcher::Event::Delete(pod) => {
-                self.told.remove(&pod.uid().unwrap_or_default());
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn job(uid: &str, condition: Option<&str>) -> Job {
-        let conditions: Vec<serde_json::Value> = condition
-            .map(|c| serde_json::json!({"type": c, "status": "True"}))
-            .into_iter()
-            .collect();
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": uid, "uid": uid},
-            "status": {"active": 1, "conditions": conditions},
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn a_pod_wakes_its_run_once_when_it_cannot_be_placed() {
-        use watcher::Event::{Apply, Delete, Init};
-        let pod = |scheduled: &str| -> Pod {
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "p", "uid": "p"},
-                "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled",
-                    "status": scheduled, "reason": "Unschedulable", "message": "0/4 nodes",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
-            }))
-            .unwrap()
-        };
-        let mut t = PodTriggers::default();
-        let mut wakes = |e| t.wakes(e).is_some();
-        assert!(!wakes(Apply(pod("True"))));
-        assert!(wakes(Apply(pod("False"))));
-        assert!(!wakes(Apply(pod("False"))), "told once");
-        assert!(!wakes(Delete(pod("False"))));
-        assert!(wakes(Apply(pod("False"))), "forgotten once deleted");
-        assert!(!wakes(Init));
-        assert!(wakes(Apply(pod("False"))), "a new list tells it again");
-    }
-
-    #[test]
-    fn a_job_wakes_its_run_when_it_ends_or_goes_unended() {
-        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
-        let mut t = JobTriggers::default();
-        let mut wakes = |e| t.wakes(e).map(|j| j.name_any());
-        // Created and progressing: nothing to decide.
-        assert_eq!(wakes(Apply(job("a", None))), None);
-        assert_eq!(wakes(Apply(job("a", None))), None);
-        // Its end, told once however many updates follow; its deletion then is no news.
-        assert_eq!(wakes(Apply(job("a", Some("Complete")))), Some("a".into()));
-        assert_eq!(wakes(Apply(job("a", Some("Complete")))), None);
-        assert_eq!(wakes(Delete(job("a", Some("Complete")))), None);
-        // A Job deleted before it ended (by hand), and one whose end was never seen.
-        assert_eq!(wakes(Delete(job("b", None))), Some("b".into()));
-        assert_eq!(wakes(Delete(job("c", Some("Failed")))), Some("c".into()));
-        // A new list tells every end again.
-        assert_eq!(wakes(Apply(job("d", Some("Failed")))), Some("d".into()));
-        assert_eq!(wakes(Init), None);
-        assert_eq!(wakes(InitApply(job("d", Some("Failed")))), Some("d".into()));
-        assert_eq!(wakes(InitDone), None);
-    }
 
     #[tokio::test]
     async fn a_panic_is_caught_with_its_message() {
