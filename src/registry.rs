@@ -232,9 +232,11 @@ impl RegistryChecker {
         })
     }
 
-    /// The tags of `image`'s repository, listed [`TAGS_PAGE`] at a time; `None` if it
-    /// has more than `max`, or the registry would not list them (its images are then
-    /// checked one by one, which says why). A repository that does not exist has none.
+    /// Tags of `image`'s repository, listed [`TAGS_PAGE`] at a time until a page brings
+    /// nothing new or more than `max` are known. Possibly not all of them (a registry may
+    /// cap a page, or ignore `last`): a tag listed exists, one not listed may still, so
+    /// the caller checks those one by one. `None` if the registry would not list them. A
+    /// repository that does not exist has none.
     pub async fn tags(&self, image: &str, max: usize) -> Option<HashSet<String>> {
         let (reference, auth) = self.parse(image).ok()?;
         let mut tags = HashSet::new();
@@ -252,18 +254,15 @@ impl RegistryChecker {
                 Ok(None) => return Some(tags),
                 Err(e) => {
                     tracing::debug!(%image, error = %e, "the registry did not list the repository's tags");
-                    return None;
+                    return Some(tags).filter(|t| !t.is_empty());
                 }
             };
             let (full, before) = (page.len() >= TAGS_PAGE, tags.len());
-            last = page.last().cloned();
+            // Tags come in lexical order by the spec; not every registry sorts them.
+            last = page.iter().max().cloned();
             tags.extend(page);
-            if !full {
+            if !full || tags.len() == before || tags.len() > max {
                 return Some(tags);
-            }
-            // A registry that ignores `last` would give the same page for ever.
-            if tags.len() == before || tags.len() > max {
-                return None;
             }
         }
     }

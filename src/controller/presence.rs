@@ -215,9 +215,10 @@ impl Presence {
         hosts.dedup();
         let plan = plan.clone();
         let task = tokio::spawn(async move {
-            // A repository with many images to ask about is listed instead: a page of
-            // its tag list answers for up to a thousand of them. Unless it holds far more
-            // tags than are asked about, or will not be listed: then one by one.
+            // A repository with many images to ask about is listed first: a page of its
+            // tag list answers for up to a thousand of them. What it does not list (all
+            // of a new run's images; any the list left out) is asked one by one. Not
+            // listed past 100 tags per image asked about.
             let mut by_repository: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for &i in &todo {
                 let repository = split_tag(&plan.nodes[i].image).map_or("", |(r, _)| r);
@@ -239,11 +240,12 @@ impl Presence {
                 };
                 for i in nodes {
                     let tag = split_tag(&plan.nodes[i].image).map_or("", |(_, t)| t);
-                    let answer = match tags.contains(tag) {
-                        true => registry::Presence::Exists(None),
-                        false => registry::Presence::Missing,
-                    };
-                    if send.send((i, Ok(answer))).is_err() {
+                    if !tags.contains(tag) {
+                        one_by_one.push(i);
+                    } else if send
+                        .send((i, Ok(registry::Presence::Exists(None))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
