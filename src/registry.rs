@@ -19,6 +19,15 @@ use tokio::sync::Semaphore;
 /// Tags asked for per page of a repository's tag list.
 pub const TAGS_PAGE: usize = 1000;
 
+/// What a repository's tag list said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tags {
+    /// The tags listed: each exists.
+    pub names: HashSet<String>,
+    /// Every tag is listed (the repository does not exist): one not listed is missing.
+    pub complete: bool,
+}
+
 /// What the registry says about an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Presence {
@@ -235,33 +244,54 @@ impl RegistryChecker {
     /// Tags of `image`'s repository, listed [`TAGS_PAGE`] at a time until a page brings
     /// nothing new or more than `max` are known. Possibly not all of them (a registry may
     /// cap a page, or ignore `last`): a tag listed exists, one not listed may still, so
-    /// the caller checks those one by one. `None` if the registry would not list them. A
-    /// repository that does not exist has none.
-    pub async fn tags(&self, image: &str, max: usize) -> Option<HashSet<String>> {
+    /// the caller checks those one by one, unless the registry said the repository does
+    /// not exist (`NAME_UNKNOWN`: [`Tags::complete`], none). `None` if the registry would
+    /// not list them.
+    pub async fn tags(&self, image: &str, max: usize) -> Option<Tags> {
+        use OciDistributionError as E;
         let (reference, auth) = self.parse(image).ok()?;
-        let mut tags = HashSet::new();
+        let mut tags = Tags::default();
         let mut last: Option<String> = None;
         loop {
             let page = self
-                .ask(image, &reference, || {
+                .ask(image, &reference, || async {
                     let last = last.as_deref();
-                    self.client
+                    match self
+                        .client
                         .list_tags(&reference, &auth, Some(TAGS_PAGE), last)
+                        .await
+                    {
+                        // Said of the repository in the registry's own words; a bare 404
+                        // may be a registry without tag lists.
+                        Err(E::RegistryError { envelope, .. })
+                            if envelope
+                                .errors
+                                .iter()
+                                .any(|e| matches!(e.code, OciErrorCode::NameUnknown)) =>
+                        {
+                            Ok(None)
+                        }
+                        other => other.map(Some),
+                    }
                 })
                 .await;
             let page = match page {
-                Ok(Some(page)) => page.tags,
-                Ok(None) => return Some(tags),
+                Ok(Some(Some(page))) => page.tags,
+                Ok(Some(None)) => {
+                    tags.complete = tags.names.is_empty();
+                    return Some(tags);
+                }
+                Ok(None) => return Some(tags).filter(|t| !t.names.is_empty()),
                 Err(e) => {
                     tracing::debug!(%image, error = %e, "the registry did not list the repository's tags");
-                    return Some(tags).filter(|t| !t.is_empty());
+                    return Some(tags).filter(|t| !t.names.is_empty());
                 }
             };
-            let (full, before) = (page.len() >= TAGS_PAGE, tags.len());
+            let (full, before) = (page.len() >= TAGS_PAGE, tags.names.len());
             // Tags come in lexical order by the spec; not every registry sorts them.
             last = page.iter().max().cloned();
-            tags.extend(page);
-            if !full || tags.len() == before || tags.len() > max {
+            tags.names.extend(page);
+            if !full || tags.names.len() == before || tags.names.len() > max {
                 return Some(tags);
             }
         }

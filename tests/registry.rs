@@ -145,13 +145,14 @@ async fn a_tag_list_is_read_page_by_page_within_its_bound() {
         .tags(&format!("{addr}/r:x"), 10_000)
         .await
         .unwrap();
-    assert_eq!(tags.len(), 2500);
-    assert!(tags.contains("t00000") && tags.contains("t02499"));
+    assert_eq!(tags.names.len(), 2500);
+    assert!(tags.names.contains("t00000") && tags.names.contains("t02499"));
+    assert!(!tags.complete);
     assert_eq!(lists.load(Ordering::SeqCst), 3);
     // Past the caller's bound it stops with what it has (the rest is checked one by one).
     let (addr, lists) = listing_registry(2500, false).await;
     let tags = checker().tags(&format!("{addr}/r:x"), 1500).await.unwrap();
-    assert_eq!((tags.len(), lists.load(Ordering::SeqCst)), (2000, 2));
+    assert_eq!((tags.names.len(), lists.load(Ordering::SeqCst)), (2000, 2));
     // A registry that ignores `last` gives the first page for ever: it stops at the
     // first page that brings nothing new.
     let (addr, lists) = listing_registry(2500, true).await;
@@ -159,5 +160,5 @@ async fn a_tag_list_is_read_page_by_page_within_its_bound() {
         .tags(&format!("{addr}/r:x"), 10_000)
         .await
         .unwrap();
-    assert_eq!((tags.len(), lists.load(Ordering::SeqCst)), (1000, 2));
+    assert_eq!((tags.names.len(), lists.load(Ordering::SeqCst)), (1000, 2));
 }

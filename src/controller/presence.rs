@@ -216,9 +216,9 @@ impl Presence {
         let plan = plan.clone();
         let task = tokio::spawn(async move {
             // A repository with many images to ask about is listed first: a page of its
-            // tag list answers for up to a thousand of them. What it does not list (all
-            // of a new run's images; any the list left out) is asked one by one. Not
-            // listed past 100 tags per image asked about.
+            // tag list answers for up to a thousand of them. What it does not list (any
+            // the list left out) is asked one by one, unless the registry said the
+            // repository does not exist. Not listed past 100 tags per image asked about.
             let mut by_repository: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for &i in &todo {
                 let repository = split_tag(&plan.nodes[i].image).map_or("", |(r, _)| r);
@@ -240,12 +240,15 @@ impl Presence {
                 };
                 for i in nodes {
                     let tag = split_tag(&plan.nodes[i].image).map_or("", |(_, t)| t);
-                    if !tags.contains(tag) {
-                        one_by_one.push(i);
-                    } else if send
-                        .send((i, Ok(registry::Presence::Exists(None))))
-                        .is_err()
-                    {
+                    let answer = match (tags.names.contains(tag), tags.complete) {
+                        (true, _) => registry::Presence::Exists(None),
+                        (false, true) => registry::Presence::Missing,
+                        (false, false) => {
+                            one_by_one.push(i);
+                            continue;
+                        }
+                    };
+                    if send.send((i, Ok(answer))).is_err() {
                         return;
                     }
                 }
