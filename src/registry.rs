@@ -19,6 +19,13 @@ use tokio::sync::Semaphore;
 /// Tags asked for per page of a repository's tag list.
 pub const TAGS_PAGE: usize = 1000;
 
+/// What one request (with its retries) came to.
+enum Asked<T> {
+    Found(T),
+    NotFound,
+    NoRepository,
+}
+
 /// What a repository's tag list said.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tags {
@@ -236,8 +243,8 @@ impl RegistryChecker {
             })
             .await?;
         Ok(match asked {
-            Some(digest) => Presence::Exists(Some(digest)),
-            None => Presence::Missing,
+            Asked::Found(digest) => Presence::Exists(Some(digest)),
+            Asked::NotFound | Asked::NoRepository => Presence::Missing,
         })
     }
 
@@ -248,40 +255,26 @@ impl RegistryChecker {
     /// not exist (`NAME_UNKNOWN`: [`Tags::complete`], none). `None` if the registry would
     /// not list them.
     pub async fn tags(&self, image: &str, max: usize) -> Option<Tags> {
-        use OciDistributionError as E;
         let (reference, auth) = self.parse(image).ok()?;
         let mut tags = Tags::default();
         let mut last: Option<String> = None;
         loop {
             let page = self
-                .ask(image, &reference, || async {
+                .ask(image, &reference, || {
                     let last = last.as_deref();
-                    match self
-                        .client
+                    self.client
                         .list_tags(&reference, &auth, Some(TAGS_PAGE), last)
-                        .await
-                    {
-                        // Said of the repository in the registry's own words; a bare 404
-                        // may be a registry without tag lists.
-                        Err(E::RegistryError { envelope, .. })
-                            if envelope
-                                .errors
-                                .iter()
-                                .any(|e| matches!(e.code, OciErrorCode::NameUnknown)) =>
-                        {
-                            Ok(None)
-                        }
-                        other => other.map(Some),
-                    }
                 })
                 .await;
             let page = match page {
-                Ok(Some(Some(page))) => page.tags,
-                Ok(Some(None)) => {
+                Ok(Asked::Found(page)) => page.tags,
+                // Said of the repository in the registry's own words; a bare 404 may be a
+                // registry without tag lists.
+                Ok(Asked::NoRepository) => {
                     tags.complete = tags.names.is_empty();
                     return Some(tags);
                 }
-                Ok(None) => return Some(tags).filter(|t| !t.names.is_empty()),
+                Ok(Asked::NotFound) => return Some(tags).filter(|t| !t.names.is_empty()),
                 Err(e) => {
                     tracing::debug!(%image, error = %e, "the registry did not list the repository's tags");
                     return Some(tags).filter(|t| !t.names.is_empty());
@@ -307,13 +300,13 @@ impl RegistryChecker {
     }
 
     /// One request (`call`) about `image`, retried with backoff while the registry is
-    /// unavailable; `None` if the registry says there is no such thing.
+    /// unavailable.
     async fn ask<T, F, Fut>(
         &self,
         image: &str,
         reference: &Reference,
         mut call: F,
-    ) -> Result<Option<T>, RegistryError>
+    ) -> Result<Asked<T>, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
@@ -345,11 +338,12 @@ impl RegistryChecker {
                 observe(&status_code(&result));
             }
             let err = match result {
-                Ok(found) => return Ok(Some(found)),
+                Ok(found) => return Ok(Asked::Found(found)),
                 Err(err) => err,
             };
             match classify(err) {
-                Answer::NotFound => return Ok(None),
+                Answer::NotFound => return Ok(Asked::NotFound),
+                Answer::NoRepository => return Ok(Asked::NoRepository),
                 Answer::Refused(status) => {
                     return Err(RegistryError::Unauthorized {
                         registry,
@@ -410,6 +404,8 @@ fn status_code<T>(result: &Result<T, OciDistributionError>) -> String {
 
 enum Answer {
     NotFound,
+    /// The registry says the repository does not exist (`NAME_UNKNOWN`).
+    NoRepository,
     Refused(u16),
     Retry(String),
     Invalid(String),
@@ -420,14 +416,12 @@ fn classify(err: OciDistributionError) -> Answer {
     match &err {
         E::RegistryError { envelope, .. } => {
             let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-            if codes.iter().any(|c| {
-                matches!(
-                    c,
-                    OciErrorCode::ManifestUnknown
-                        | OciErrorCode::NameUnknown
-                        | OciErrorCode::NotFound
-                )
-            }) {
+            if codes.iter().any(|c| matches!(c, OciErrorCode::NameUnknown)) {
+                Answer::NoRepository
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::ManifestUnknown | OciErrorCode::NotFound))
+            {
                 Answer::NotFound
             } else if codes
                 .iter()
