@@ -75,6 +75,19 @@ async fn two_operators_never_both_dispatch() {
     // A freezes (a long GC pause, a partitioned node): it neither renews nor notices.
     a.signal("STOP");
     let stopped = Instant::now();
+    let stopped_ms = chrono::Utc::now().timestamp_millis();
+    // A's lease runs until its last renewal + the duration; no one may take it before.
+    // (Read once any renewal A had in flight has landed; a later one only ends it later.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frozen = leases
+        .get("imagebuild-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(frozen.holder_identity.as_deref(), Some("op-a"));
+    let lease_end_ms = frozen.renew_time.unwrap().0.as_millisecond()
+        + i64::from(frozen.lease_duration_seconds.unwrap()) * 1000;
     let next = eventually(Duration::from_secs(60), "B to take the lease", || async {
         holder(&leases).await.filter(|h| h == "op-b")
     })
@@ -138,17 +151,22 @@ async fn two_operators_never_both_dispatch() {
             after_thaw.is_empty(),
             "A dispatched once thawed: {after_thaw:?}"
         );
-        // B dispatched only once A's lease could have run out.
+        // B dispatched only once A's lease had run out: the watcher saw B's first Job
+        // no earlier than A's last renewal + the lease's duration.
         let waited = first_b.duration_since(stopped);
+        let first_b_ms = stopped_ms + waited.as_millis() as i64;
         println!(
-            "A: {} Jobs, B: {} Jobs; B's first {:.1} s after A froze",
+            "A: {} Jobs, B: {} Jobs; A's lease ran out {:.1} s after A froze, B's first Job \
+             was seen {:.1} s after",
             by_a.len(),
             by_b.len(),
+            (lease_end_ms - stopped_ms) as f64 / 1000.0,
             waited.as_secs_f64()
         );
         assert!(
-            waited >= Duration::from_secs(LEASE_SECONDS.parse::<u64>().unwrap() - 2),
-            "B dispatched {waited:?} after A froze, within A's lease"
+            first_b_ms >= lease_end_ms,
+            "B's first Job was seen {} ms before A's lease ran out",
+            lease_end_ms - first_b_ms
         );
         assert!(
             seen.per_attempt().values().all(|&n| n == 1),
