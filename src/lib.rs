@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod names;
 pub mod operator;
 pub mod plan;
+pub mod reference;
 pub mod registry;
 pub mod schedule;
 pub mod summary;

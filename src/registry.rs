@@ -291,7 +291,7 @@ impl RegistryChecker {
     }
 
     fn parse(&self, image: &str) -> Result<(Reference, RegistryAuth), RegistryError> {
-        let reference: Reference = image.parse().map_err(|e| RegistryError::Invalid {
+        let reference = crate::reference::parse(image).map_err(|e| RegistryError::Invalid {
             image: image.to_string(),
             message: format!("{e}"),
         })?;

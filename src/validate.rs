@@ -221,15 +221,12 @@ fn quantity(field: &str, text: &str) -> Result<(), SpecError> {
 /// The executor image: a pullable reference (the kubelet refuses anything else only when
 /// the pod starts, where it would fail every build alike).
 fn executor_image(image: &str) -> Result<(), SpecError> {
-    image
-        .parse::<oci_client::Reference>()
-        .map(|_| ())
-        .map_err(|e| {
-            err(
-                "spec.executor.image",
-                format!("`{}` is not an image reference: {e}", truncate(image, 128)),
-            )
-        })
+    crate::reference::parse(image).map(|_| ()).map_err(|e| {
+        err(
+            "spec.executor.image",
+            format!("`{}` is not an image reference: {e}", truncate(image, 128)),
+        )
+    })
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration, SpecError> {

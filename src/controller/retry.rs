@@ -98,23 +98,7 @@ mod tests {
     use crate::schedule::{Failure, FailureClass, NodeState};
 
     fn plan() -> Plan {
-        let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
-            r#"
-instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
-builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
-base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
-assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
-"#,
-        )
-        .unwrap();
-        let raw: Vec<_> = ["a__a-1", "a__a-2", "b__b-1"]
-            .iter()
-            .map(|id| crate::instances::RawInstance {
-                id: id.to_string(),
-                image: None,
-            })
-            .collect();
-        crate::plan::build("run", &spec, &raw).unwrap()
+        crate::plan::fixture(&["a__a-1", "a__a-2", "b__b-1"])
     }
 
     fn failed(plan: &Plan, subject: &str, class: FailureClass, attempt: u32) -> (String, Record) {

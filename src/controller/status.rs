@@ -311,22 +311,8 @@ mod tests {
 
     /// The plan of `n` instances `r__r-00`, `r__r-01`, ... with one base each.
     fn small_plan(n: usize) -> Plan {
-        let spec: crate::api::ImageBuildRunSpec = serde_yaml_ng::from_str(
-            r#"
-instances: {list: [x], upstreamImage: "docker.io/up/{{ repo }}_1776_{{ name }}:latest"}
-builder: {context: {inline: "FROM scratch"}, image: "r.io/b:1"}
-base: {context: {inline: "FROM scratch"}, image: "r.io/base:{{ customTag }}"}
-assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId }}"}
-"#,
-        )
-        .unwrap();
-        let raw: Vec<_> = (0..n)
-            .map(|i| crate::instances::RawInstance {
-                id: format!("r__r-{i:02}"),
-                image: None,
-            })
-            .collect();
-        crate::plan::build("run", &spec, &raw).unwrap()
+        let ids: Vec<String> = (0..n).map(|i| format!("r__r-{i:02}")).collect();
+        crate::plan::fixture(&ids.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub const WRAPPER: &str = include_str!("wrapper.sh");
 pub fn http_registries(node: &Node) -> Vec<String> {
     let mut hosts: Vec<String> = std::iter::once(&node.image)
         .chain(node.cache_ref.as_ref())
-        .filter_map(|image| image.parse::<oci_client::Reference>().ok())
+        .filter_map(|image| crate::reference::parse(image).ok())
         .map(|r| r.registry().to_string())
         .collect();
     hosts.sort();

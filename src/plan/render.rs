@@ -2,9 +2,6 @@
 //! checks on what they render: a valid tagged reference, unique within its phase.
 
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
-
-use oci_client::Reference;
 
 use super::PlanError;
 use crate::api::{BuildContext, PhaseSpec};
@@ -106,7 +103,7 @@ pub(super) fn check_reference(
         reference: crate::text::truncate(reference, 256),
         reason,
     };
-    let parsed = Reference::from_str(reference).map_err(|e| invalid(e.to_string()))?;
+    let parsed = crate::reference::parse(reference).map_err(|e| invalid(e.to_string()))?;
     if parsed.tag().is_none() || parsed.digest().is_some() {
         return Err(invalid("a pushed image needs a tag and no digest".into()));
     }
@@ -120,7 +117,7 @@ fn check_cache_reference(
     reference: &str,
     owner: Option<&str>,
 ) -> Result<(), PlanError> {
-    Reference::from_str(reference)
+    crate::reference::parse(reference)
         .map(|_| ())
         .map_err(|e| PlanError::InvalidReference {
             field: field.to_string(),
