@@ -16,6 +16,7 @@ pub mod instances;
 pub mod job;
 pub mod leader;
 pub mod manifest;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod operator;

@@ -43,7 +43,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    one_malloc_arena();
+    imagebuild_operator::memory::one_arena();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -94,19 +94,5 @@ async fn start() -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::from(2)
         }
-    }
-}
-
-/// One malloc arena for the whole process. glibc gives each thread that allocates its own
-/// arena, and an arena keeps the peak of the transient buffers made in it (a manifest
-/// shard rendered, a list response parsed) long after they are freed: in a 1,000-instance
-/// run, two runtime threads' arenas held 25 of the 33 MiB of anonymous memory. The price
-/// is contention on one arena; the operator waits on the API server far more than it
-/// allocates.
-fn one_malloc_arena() {
-    // SAFETY: mallopt only sets a malloc parameter; called first thing in main, before
-    // the runtime starts any other thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

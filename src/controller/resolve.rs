@@ -163,8 +163,11 @@ pub fn spawn(
 ) -> oneshot::Receiver<Result<Plan, ResolveError>> {
     let (send, receive) = oneshot::channel();
     tokio::spawn(async move {
+        let resolved = resolve(&run, &client).await;
+        // What reading and planning freed goes back to the system, not kept as the peak.
+        crate::memory::give_back();
         // The reconcile may be gone by now; nothing to tell then.
-        if send.send(resolve(&run, &client).await).is_ok() {
+        if send.send(resolved).is_ok() {
             done();
         }
     });
