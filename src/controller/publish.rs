@@ -4,7 +4,6 @@
 //! second per run. Events are told against the status this process last wrote, not the
 //! watch's copy, which may not have caught up with it.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -16,9 +15,9 @@ use super::context::{Ctx, Error};
 use super::events;
 use super::observe::Unschedulable;
 use super::state::RunState;
-use super::status;
+use super::status::{self, RecordFacts};
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, PhaseCounts, RunPhase};
-use crate::manifest::{Record, RecordStatus};
+
 use crate::metrics::RunId;
 use crate::plan::Plan;
 use crate::schedule::NodeState;
@@ -36,8 +35,8 @@ pub struct Derivation<'a> {
     pub plan: &'a Plan,
     /// Every node's state, after this reconcile's actions.
     pub states: &'a [NodeState],
-    /// The manifest's records.
-    pub records: &'a BTreeMap<String, Record>,
+    /// What the status reads of the manifest's records.
+    pub facts: &'a RecordFacts,
     /// The manifest's shards, as the status names them.
     pub manifests: Vec<String>,
     /// `retry.attempts`.
@@ -70,25 +69,21 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
         Some(NodeState::Waiting { attempts, .. }) if *attempts > 0
     );
     status::fill(status, &counts, builder_retrying);
-    let records = d.records;
-    status.failures = status::failures(d.plan, records);
-    status.retries_exhausted = status::retries_exhausted(d.plan, records, d.attempts);
+    let facts = d.facts;
+    status.failures = facts.failures.clone();
+    status.retries_exhausted = facts.retries_exhausted(d.attempts);
     status.manifests = d.manifests.clone();
-    status.last_progress_at = records
-        .values()
-        .filter(|r| r.status != RecordStatus::Retrying)
-        .map(|r| r.time)
-        .max();
+    status.last_progress_at = facts.last_progress_at();
     let now = d.now;
     let started = status.started_at.unwrap_or(now);
     // Both drift with the clock alone; small drifts keep the written value, so an idle
     // run is not rewritten every reconcile.
-    let rate = status::images_per_hour(records.values(), started, now, THROUGHPUT_WINDOW);
+    let rate = facts.images_per_hour(started, now, THROUGHPUT_WINDOW);
     status.images_per_hour = match (old.images_per_hour, rate) {
         (Some(o), Some(n)) if (n - o).abs() <= 0.05 * o => Some(o),
         _ => rate,
     };
-    let eta = status::estimated_completion(d.plan, d.states, records.values(), d.workers, now);
+    let eta = facts.estimated_completion(d.plan, d.states, d.workers, now);
     status.estimated_completion = match (old.estimated_completion, eta) {
         // A finished run has nothing left to estimate.
         _ if status.phase != Some(RunPhase::Building) => None,
@@ -102,7 +97,7 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
         .iter()
         .find(|u| now - u.since >= pending_limit)
         .map(|u| u.message.clone())
-        .or_else(|| status::unschedulable_failures(records.values()));
+        .or_else(|| facts.unschedulable.clone());
     if d.cancelled && status.phase == Some(RunPhase::Building) {
         status.phase = Some(RunPhase::Cancelled);
     }

@@ -31,6 +31,7 @@ use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
 use super::retry;
+use super::status::RecordFacts;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
@@ -381,13 +382,20 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         result => result?,
     }
 
-    // Publish.
+    // Publish. What the status reads of the records is gathered again only once they
+    // changed.
+    let version = manifest.version();
+    if state.facts.as_ref().map(|(v, _)| *v) != Some(version) {
+        state.facts = Some((version, RecordFacts::of(&plan, manifest.records())));
+    }
+    let none = RecordFacts::default();
+    let facts = state.facts.as_ref().map_or(&none, |(_, f)| f);
     publish::derive(
         &mut status,
         &Derivation {
             plan: &plan,
             states: &states,
-            records: manifest.records(),
+            facts,
             manifests: manifest.names(&name),
             attempts: run.spec.retry.attempts,
             suspended: run.spec.suspend,

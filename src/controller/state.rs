@@ -42,6 +42,8 @@ pub struct RunState {
     pub dispatched: Dispatched,
     /// When this process last wrote the run's records.
     pub manifest_written: Option<Instant>,
+    /// What the status reads of the records, and the manifest version it was read from.
+    pub facts: Option<(u64, crate::controller::status::RecordFacts)>,
 }
 
 /// How long a Job created is taken as running without the store showing it. Past that

@@ -115,14 +115,6 @@ fn failed<'a>(
         .filter_map(|(name, r)| Some((plan.node_of(name)?, r)))
 }
 
-/// Images of the plan that failed for good with a transient failure after `attempts`
-/// attempts (not those a run deadline cut short).
-pub fn retries_exhausted(plan: &Plan, records: &BTreeMap<String, Record>, attempts: u32) -> u32 {
-    failed(plan, records)
-        .filter(|(_, r)| r.failure().class.is_transient() && r.attempt_count >= attempts)
-        .count() as u32
-}
-
 /// The last non-empty line of `text`, cut to at most `max` bytes on a character boundary,
 /// keeping its end (where BuildKit says why: `...: exit code: 1`).
 fn last_line(text: &str, max: usize) -> String {
@@ -149,64 +141,115 @@ pub fn unschedulable_failures<'a>(records: impl Iterator<Item = &'a Record>) -> 
     ))
 }
 
-/// Images finished (built, skipped or failed) per hour over the last `window` (or since
-/// the run started, if that is shorter); `None` before anything finished.
-pub fn images_per_hour<'a>(
-    records: impl Iterator<Item = &'a Record>,
-    started: DateTime<Utc>,
-    now: DateTime<Utc>,
-    window: chrono::Duration,
-) -> Option<f64> {
-    let from = (now - window).max(started);
-    let span = (now - from).num_milliseconds() as f64 / 3_600_000.0;
-    let done = records
-        .filter(|r| r.status != RecordStatus::Retrying && r.time > from)
-        .count();
-    (done > 0 && span > 0.0).then(|| (done as f64 / span * 10.0).round() / 10.0)
+/// What the status reads of the records, gathered once per change of them: a reconcile
+/// reuses it until the manifest's records change (`Manifest::version`), rather than going
+/// over every record for each of these on every reconcile.
+#[derive(Clone, Debug, Default)]
+pub struct RecordFacts {
+    /// The most recent failures (see [`failures`]).
+    pub failures: Vec<FailureRecord>,
+    /// The Stalled message for images failed as unschedulable (see
+    /// [`unschedulable_failures`]).
+    pub unschedulable: Option<String>,
+    /// The attempts of each image of the plan that failed for good with a transient
+    /// failure.
+    transient_attempts: Vec<u32>,
+    /// When each image finished (built, skipped or failed; not one waiting for a retry),
+    /// in time order.
+    finished: Vec<DateTime<Utc>>,
+    /// Seconds of the built images' Jobs summed by phase, and their number.
+    build_seconds: [(f64, u32); 4],
 }
 
-/// When the run should end: the images not yet final, each costing the mean observed
-/// build time of its phase (or of all phases, when its own has none yet), spread over
-/// `max_workers`. `None` before any build finished.
-pub fn estimated_completion<'a>(
-    plan: &Plan,
-    states: &[NodeState],
-    records: impl Iterator<Item = &'a Record>,
-    max_workers: u32,
-    now: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
-    let mut sum = [0f64; 4];
-    let mut n = [0u32; 4];
-    for r in records.filter(|r| r.status == RecordStatus::Built) {
-        let (Some(start), Some(phase)) = (r.started_at, phase_of(&r.phase)) else {
-            continue;
-        };
-        let end = r.finished_at.unwrap_or(r.time);
-        sum[index(phase)] += (end - start).num_milliseconds().max(0) as f64 / 1000.0;
-        n[index(phase)] += 1;
-    }
-    let total_n: u32 = n.iter().sum();
-    if total_n == 0 {
-        return None;
-    }
-    let overall = sum.iter().sum::<f64>() / total_n as f64;
-    let mean = |i: usize| {
-        if n[i] > 0 {
-            sum[i] / n[i] as f64
-        } else {
-            overall
+impl RecordFacts {
+    /// The facts of `records`, the records of `plan`'s run.
+    pub fn of(plan: &Plan, records: &BTreeMap<String, Record>) -> RecordFacts {
+        let mut finished: Vec<DateTime<Utc>> = records
+            .values()
+            .filter(|r| r.status != RecordStatus::Retrying)
+            .map(|r| r.time)
+            .collect();
+        finished.sort_unstable();
+        let mut build_seconds = [(0f64, 0u32); 4];
+        for r in records.values().filter(|r| r.status == RecordStatus::Built) {
+            let (Some(start), Some(phase)) = (r.started_at, phase_of(&r.phase)) else {
+                continue;
+            };
+            let end = r.finished_at.unwrap_or(r.time);
+            let (sum, n) = &mut build_seconds[index(phase)];
+            *sum += (end - start).num_milliseconds().max(0) as f64 / 1000.0;
+            *n += 1;
         }
-    };
-    let left: f64 = plan
-        .nodes
-        .iter()
-        .zip(states)
-        .filter(|(_, s)| !s.is_terminal())
-        .map(|(node, _)| mean(index(node.phase)))
-        .sum();
-    let seconds = left / max_workers.max(1) as f64;
-    chrono::Duration::try_milliseconds((seconds * 1000.0) as i64)
-        .and_then(|left| now.checked_add_signed(left))
+        RecordFacts {
+            failures: failures(plan, records),
+            unschedulable: unschedulable_failures(records.values()),
+            transient_attempts: failed(plan, records)
+                .filter(|(_, r)| r.failure().class.is_transient())
+                .map(|(_, r)| r.attempt_count)
+                .collect(),
+            finished,
+            build_seconds,
+        }
+    }
+
+    /// Images of the plan that failed for good with a transient failure after `attempts`
+    /// attempts (not those a run deadline cut short).
+    pub fn retries_exhausted(&self, attempts: u32) -> u32 {
+        self.transient_attempts
+            .iter()
+            .filter(|&&a| a >= attempts)
+            .count() as u32
+    }
+
+    /// When the last image finished.
+    pub fn last_progress_at(&self) -> Option<DateTime<Utc>> {
+        self.finished.last().copied()
+    }
+
+    /// Images finished per hour over the last `window` (or since the run started, if
+    /// that is shorter); `None` before anything finished.
+    pub fn images_per_hour(
+        &self,
+        started: DateTime<Utc>,
+        now: DateTime<Utc>,
+        window: chrono::Duration,
+    ) -> Option<f64> {
+        let from = (now - window).max(started);
+        let span = (now - from).num_milliseconds() as f64 / 3_600_000.0;
+        let done = self.finished.len() - self.finished.partition_point(|t| *t <= from);
+        (done > 0 && span > 0.0).then(|| (done as f64 / span * 10.0).round() / 10.0)
+    }
+
+    /// When the run should end: the images not yet final, each costing the mean observed
+    /// build time of its phase (or of all phases, when its own has none yet), spread over
+    /// `max_workers`. `None` before any build finished.
+    pub fn estimated_completion(
+        &self,
+        plan: &Plan,
+        states: &[NodeState],
+        max_workers: u32,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let total_n: u32 = self.build_seconds.iter().map(|(_, n)| n).sum();
+        if total_n == 0 {
+            return None;
+        }
+        let overall = self.build_seconds.iter().map(|(s, _)| s).sum::<f64>() / total_n as f64;
+        let mean = |i: usize| match self.build_seconds[i] {
+            (sum, n) if n > 0 => sum / n as f64,
+            _ => overall,
+        };
+        let left: f64 = plan
+            .nodes
+            .iter()
+            .zip(states)
+            .filter(|(_, s)| !s.is_terminal())
+            .map(|(node, _)| mean(index(node.phase)))
+            .sum();
+        let seconds = left / max_workers.max(1) as f64;
+        chrono::Duration::try_milliseconds((seconds * 1000.0) as i64)
+            .and_then(|left| now.checked_add_signed(left))
+    }
 }
 
 fn phase_of(name: &str) -> Option<Phase> {
@@ -321,30 +364,51 @@ mod tests {
         let now = Utc::now();
         let minutes = |m: i64| chrono::Duration::minutes(m);
         // The builder and 4 bases built, each in 2 minutes, the last 4 within the hour.
-        let mut records = Vec::new();
+        let mut records = BTreeMap::new();
         let mut states = vec![NodeState::NEW; plan.nodes.len()];
         for (i, node) in plan.nodes.iter().enumerate().take(5) {
             let end = now - minutes(10 * i as i64);
             let mut r = Record::built(node, 1, end);
             r.started_at = Some(end - minutes(2));
-            records.push(r);
+            records.insert(node.job_name.clone(), r);
             states[i] = NodeState::Succeeded;
         }
-        let rate = images_per_hour(records.iter(), now - minutes(120), now, minutes(30)).unwrap();
-        assert_eq!(rate, 6.0, "3 images in the last 30 minutes");
-        let rate = images_per_hour(records.iter(), now - minutes(120), now, minutes(5)).unwrap();
-        assert_eq!(rate, 12.0, "1 image in the last 5 minutes");
+        // One waiting for a retry has not finished.
+        let retrying = &plan.nodes[5];
+        let failure = crate::schedule::Failure::new(
+            crate::schedule::FailureClass::RegistryUnavailable,
+            "push refused",
+        );
+        let mut again = Record::failed(retrying, &failure, 1, None, now);
+        again.status = RecordStatus::Retrying;
+        records.insert(retrying.job_name.clone(), again);
+        // One failed for good after 3 attempts at a transient failure.
+        let exhausted = &plan.nodes[6];
+        let failed = Record::failed(exhausted, &failure, 3, None, now - minutes(60));
+        records.insert(exhausted.job_name.clone(), failed);
+        let facts = RecordFacts::of(&plan, &records);
+        assert_eq!(facts.retries_exhausted(3), 1);
         assert_eq!(
-            images_per_hour([].iter(), now - minutes(120), now, minutes(5)),
+            facts.retries_exhausted(4),
+            0,
+            "it had a fourth attempt to go"
+        );
+        assert_eq!(facts.failures.len(), 1);
+        assert_eq!(facts.last_progress_at(), Some(now));
+        let rate = facts.images_per_hour(now - minutes(120), now, minutes(30));
+        assert_eq!(rate, Some(6.0), "3 images in the last 30 minutes");
+        let rate = facts.images_per_hour(now - minutes(120), now, minutes(5));
+        assert_eq!(rate, Some(12.0), "1 image in the last 5 minutes");
+        let none = RecordFacts::of(&plan, &BTreeMap::new());
+        assert_eq!(
+            none.images_per_hour(now - minutes(120), now, minutes(5)),
             None
         );
+        assert_eq!(none.last_progress_at(), None);
         // 6 bases and 10 assemblies left at 2 minutes each, 4 workers: 8 minutes.
-        let eta = estimated_completion(&plan, &states, records.iter(), 4, now).unwrap();
+        let eta = facts.estimated_completion(&plan, &states, 4, now).unwrap();
         assert_eq!((eta - now).num_seconds(), 16 * 120 / 4);
-        assert_eq!(
-            estimated_completion(&plan, &states, [].iter(), 4, now),
-            None
-        );
+        assert_eq!(none.estimated_completion(&plan, &states, 4, now), None);
     }
 
     #[test]

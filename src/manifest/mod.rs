@@ -10,6 +10,8 @@
 //! with the resourceVersion it last saw, so a lost race is a conflict, never a lost record.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -113,11 +115,19 @@ pub fn shard_name(run: &str, i: usize) -> String {
 }
 
 /// One line: the record and the Job name it is kept under.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Line {
     job: String,
     #[serde(flatten)]
     record: Record,
+}
+
+/// A line to write, borrowed (a record is copied only to cut its error).
+#[derive(Serialize)]
+struct LineOut<'a> {
+    job: &'a str,
+    #[serde(flatten)]
+    record: std::borrow::Cow<'a, Record>,
 }
 
 /// The JSON lines of `records`, in Job-name order, in at most [`MAX_SHARD_BYTES`]: if
@@ -128,14 +138,12 @@ pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)> + 
     for max_error in [None, Some(SHORT_ERROR), Some(0)] {
         out.clear();
         for (job, record) in records.clone() {
-            let mut record = record.clone();
+            let mut record = std::borrow::Cow::Borrowed(record);
             if let (Some(max), Some(error)) = (max_error, &record.error) {
-                record.error = (max > 0).then(|| shorten(error, max));
+                let cut = (max > 0).then(|| shorten(error, max));
+                record.to_mut().error = cut;
             }
-            let line = Line {
-                job: job.clone(),
-                record,
-            };
+            let line = LineOut { job, record };
             #[allow(
                 clippy::expect_used,
                 reason = "a record has string keys and derived Serialize only: it cannot fail"
@@ -201,64 +209,71 @@ async fn read_shards(
 type Shards = Vec<(usize, Option<String>, Vec<(String, Record)>)>;
 
 /// A run's manifest as last read or written.
+///
+/// A record's shard is not kept per record: it is its node's position in the plan the
+/// manifest was loaded for, unless the record was read from another shard (or its Job is
+/// not in the plan): those few are in `moved`. The records are the only copy of their Job
+/// names besides the plan's.
 pub struct Manifest {
+    /// The plan the records are placed by: the one the manifest was loaded for.
+    plan: Arc<Plan>,
     records: BTreeMap<String, Record>,
-    /// The shard of each image: where its record was read from, else where its plan
-    /// position puts it.
-    home: HashMap<String, usize>,
-    /// The Job names recorded in each shard.
-    members: Vec<BTreeSet<String>>,
+    /// The shard of each record kept elsewhere than its plan position puts it.
+    moved: HashMap<String, usize>,
     /// The resourceVersion of each shard that exists.
     versions: Vec<Option<String>>,
+    /// Changes with every change of the records (see [`Manifest::version`]).
+    version: u64,
 }
+
+/// The version the next manifest made or changed in this process takes.
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 
 impl Manifest {
     /// Reads the run's shards.
     pub async fn load(
         client: &Client,
         run: &ImageBuildRun,
-        plan: &Plan,
+        plan: &Arc<Plan>,
     ) -> Result<Manifest, ManifestError> {
-        let jobs: Vec<&str> = plan.nodes.iter().map(|n| n.job_name.as_str()).collect();
         Ok(Manifest::from_shards(
-            &jobs,
+            plan.clone(),
             read_shards(client, run).await?,
         ))
     }
 
-    /// The manifest of a plan whose Job names are `jobs` (in plan order), from the shards
-    /// read.
-    pub fn from_shards(jobs: &[&str], read: Shards) -> Manifest {
+    /// The manifest of `plan`, from the shards read.
+    pub fn from_shards(plan: Arc<Plan>, read: Shards) -> Manifest {
         let shards = read
             .iter()
             .map(|(i, _, _)| i + 1)
             .max()
             .unwrap_or(0)
-            .max(shard_count(jobs.len()));
+            .max(shard_count(plan.nodes.len()));
         let mut manifest = Manifest {
+            plan,
             records: BTreeMap::new(),
-            home: jobs
-                .iter()
-                .enumerate()
-                .map(|(i, job)| (job.to_string(), i / RECORDS_PER_SHARD))
-                .collect(),
-            members: vec![BTreeSet::new(); shards],
+            moved: HashMap::new(),
             versions: vec![None; shards],
+            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
         };
         for (i, version, records) in read {
             manifest.versions[i] = version;
             for (job, record) in records {
                 // Found twice (a layout of an older version): the newer record wins, and
                 // its shard is the record's home from now on.
-                if let Some(other) = manifest.records.get(&job) {
-                    if other.time > record.time {
-                        continue;
-                    }
-                    let old = manifest.home(&job);
-                    manifest.members[old].remove(&job);
+                if manifest
+                    .records
+                    .get(&job)
+                    .is_some_and(|other| other.time > record.time)
+                {
+                    continue;
                 }
-                manifest.home.insert(job.clone(), i);
-                manifest.members[i].insert(job.clone());
+                if manifest.planned_home(&job) == Some(i) {
+                    manifest.moved.remove(&job);
+                } else {
+                    manifest.moved.insert(job.clone(), i);
+                }
                 manifest.records.insert(job, record);
             }
         }
@@ -271,12 +286,20 @@ impl Manifest {
         run: &ImageBuildRun,
     ) -> Result<BTreeMap<String, Record>, ManifestError> {
         // Read as the operator reads it (a record found twice: the newer copy).
-        Ok(Manifest::from_shards(&[], read_shards(client, run).await?).records)
+        let read = read_shards(client, run).await?;
+        Ok(Manifest::from_shards(Arc::default(), read).records)
     }
 
     /// Every record, by Job name.
     pub fn records(&self) -> &BTreeMap<String, Record> {
         &self.records
+    }
+
+    /// Tells apart the records' states in this process: two manifests, or one before and
+    /// after a change of its records, never have the same version. What is derived from
+    /// the records can be kept until it changes.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// The names of the shards that exist, in shard order.
@@ -287,12 +310,18 @@ impl Manifest {
             .collect()
     }
 
+    /// The shard Job `job`'s plan position puts it in, if it is in the plan.
+    fn planned_home(&self, job: &str) -> Option<usize> {
+        self.plan.node_of(job).map(|id| id / RECORDS_PER_SHARD)
+    }
+
     /// The shard of Job `job`'s record (the last shard for a Job not in the plan).
     fn home(&self, job: &str) -> usize {
-        self.home
+        self.moved
             .get(job)
             .copied()
-            .unwrap_or(self.members.len() - 1)
+            .or_else(|| self.planned_home(job))
+            .unwrap_or(self.versions.len() - 1)
     }
 
     /// Adds or replaces `changes` in memory; the shards to write.
@@ -301,15 +330,35 @@ impl Manifest {
         for (job, record) in changes {
             let i = self.home(&job);
             touched.insert(i);
-            self.members[i].insert(job.clone());
+            if self.planned_home(&job) != Some(i) {
+                self.moved.insert(job.clone(), i);
+            }
             self.records.insert(job, record);
         }
+        self.version = NEXT_VERSION.fetch_add(1, Ordering::Relaxed);
         touched
     }
 
-    /// The text of shard `i`.
+    /// The text of shard `i`: the records of the plan's nodes at its positions that were
+    /// not moved, and those moved into it.
     fn render_shard(&self, i: usize) -> String {
-        render(self.members[i].iter().map(|job| (job, &self.records[job])))
+        let start = (i * RECORDS_PER_SHARD).min(self.plan.nodes.len());
+        let end = (start + RECORDS_PER_SHARD).min(self.plan.nodes.len());
+        let planned = self.plan.nodes[start..end]
+            .iter()
+            .map(|n| n.job_name.as_str())
+            .filter(|job| !self.moved.contains_key(*job));
+        let moved = self
+            .moved
+            .iter()
+            .filter(|&(_, &shard)| shard == i)
+            .map(|(job, _)| job.as_str());
+        let mut lines: Vec<(&String, &Record)> = planned
+            .chain(moved)
+            .filter_map(|job| self.records.get_key_value(job))
+            .collect();
+        lines.sort_unstable_by_key(|(job, _)| *job);
+        render(lines.iter().copied())
     }
 
     /// Adds or replaces `changes` and writes the shards they fall in. On an error the
@@ -441,51 +490,61 @@ mod tests {
         assert_eq!(shard_count(20_001), 81);
         assert_eq!(too_many(64_000), None);
         assert!(too_many(64_001).unwrap().contains("at most 64000"));
-        let names: Vec<String> = (0..601).map(|i| format!("j-{i:04}")).collect();
-        let jobs: Vec<&str> = names.iter().map(String::as_str).collect();
+        // 601 images: a builder, then 300 bases and 300 assemblies.
+        let ids: Vec<String> = (0..300).map(|i| format!("r__r-{i:03}")).collect();
+        let plan = Arc::new(crate::plan::fixture(
+            &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        assert_eq!(plan.nodes.len(), 601);
+        let job = |k: usize| plan.nodes[k].job_name.clone();
+        let jobs = |ks: &[usize]| ks.iter().map(|&k| job(k)).collect::<Vec<_>>();
 
-        let mut m = Manifest::from_shards(&jobs, vec![]);
+        let mut m = Manifest::from_shards(plan.clone(), vec![]);
         assert!(m.names("run").is_empty(), "nothing written yet");
-        let touched = m.apply(changes(["j-0000", "j-0001", "j-0249"].map(String::from)));
+        let touched = m.apply(changes(jobs(&[0, 1, 249])));
         assert_eq!(touched, BTreeSet::from([0]));
-        let touched = m.apply(changes(["j-0250", "j-0600"].map(String::from)));
+        let touched = m.apply(changes(jobs(&[250, 600])));
         assert_eq!(touched, BTreeSet::from([1, 2]));
         // A hundred images that finish together rewrite at most two shards.
-        let touched = m.apply(changes((300..400).map(|i| format!("j-{i:04}"))));
+        let touched = m.apply(changes((300..400).map(job)));
         assert_eq!(touched, BTreeSet::from([1]));
-        let touched = m.apply(changes((200..300).map(|i| format!("j-{i:04}"))));
+        let touched = m.apply(changes((200..300).map(job)));
         assert_eq!(touched, BTreeSet::from([0, 1]));
         // A Job not in the plan goes to the last shard.
         assert_eq!(m.apply(changes(["gone".to_string()])), BTreeSet::from([2]));
         let text = m.render_shard(2);
-        assert_eq!(parse("cm", &text).unwrap().len(), 2, "j-0600 and gone");
+        let lines = parse("cm", &text).unwrap();
+        let names: Vec<&str> = lines.iter().map(|(j, _)| j.as_str()).collect();
+        let mut expected = vec![job(600), "gone".to_string()];
+        expected.sort();
+        assert_eq!(names, expected, "in Job-name order");
+        let shard = |m: &Manifest, i: usize| -> BTreeSet<String> {
+            let lines = parse("cm", &m.render_shard(i)).unwrap();
+            lines.into_iter().map(|(j, _)| j).collect()
+        };
+        let first: BTreeSet<String> = [0, 1].into_iter().chain(200..250).map(job).collect();
+        assert_eq!(shard(&m, 0), first);
+        assert_eq!(shard(&m, 1).len(), 150, "250 to 399, each once");
 
         // Read back: a record stays in the shard it was found in, wherever the plan puts
         // it, and one found twice lives in the later shard only.
         let read: Shards = vec![
-            (
-                0,
-                Some("5".into()),
-                vec![("j-0600".into(), record("j-0600"))],
-            ),
+            (0, Some("5".into()), vec![(job(600), record(&job(600)))]),
             (
                 2,
                 Some("7".into()),
-                vec![
-                    ("j-0000".into(), record("j-0000")),
-                    ("j-0600".into(), record("j-0600")),
-                ],
+                vec![(job(0), record(&job(0))), (job(600), record(&job(600)))],
             ),
         ];
-        let mut m = Manifest::from_shards(&jobs, read);
+        let mut m = Manifest::from_shards(plan.clone(), read);
         assert_eq!(m.names("run"), ["run-manifest-0", "run-manifest-2"]);
         assert_eq!(m.records().len(), 2);
-        assert_eq!(
-            m.apply(changes(["j-0000".to_string()])),
-            BTreeSet::from([2])
-        );
-        assert!(parse("cm", &m.render_shard(0)).unwrap().is_empty());
-        assert_eq!(parse("cm", &m.render_shard(2)).unwrap().len(), 2);
+        assert_eq!(m.apply(changes(jobs(&[0]))), BTreeSet::from([2]));
+        assert!(shard(&m, 0).is_empty());
+        assert_eq!(shard(&m, 2), BTreeSet::from([job(0), job(600)]));
+        // A new record at a moved record's plan position still goes by the plan.
+        assert_eq!(m.apply(changes(jobs(&[1]))), BTreeSet::from([0]));
+        assert_eq!(shard(&m, 0), BTreeSet::from([job(1)]));
     }
 
     #[test]
