@@ -3,6 +3,7 @@
 //! requests at a time.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -34,13 +35,13 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
                 .map(String::as_str)
                 == Some(uid)
     };
-    let mut pods: HashMap<String, Pod> = HashMap::new();
+    let mut pods: HashMap<String, Arc<Pod>> = HashMap::new();
     for pod in ctx.pods.iter().flat_map(|s| s.state()) {
         if !ours(&pod.metadata) {
             continue;
         }
         if let Some(job) = pod.labels().get("batch.kubernetes.io/job-name") {
-            pods.insert(job.clone(), (*pod).clone());
+            pods.insert(job.clone(), pod.clone());
         }
     }
     let mut jobs = BTreeMap::new();
@@ -53,7 +54,7 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
         jobs.insert(
             name,
             LiveJob {
-                job: (*job).clone(),
+                job: job.clone(),
                 pod,
             },
         );

@@ -2,6 +2,7 @@
 //! records and its live Jobs (with their pods). Pure: the reconciler gathers the inputs.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,10 +18,10 @@ use crate::schedule::{Failure, FailureClass, NodeState};
 /// A Job of the run and its pod, if the pod exists.
 #[derive(Clone, Debug)]
 pub struct LiveJob {
-    /// The Job.
-    pub job: Job,
+    /// The Job, as the store holds it (shared, not copied for each reconcile).
+    pub job: Arc<Job>,
     /// Its (only) pod.
-    pub pod: Option<Pod>,
+    pub pod: Option<Arc<Pod>>,
 }
 
 /// A pod the scheduler cannot place.
@@ -126,7 +127,7 @@ fn job_state(
         .as_ref()
         .and_then(|s| s.start_time.as_ref())
         .map(|t| to_chrono(&t.0));
-    if let Some(outcome) = outcome(&live.job, live.pod.as_ref()) {
+    if let Some(outcome) = outcome(&live.job, live.pod.as_deref()) {
         let result = match &outcome {
             Outcome::Succeeded { .. } => Ok(()),
             Outcome::Failed { failure, .. } => Err(failure.clone()),
@@ -141,7 +142,7 @@ fn job_state(
             result,
         };
     }
-    if let Some((message, since)) = live.pod.as_ref().and_then(unschedulable) {
+    if let Some((message, since)) = live.pod.as_deref().and_then(unschedulable) {
         observed.unschedulable.push(Unschedulable {
             node: id,
             message: message.clone(),
@@ -183,7 +184,7 @@ fn harvest(
     started: Option<DateTime<Utc>>,
     finished: Option<DateTime<Utc>>,
 ) -> Harvest {
-    let pod = live.pod.as_ref().map(|p| {
+    let pod = live.pod.as_deref().map(|p| {
         let ns = p.metadata.namespace.as_deref().unwrap_or_default();
         format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default())
     });
@@ -192,7 +193,7 @@ fn harvest(
         started,
         finished,
         pod,
-        pod_pending: live.pod.as_ref().and_then(pod_pending),
+        pod_pending: live.pod.as_deref().and_then(pod_pending),
     }
 }
 
@@ -323,13 +324,13 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         };
         let mut job = build_job(&inputs, &plan.nodes[id], 2, &BTreeMap::new()).unwrap();
         job.status = Some(serde_json::from_value(status).unwrap());
-        let pod = serde_json::from_value(
+        let pod: Pod = serde_json::from_value(
             json!({"spec": {"nodeName": "kwok-large-0", "containers": []}, "status": pod_status}),
         )
         .unwrap();
         LiveJob {
-            job,
-            pod: Some(pod),
+            job: Arc::new(job),
+            pod: Some(Arc::new(pod)),
         }
     }
 

@@ -190,6 +190,7 @@ impl<'de> Deserialize<'de> for Lean<Pod> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
     use std::time::Duration;
 
     use chrono::Utc;
@@ -248,28 +249,30 @@ placement: {podAnnotations: {"sim.imagebuild.dev/duration": "2s"}}
         });
         pod_value["spec"] = serde_json::to_value(template.spec.unwrap()).unwrap();
         pod_value["spec"]["nodeName"] = json!("kwok-large-0");
+        let pod: Pod = serde_json::from_value(pod_value).unwrap();
         LiveJob {
-            job,
-            pod: Some(serde_json::from_value(pod_value).unwrap()),
+            job: Arc::new(job),
+            pod: Some(Arc::new(pod)),
         }
     }
 
     /// The Job and pod as the watch reads them, from their JSON.
     fn trimmed(live: &LiveJob) -> LiveJob {
-        let job = serde_json::to_value(&live.job).unwrap();
+        let job = serde_json::to_value(&*live.job).unwrap();
         let job: Lean<Job> = serde_json::from_value(job).unwrap();
-        let pod: Option<Lean<Pod>> = live.pod.as_ref().map(|p| {
+        let pod: Option<Lean<Pod>> = live.pod.as_deref().map(|p| {
             let pod = serde_json::to_value(p).unwrap();
             serde_json::from_value(pod).unwrap()
         });
         LiveJob {
-            job: job.0,
-            pod: pod.map(|p| p.0),
+            job: Arc::new(job.0),
+            pod: pod.map(|p| Arc::new(p.0)),
         }
     }
 
     fn size(live: &LiveJob) -> usize {
-        serde_json::to_vec(&live.job).unwrap().len() + serde_json::to_vec(&live.pod).unwrap().len()
+        serde_json::to_vec(&*live.job).unwrap().len()
+            + serde_json::to_vec(&live.pod.as_deref()).unwrap().len()
     }
 
     #[test]
@@ -328,9 +331,9 @@ placement: {podAnnotations: {"sim.imagebuild.dev/duration": "2s"}}
             let mut meta = live.job.metadata.clone();
             meta.managed_fields = None;
             assert_eq!(small.job.metadata, meta);
-            let mut meta = live.pod.as_ref().unwrap().metadata.clone();
+            let mut meta = live.pod.as_deref().unwrap().metadata.clone();
             (meta.managed_fields, meta.annotations) = (None, None);
-            assert_eq!(small.pod.as_ref().unwrap().metadata, meta);
+            assert_eq!(small.pod.as_deref().unwrap().metadata, meta);
             assert_eq!(
                 small
                     .pod
@@ -350,8 +353,8 @@ placement: {podAnnotations: {"sim.imagebuild.dev/duration": "2s"}}
                 size(live)
             );
             assert_eq!(
-                format!("{:?}", outcome(&live.job, live.pod.as_ref())),
-                format!("{:?}", outcome(&small.job, small.pod.as_ref()))
+                format!("{:?}", outcome(&live.job, live.pod.as_deref())),
+                format!("{:?}", outcome(&small.job, small.pod.as_deref()))
             );
             let name = plan.nodes[0].job_name.clone();
             let seen = |l: &LiveJob| {
