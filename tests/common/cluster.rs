@@ -215,6 +215,8 @@ pub async fn apply_crd(client: &Client) {
 pub struct Operator {
     child: std::process::Child,
     log: PathBuf,
+    /// Started under a wrapper, in a process group of its own.
+    grouped: bool,
 }
 
 impl Operator {
@@ -264,7 +266,12 @@ impl Operator {
         let wrapper = std::env::var("IMAGEBUILD_OPERATOR_WRAPPER").unwrap_or_default();
         let mut command: Vec<&str> = wrapper.split_whitespace().collect();
         command.push(env!("CARGO_BIN_EXE_imagebuild-operator"));
-        let child = std::process::Command::new(command[0])
+        let mut spawn = std::process::Command::new(command[0]);
+        if !wrapper.is_empty() {
+            // A group of its own, so that a kill takes the operator the wrapper started.
+            std::os::unix::process::CommandExt::process_group(&mut spawn, 0);
+        }
+        let child = spawn
             .args(&command[1..])
             .args(["run", "--namespace", namespace])
             .args(args)
@@ -276,7 +283,11 @@ impl Operator {
             .stderr(file)
             .spawn()
             .expect("start imagebuild-operator");
-        Operator { child, log }
+        Operator {
+            child,
+            log,
+            grouped: !wrapper.is_empty(),
+        }
     }
 
     /// Sends SIGTERM and waits up to `timeout` for the operator to exit; its exit status.
@@ -355,8 +366,15 @@ impl Operator {
         process_cpu_seconds(self.pid())
     }
 
-    /// Kills the operator at once, as a crash would.
+    /// Kills the operator at once, as a crash would (under a wrapper, its whole group:
+    /// killing the wrapper alone would leave the operator running).
     pub fn kill(&mut self) {
+        if self.grouped && matches!(self.child.try_wait(), Ok(None)) {
+            let group = format!("-{}", self.child.id());
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
