@@ -140,6 +140,21 @@ pub fn subject(record: &Record) -> &str {
         .unwrap_or("builder")
 }
 
+/// The median of `values` (of the middle two when their number is even), reordering
+/// them; `None` when empty. The same as [`stats`]' without a sort.
+pub fn median(values: &mut [u64]) -> Option<f64> {
+    let n = values.len();
+    if n == 0 {
+        return None;
+    }
+    let (below, &mut mid, _) = values.select_nth_unstable(n / 2);
+    if n % 2 == 1 {
+        return Some(mid as f64);
+    }
+    let under = below.iter().copied().max().unwrap_or(mid);
+    Some((under as f64 + mid as f64) / 2.0)
+}
+
 /// The order statistics of `values`; `None` when empty.
 pub fn stats(mut values: Vec<u64>) -> Option<Stats> {
     if values.is_empty() {
@@ -186,7 +201,7 @@ pub fn summarize<'a>(
         let mine: Vec<&Record> = records
             .iter()
             .copied()
-            .filter(|r| r.phase == phase)
+            .filter(|r| r.phase.as_str() == phase)
             .collect();
         let totals = totals(&mine, planned(phase));
         if totals.images == 0 {
@@ -215,7 +230,7 @@ pub fn summarize<'a>(
         .filter(|r| r.status == RecordStatus::Built)
         .filter_map(|r| {
             Some(Build {
-                phase: r.phase.clone(),
+                phase: r.phase.as_str().into(),
                 subject: subject(r).into(),
                 image: r.image().into(),
                 build_seconds: r.build_seconds?,
@@ -236,7 +251,7 @@ pub fn summarize<'a>(
         .iter()
         .filter(|r| r.status == RecordStatus::Failed)
         .map(|r| FailedBuild {
-            phase: r.phase.clone(),
+            phase: r.phase.as_str().into(),
             subject: subject(r).into(),
             image: r.image().into(),
             failure_class: r.failure_class.clone().unwrap_or_default(),
@@ -409,9 +424,9 @@ mod tests {
     fn node(phase: Phase, id: &str) -> Node {
         Node {
             phase,
-            instance_id: (phase == Phase::Assembly).then(|| id.to_string()),
-            upstream_image: (phase != Phase::Builder).then(|| format!("up/{id}")),
-            image: format!("r.io/{}:{id}", phase.as_str()),
+            instance_id: (phase == Phase::Assembly).then(|| id.into()),
+            upstream_image: (phase != Phase::Builder).then(|| format!("up/{id}").into()),
+            image: format!("r.io/{}:{id}", phase.as_str()).into(),
             build_args: Default::default(),
             git_revision: None,
             cache_ref: None,
@@ -444,6 +459,24 @@ mod tests {
         // Reported seconds come from pods: no overflow, whatever they say.
         let s = stats(vec![u64::MAX, u64::MAX]).unwrap();
         assert_eq!((s.median, s.total), (u64::MAX as f64, u64::MAX));
+    }
+
+    #[test]
+    fn median_without_a_sort_is_the_stats_median() {
+        assert_eq!(median(&mut []), None);
+        let cases: [Vec<u64>; 6] = [
+            vec![7],
+            vec![9, 1],
+            vec![5, 1, 3],
+            vec![4, 1, 3, 2],
+            vec![3, 3, 1, 3, 8, 0],
+            (0..101).map(|i| (i * 37) % 101).collect(),
+        ];
+        for values in cases {
+            let expected = stats(values.clone()).map(|s| s.median);
+            assert_eq!(median(&mut values.clone()), expected, "{values:?}");
+        }
+        assert_eq!(median(&mut [4, 1, 3, 2]), Some(2.5));
     }
 
     #[test]

@@ -415,7 +415,7 @@ async fn bench_registry_skip_scan() {
         .nodes
         .iter()
         .filter(|node| node.phase != imagebuild_operator::plan::Phase::Base)
-        .map(|node| node.image.clone())
+        .map(|node| node.image.to_string())
         .collect();
     let pushing = Instant::now();
     let oci = common::oci::oci();

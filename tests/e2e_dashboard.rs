@@ -576,7 +576,7 @@ async fn every_panel_query_answers_from_a_real_run() {
     let present = plan(&run, &ids)
         .nodes
         .iter()
-        .find(|n| n.phase == Phase::Assembly && n.instance_id.as_ref() == Some(&ids[0]))
+        .find(|n| n.phase == Phase::Assembly && n.instance_id.as_deref() == Some(ids[0].as_str()))
         .unwrap()
         .image
         .clone();

@@ -60,7 +60,7 @@ async fn transient_failures_retry_build_errors_fail_once_and_a_failed_base_fails
     let upstream = plan(&run, &ids)
         .nodes
         .iter()
-        .find(|n| n.instance_id.as_ref() == Some(broken_base))
+        .find(|n| n.instance_id.as_deref() == Some(broken_base.as_str()))
         .unwrap()
         .upstream_image
         .clone()
@@ -68,7 +68,7 @@ async fn transient_failures_retry_build_errors_fail_once_and_a_failed_base_fails
     let spec = &mut run.spec;
     spec.vars.insert("throttled".into(), throttled.clone());
     spec.vars.insert("broken".into(), broken.clone());
-    spec.vars.insert("brokenBase".into(), upstream);
+    spec.vars.insert("brokenBase".into(), upstream.to_string());
     // The first attempt of one assembly is throttled by the registry; another assembly's
     // Dockerfile fails; one base fails.
     let throttle = "phase == 'assembly' and instanceId == throttled and attempt == 1";

@@ -106,7 +106,7 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
     assert_eq!(records.len(), plan.nodes.len());
     for node in &plan.nodes {
         let record = &records[&node.job_name];
-        assert_eq!(record.image(), node.image);
+        assert_eq!(record.image(), &*node.image);
         assert_eq!(record.attempt_count, 1, "{}", node.job_name);
         assert!(
             record

@@ -200,7 +200,7 @@ async fn wait_summary_and_retry_of_a_partly_failed_run() {
     let by_instance = records(&cms, "partly").await;
     let record = by_instance
         .values()
-        .find(|r| r.instance_id.as_deref() == Some(broken.as_str()) && r.phase == "assembly")
+        .find(|r| r.instance_id.as_deref() == Some(broken.as_str()) && r.phase == Phase::Assembly)
         .expect("the retried image's record");
     assert_eq!(record.status, RecordStatus::Built);
     assert_eq!(record.attempt_count, 2, "the retry is the second attempt");
@@ -375,7 +375,7 @@ async fn cancel_suspend_resume_and_clear_errors() {
     assert!(
         by_image
             .values()
-            .any(|r| r.phase == "builder" && r.status == RecordStatus::Built),
+            .any(|r| r.phase == Phase::Builder && r.status == RecordStatus::Built),
         "the builder's record stays: {by_image:?}"
     );
     assert_eq!(status.builder.succeeded, 1);

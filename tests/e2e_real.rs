@@ -234,14 +234,14 @@ async fn builds_every_image(fx: &Fixture, run: &ImageBuildRun) -> BTreeMap<Strin
         .nodes
         .iter()
         .filter(|n| n.phase == Phase::PostAssembly)
-        .map(|n| (n.image.as_str(), n.job_name.as_str()))
+        .map(|n| (&*n.image, n.job_name.as_str()))
         .collect();
     let reports = reports(&messages);
     for node in &plan.nodes {
         let record = &records[&node.job_name];
         println!(
             "  {:<12} {:>3} s build, {:>3} s push, {:>3} s from Job start to end  {}",
-            record.phase,
+            record.phase.as_str(),
             record.build_seconds.unwrap_or_default(),
             record.push_seconds.unwrap_or_default(),
             record.duration_seconds.unwrap_or_default(),
@@ -252,16 +252,20 @@ async fn builds_every_image(fx: &Fixture, run: &ImageBuildRun) -> BTreeMap<Strin
             (RecordStatus::Built, 1),
             "{record:?}"
         );
-        assert_eq!(record.image(), node.image);
+        assert_eq!(record.image(), &*node.image);
         assert_eq!(record.node.as_deref(), Some(fx.real.node.as_str()));
-        let digest = record.digest.clone().expect("a digest from the build");
-        let served_by = match (node.phase, replaced.get(node.image.as_str())) {
+        let digest = record
+            .digest
+            .as_ref()
+            .expect("a digest from the build")
+            .to_string();
+        let served_by = match (node.phase, replaced.get(&*node.image)) {
             (Phase::Assembly, Some(post)) => &records[*post],
             _ => record,
         };
         assert_eq!(
-            fx.real.digest(&node.image, &fx.auth).await.as_ref(),
-            served_by.digest.as_ref(),
+            fx.real.digest(&node.image, &fx.auth).await,
+            served_by.digest.as_ref().map(ToString::to_string),
             "{} in the registry",
             node.image
         );
@@ -293,7 +297,7 @@ async fn builds_every_image(fx: &Fixture, run: &ImageBuildRun) -> BTreeMap<Strin
     {
         let id = node.instance_id.as_deref().unwrap();
         let upstream = &fx.upstream[id];
-        let post = replaced.contains_key(node.image.as_str());
+        let post = replaced.contains_key(&*node.image);
         let script = format!(
             "cat /agent-server/from-builder.txt /base.txt /upstream.txt{} && ls /agent-server",
             if post { " /post-assembly.txt" } else { "" }
@@ -324,7 +328,10 @@ async fn builds_every_image(fx: &Fixture, run: &ImageBuildRun) -> BTreeMap<Strin
 
 /// The builder's record in `records`.
 fn builder(records: &BTreeMap<String, Record>) -> &Record {
-    records.values().find(|r| r.phase == "builder").unwrap()
+    records
+        .values()
+        .find(|r| r.phase == Phase::Builder)
+        .unwrap()
 }
 
 #[tokio::test]

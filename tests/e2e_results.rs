@@ -67,9 +67,10 @@ async fn the_summary_reports_scripted_build_times_failures_retries_and_skips() {
     let upstream = |i: usize| {
         p.nodes
             .iter()
-            .find(|n| n.instance_id.as_ref() == Some(&ids[i]))
-            .and_then(|n| n.upstream_image.clone())
+            .find(|n| n.instance_id.as_deref() == Some(ids[i].as_str()))
+            .and_then(|n| n.upstream_image.as_deref())
             .unwrap()
+            .to_string()
     };
     let bases: Vec<(String, u64)> = (0..8).map(|i| (upstream(i), 30 + 5 * i as u64)).collect();
     let asms: Vec<(String, u64)> = (0..8).map(|i| (ids[i].clone(), asm_seconds[i])).collect();
@@ -108,7 +109,7 @@ async fn the_summary_reports_scripted_build_times_failures_retries_and_skips() {
     let present_image = p
         .nodes
         .iter()
-        .find(|n| n.phase == Phase::Assembly && n.instance_id.as_ref() == Some(present))
+        .find(|n| n.phase == Phase::Assembly && n.instance_id.as_deref() == Some(present.as_str()))
         .unwrap()
         .image
         .clone();

@@ -35,8 +35,14 @@ fn swebench_verified_resolves_to_the_official_images_and_tags() {
         .filter(|id| id.starts_with("sphinx-doc__"))
         .count();
     assert_eq!(plan.count(Phase::PostAssembly), sphinx);
+    // Every node is found by its Job's name, and no other name finds one.
+    for (id, node) in plan.nodes.iter().enumerate() {
+        assert_eq!(plan.node_of(&node.job_name), Some(id), "{}", node.job_name);
+        assert_eq!(plan.node_of(&format!("{}x", node.job_name)), None);
+    }
+    assert_eq!(plan.node_of(""), None);
     assert_eq!(
-        plan.nodes[0].image,
+        &*plan.nodes[0].image,
         "ghcr.io/openhands/eval-builder:43376f1"
     );
 
@@ -57,15 +63,15 @@ fn swebench_verified_resolves_to_the_official_images_and_tags() {
             Some(format!("docker.io/swebench/{custom}:latest").as_str())
         );
         assert_eq!(
-            node.image,
+            &*node.image,
             format!("ghcr.io/openhands/eval-agent-server:43376f1-93c33d0-{custom}-source-minimal")
         );
         let base = &plan.nodes[node.deps[1]];
         assert_eq!(
-            base.image,
+            &*base.image,
             format!("ghcr.io/openhands/eval-base:93c33d0-{custom}")
         );
-        assert_eq!(node.build_arg("BASE_IMAGE").unwrap(), base.image);
+        assert_eq!(node.build_arg("BASE_IMAGE").unwrap(), &*base.image);
         assert_eq!(
             node.build_arg("BUILDER_IMAGE").unwrap(),
             "ghcr.io/openhands/eval-builder:43376f1"
@@ -81,11 +87,11 @@ fn swebench_verified_resolves_to_the_official_images_and_tags() {
         .find(|n| n.instance_id.as_deref() == Some("django__django-11333"))
         .unwrap();
     assert_eq!(
-        django.image,
+        &*django.image,
         "ghcr.io/openhands/eval-agent-server:43376f1-93c33d0-sweb.eval.x86_64.django_1776_django-11333-source-minimal"
     );
     assert_eq!(
-        plan.nodes[django.deps[1]].image,
+        &*plan.nodes[django.deps[1]].image,
         "ghcr.io/openhands/eval-base:93c33d0-sweb.eval.x86_64.django_1776_django-11333"
     );
 
@@ -106,7 +112,7 @@ fn post_assembly_layers_replace_the_assembly_in_place() {
                 .starts_with("sphinx-doc__")
         );
         assert_eq!(post.image, assembly.image);
-        assert_eq!(post.build_arg("ASSEMBLY_IMAGE").unwrap(), assembly.image);
+        assert_eq!(post.build_arg("ASSEMBLY_IMAGE").unwrap(), &*assembly.image);
     }
 }
 

@@ -46,7 +46,7 @@ fn select<'a>(
             let failed_inputs = records.iter().filter(|(_, r)| {
                 r.status == RecordStatus::Failed
                     && r.instance_id.is_none()
-                    && r.tags.iter().any(|t| inputs.contains(&t.as_str()))
+                    && r.tags.iter().any(|t| inputs.contains(&&**t))
             });
             failed_inputs.chain(own).collect()
         }
@@ -57,7 +57,7 @@ fn select<'a>(
         "assembly" => 2,
         _ => 3,
     };
-    chosen.sort_by_key(|(job, r)| (order(&r.phase), (*job).clone()));
+    chosen.sort_by_key(|(job, r)| (order(r.phase.as_str()), (*job).clone()));
     chosen
 }
 
@@ -106,7 +106,7 @@ pub async fn logs(target: &Target, which: &Which) -> Result<String, CliError> {
     for (job, record) in chosen {
         let header = format!(
             "==> {} {} ({:?}, {}) <==",
-            record.phase,
+            record.phase.as_str(),
             subject(record),
             record.status,
             record.failure_class.as_deref().unwrap_or("no failure")

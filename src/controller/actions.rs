@@ -12,7 +12,7 @@ use kube::ResourceExt;
 
 use crate::api::ImageBuildRun;
 use crate::job::{JobInputs, build_job};
-use crate::manifest::{Harvest, Record, RecordStatus};
+use crate::manifest::{Harvest, Record, RecordStatus, Records};
 use crate::metrics::{Counted, Outcome};
 use crate::names::ANNOTATION_DISPATCHED_BY;
 use crate::plan::{Node, NodeId, Phase, Plan, PodAnnotations};
@@ -122,7 +122,7 @@ pub fn records(
     states: &[NodeState],
     outcomes: &BTreeMap<NodeId, Harvest>,
     actions: &[Action],
-    known: &BTreeMap<String, Record>,
+    known: &Records,
     now: DateTime<Utc>,
 ) -> Recorded {
     let mut out = Recorded::default();
@@ -202,21 +202,12 @@ pub fn counted(record: &Record, pod_pending: Option<f64>) -> Counted<'_> {
         _ => None,
     };
     Counted {
-        phase: &record.phase,
+        phase: record.phase.as_str(),
         outcome,
         ran: record.attempt_count > 0 && record.started_at.is_some(),
         seconds,
         pod_pending,
     }
-}
-
-/// The (phase, seconds) of every built image's Job, for the medians.
-pub fn built_durations<'a>(
-    records: impl Iterator<Item = &'a Record>,
-) -> impl Iterator<Item = (&'a str, u64)> {
-    records
-        .filter(|r| r.status == RecordStatus::Built)
-        .filter_map(|r| Some((r.phase.as_str(), r.duration_seconds?)))
 }
 
 /// A failed attempt is logged with its class and the last line of its error, so the
@@ -225,7 +216,7 @@ pub fn log_failure(run: &ImageBuildRun, record: &Record) {
     let class = record.failure_class.as_deref().unwrap_or_default();
     let error = record.error.as_deref().unwrap_or_default();
     let last = error.lines().last().unwrap_or_default();
-    let image = record.tags.first().map(String::as_str).unwrap_or_default();
+    let image = record.image();
     match record.status {
         RecordStatus::Retrying => tracing::info!(
             run = %run.name_any(), image, attempt = record.attempt_count, class, error = last,
@@ -383,6 +374,7 @@ placement: {{podAnnotations: {annotations}}}
             plan.nodes[1].job_name.clone(),
             Record::failed(&plan.nodes[1], &failure, 1, Some(now), now),
         );
+        let known = Records::test_of(&plan, &known);
         let out = records(&plan, &states, &BTreeMap::new(), &actions, &known, now);
         assert_eq!(out.records.len(), 3);
         assert_eq!(

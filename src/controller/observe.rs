@@ -10,7 +10,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::job::{Outcome, outcome};
-use crate::manifest::{Harvest, Record};
+use crate::manifest::{Harvest, Record, Records};
 use crate::names::ANNOTATION_ATTEMPT;
 use crate::plan::{NodeId, Plan};
 use crate::schedule::{Failure, FailureClass, NodeState};
@@ -57,7 +57,7 @@ pub struct Observed {
 /// sharing `--max-total-workers`, or to a lower attempt's finished Job).
 pub fn observe(
     plan: &Plan,
-    records: &BTreeMap<String, Record>,
+    records: &Records,
     jobs: &BTreeMap<String, LiveJob>,
     dispatched: &BTreeMap<String, u32>,
     pending_timeout: Duration,
@@ -67,15 +67,9 @@ pub fn observe(
         states: Vec::with_capacity(plan.nodes.len()),
         ..Default::default()
     };
-    // Records, Jobs and Jobs just made, by node: one pass over each (the plan's index
-    // finds the node), rather than a lookup by name per node.
+    // Jobs and Jobs just made, by node: one pass over each (the plan's index finds the
+    // node), rather than a lookup by name per node. Records are kept by node already.
     let n = plan.nodes.len();
-    let mut recorded: Vec<Option<&Record>> = vec![None; n];
-    for (name, record) in records {
-        if let Some(id) = plan.node_of(name) {
-            recorded[id] = Some(record);
-        }
-    }
     let mut live_of: Vec<Option<&LiveJob>> = vec![None; n];
     let mut unknown = Vec::new();
     for (name, live) in jobs {
@@ -91,7 +85,7 @@ pub fn observe(
         }
     }
     for (id, node) in plan.nodes.iter().enumerate() {
-        let record = recorded[id];
+        let record = records.node(id);
         let terminal = record.map(Record::state).filter(NodeState::is_terminal);
         let live = live_of[id];
         let unseen = made[id].filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
@@ -224,7 +218,7 @@ pub fn pod_pending(pod: &Pod) -> Option<f64> {
 /// records, and the end of its backoff if it waits for a retry.
 pub fn ready_since(
     plan: &Plan,
-    records: &BTreeMap<String, Record>,
+    records: &Records,
     id: NodeId,
     run_started: DateTime<Utc>,
 ) -> DateTime<Utc> {
@@ -232,9 +226,9 @@ pub fn ready_since(
     let inputs = node
         .deps
         .iter()
-        .filter_map(|&d| records.get(&plan.nodes[d].job_name))
+        .filter_map(|&d| records.node(d))
         .map(|r| r.time);
-    let backoff = records.get(&node.job_name).and_then(|r| r.not_before);
+    let backoff = records.node(id).and_then(|r| r.not_before);
     inputs
         .chain(backoff)
         .fold(run_started, |latest, t| latest.max(t))
@@ -339,7 +333,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         let (_, plan) = plan();
         let o = observe(
             &plan,
-            &BTreeMap::new(),
+            &Records::default(),
             &BTreeMap::new(),
             &BTreeMap::new(),
             Duration::from_secs(60),
@@ -364,7 +358,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         ]);
         let o = observe(
             &plan,
-            &records,
+            &Records::test_of(&plan, &records),
             &jobs,
             &BTreeMap::new(),
             Duration::from_secs(60),
@@ -390,7 +384,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         let jobs = BTreeMap::from([(plan.nodes[0].job_name.clone(), job)]);
         let o = observe(
             &plan,
-            &BTreeMap::new(),
+            &Records::default(),
             &jobs,
             &BTreeMap::new(),
             Duration::from_secs(60),
@@ -432,7 +426,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             let dispatched = BTreeMap::from([(name.clone(), attempt)]);
             observe(
                 &plan,
-                &BTreeMap::new(),
+                &Records::default(),
                 jobs,
                 &dispatched,
                 Duration::from_secs(60),
@@ -486,7 +480,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         )]);
         let o = observe(
             &plan,
-            &BTreeMap::new(),
+            &Records::default(),
             &jobs,
             &BTreeMap::new(),
             Duration::from_secs(3600),
@@ -496,7 +490,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         assert_eq!(o.unschedulable[0].message, "0/4 nodes are available");
         let o = observe(
             &plan,
-            &BTreeMap::new(),
+            &Records::default(),
             &jobs,
             &BTreeMap::new(),
             Duration::from_secs(900),
@@ -540,7 +534,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         let asm = plan.nodes.len() - 1;
         assert!(!plan.nodes[asm].deps.is_empty());
         // Nothing recorded: ready since the run started.
-        assert_eq!(ready_since(&plan, &BTreeMap::new(), asm, t0), t0);
+        assert_eq!(ready_since(&plan, &Records::default(), asm, t0), t0);
         let mut records = BTreeMap::new();
         for (i, &d) in plan.nodes[asm].deps.iter().enumerate() {
             let node = &plan.nodes[d];
@@ -550,13 +544,19 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             );
         }
         let last_input = at(10 * plan.nodes[asm].deps.len() as i64);
-        assert_eq!(ready_since(&plan, &records, asm, t0), last_input);
+        assert_eq!(
+            ready_since(&plan, &Records::test_of(&plan, &records), asm, t0),
+            last_input
+        );
         let failure = Failure::new(FailureClass::Evicted, "evicted");
         let node = &plan.nodes[asm];
         records.insert(
             node.job_name.clone(),
             Record::failed(node, &failure, 1, Some(at(500)), at(100)),
         );
-        assert_eq!(ready_since(&plan, &records, asm, t0), at(500));
+        assert_eq!(
+            ready_since(&plan, &Records::test_of(&plan, &records), asm, t0),
+            at(500)
+        );
     }
 }

@@ -17,7 +17,6 @@ use super::observe::Unschedulable;
 use super::state::RunState;
 use super::status::{self, RecordFacts};
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, PhaseCounts, RunPhase};
-
 use crate::metrics::RunId;
 use crate::plan::Plan;
 use crate::schedule::NodeState;

@@ -13,6 +13,7 @@
 //! A run whose final status is of its current spec is left alone: a restart or a new
 //! leader changes nothing of it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,17 +26,20 @@ use super::actions::{self, JobMaking};
 use super::apply;
 use super::context::{Ctx, Error};
 use super::ledger::Decision;
-use super::observe::{observe, ready_since};
+use super::observe::{LiveJob, observe, ready_since};
+
 use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
 use super::retry;
+use super::state::RunState;
 use super::status::RecordFacts;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
+use crate::plan::Plan;
 use crate::schedule::{self, Action, NodeState, Policy};
 use crate::validate::{self, Settings};
 
@@ -171,9 +175,11 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
 
     // Observe.
+    // Records are kept by plan position: a manifest is used with the plan it was loaded
+    // for only.
     let mut manifest = match state.manifest.take() {
-        Some(m) => m,
-        None => Manifest::load(&ctx.client, &run, &plan).await?,
+        Some(m) if Arc::ptr_eq(m.plan(), &plan) => m,
+        _ => Manifest::load(&ctx.client, &run, &plan).await?,
     };
     // A retry request not yet honoured: its records first, then the status that says so.
     if let Some(request) = run
@@ -347,14 +353,14 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     }
     if progressed || ctx.metrics.medians_unset(&id) {
-        ctx.metrics
-            .set_medians(&id, actions::built_durations(manifest.records().values()));
+        let facts = facts(&mut state.facts, &plan, &manifest);
+        ctx.metrics.set_medians(&id, &facts.medians);
     }
     if created.is_ok() && hold {
         for name in &unheld {
             state.dispatched.forget(name);
         }
-        apply::delete_jobs(&jobs, unheld).await?;
+        delete_jobs(&jobs, &mut state, unheld, &live).await?;
     } else if created.is_ok() {
         // The pods of failed builds stay for their logs (up to the cap), then the Jobs
         // go; deletes first, so a Job is gone before one of the same name is created.
@@ -363,7 +369,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         for name in &deletes {
             state.dispatched.forget(name);
         }
-        apply::delete_jobs(&jobs, deletes).await?;
+        delete_jobs(&jobs, &mut state, deletes, &live).await?;
         if !ctx.config.may_write() {
             state.manifest = Some(manifest);
             return Ok(Requeue::await_change());
@@ -382,14 +388,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         result => result?,
     }
 
-    // Publish. What the status reads of the records is gathered again only once they
-    // changed.
-    let version = manifest.version();
-    if state.facts.as_ref().map(|(v, _)| *v) != Some(version) {
-        state.facts = Some((version, RecordFacts::of(&plan, manifest.records())));
-    }
-    let none = RecordFacts::default();
-    let facts = state.facts.as_ref().map_or(&none, |(_, f)| f);
+    // Publish.
+    let facts = facts(&mut state.facts, &plan, &manifest);
     publish::derive(
         &mut status,
         &Derivation {
@@ -409,7 +409,14 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         },
     );
     let deferred = publish::write(&ctx, &run, &mut state, &status, true).await?;
-    state.manifest = Some(manifest);
+    if is_final(&status) {
+        // Nothing reads the records of a finished run again unless its spec changes (a
+        // retry request): the manifest is read again then.
+        state.manifest = None;
+        state.facts = None;
+    } else {
+        state.manifest = Some(manifest);
+    }
     if status.phase != Some(RunPhase::Building) {
         ctx.ledger().remove(&key);
         return Ok(Requeue::await_change());
@@ -472,6 +479,37 @@ fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus
         suspend: run.spec.suspend,
         deadline,
     }
+}
+
+/// Deletes the Jobs `names` but those this process deleted already that the store still
+/// shows (see [`Deleted`](super::state::Deleted)).
+async fn delete_jobs(
+    jobs: &Api<Job>,
+    state: &mut RunState,
+    names: Vec<String>,
+    live: &BTreeMap<String, LiveJob>,
+) -> Result<(), Error> {
+    let now = Instant::now();
+    let names = state.deleted.left_to_delete(&names, live, now);
+    apply::delete_jobs(jobs, names.clone()).await?;
+    state.deleted.note(&names, live, now);
+    Ok(())
+}
+
+/// What the status and metrics read of the manifest's records: gathered again only once
+/// they changed (`kept` holds the last gathered, with the manifest version it is of).
+fn facts<'a>(
+    kept: &'a mut Option<(u64, RecordFacts)>,
+    plan: &Plan,
+    manifest: &Manifest,
+) -> &'a RecordFacts {
+    let version = manifest.version();
+    if kept.as_ref().is_some_and(|(v, _)| *v != version) {
+        *kept = None;
+    }
+    &kept
+        .get_or_insert_with(|| (version, RecordFacts::of(plan, manifest.records())))
+        .1
 }
 
 /// After a panic in `run`'s reconcile: the run fails with the panic as its condition (a

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 
 use crate::api::{RetryRequest, RetryStatus};
-use crate::manifest::{Record, RecordStatus};
+use crate::manifest::{Record, RecordStatus, Records};
 use crate::plan::Plan;
 
 /// Unknown instances named in the status message at most.
@@ -19,7 +19,7 @@ const MAX_UNKNOWN_NAMED: usize = 10;
 /// The records that reopen the images `request` asks for, and what to say of it.
 pub fn reopen(
     plan: &Plan,
-    records: &BTreeMap<String, Record>,
+    records: &Records,
     request: &RetryRequest,
     now: DateTime<Utc>,
 ) -> (BTreeMap<String, Record>, RetryStatus) {
@@ -135,7 +135,12 @@ mod tests {
             Record::built(built, 1, DateTime::<Utc>::UNIX_EPOCH),
         );
         let now = Utc::now();
-        let (reopened, status) = reopen(&plan, &records, &request(1, &[]), now);
+        let (reopened, status) = reopen(
+            &plan,
+            &Records::test_of(&plan, &records),
+            &request(1, &[]),
+            now,
+        );
         assert_eq!(reopened.len(), 2);
         assert_eq!(status.reopened, 2);
         assert_eq!(status.id, 1);
@@ -171,7 +176,12 @@ mod tests {
             failed(&plan, "b__b-1", FailureClass::BuildError, 1),
         ]
         .into();
-        let (reopened, status) = reopen(&plan, &records, &request(2, &["a__a-1"]), Utc::now());
+        let (reopened, status) = reopen(
+            &plan,
+            &Records::test_of(&plan, &records),
+            &request(2, &["a__a-1"]),
+            Utc::now(),
+        );
         let subjects: BTreeSet<&str> = plan
             .nodes
             .iter()
@@ -180,7 +190,7 @@ mod tests {
             .collect();
         assert_eq!(
             subjects,
-            BTreeSet::from([base_of_a.as_str(), "a__a-1"]),
+            BTreeSet::from([&*base_of_a, "a__a-1"]),
             "the instance and the base it is built on; not its sibling, not b"
         );
         assert_eq!(status.reopened, 2);
@@ -196,7 +206,12 @@ mod tests {
         let plan = plan();
         let records: BTreeMap<String, Record> =
             [failed(&plan, "b__b-1", FailureClass::BuildError, 1)].into();
-        let (reopened, status) = reopen(&plan, &records, &request(3, &["nope", "zz"]), Utc::now());
+        let (reopened, status) = reopen(
+            &plan,
+            &Records::test_of(&plan, &records),
+            &request(3, &["nope", "zz"]),
+            Utc::now(),
+        );
         assert!(reopened.is_empty());
         assert_eq!(status.reopened, 0);
         assert!(

@@ -40,6 +40,8 @@ pub struct RunState {
     pub retry: Option<crate::api::RetryStatus>,
     /// The Jobs this process created that its store may not show yet.
     pub dispatched: Dispatched,
+    /// The Jobs this process deleted that its store may still show.
+    pub deleted: Deleted,
     /// When this process last wrote the run's records.
     pub manifest_written: Option<Instant>,
     /// What the status reads of the records, and the manifest version it was read from.
@@ -81,6 +83,50 @@ impl Dispatched {
         self.0
             .iter()
             .map(|(name, (attempt, _))| (name.clone(), *attempt))
+            .collect()
+    }
+}
+
+/// How long a Job deleted is not deleted again while the store still shows it.
+const DELETED_FOR_AT_MOST: Duration = Duration::from_secs(30);
+
+/// The Jobs this process deleted, by name: the uid the store showed and when, while the
+/// store still shows that Job. A store lags its watch (by seconds when the API server is
+/// busy); without this, every reconcile in between would delete the same Jobs again, and
+/// the requests would load the API server further. Past [`DELETED_FOR_AT_MOST`] a Job
+/// still shown is deleted again.
+#[derive(Default)]
+pub struct Deleted(BTreeMap<String, (String, Instant)>);
+
+impl Deleted {
+    /// Jobs `names` were deleted: each as the store shows it now, if it does.
+    pub fn note(&mut self, names: &[String], live: &BTreeMap<String, LiveJob>, now: Instant) {
+        for name in names {
+            if let Some(uid) = live.get(name).and_then(|l| l.job.metadata.uid.clone()) {
+                self.0.insert(name.clone(), (uid, now));
+            }
+        }
+    }
+
+    /// Drops the Jobs the store no longer shows (or shows as another object of the same
+    /// name) and those deleted more than [`DELETED_FOR_AT_MOST`] ago; of `names`, those
+    /// left to delete.
+    pub fn left_to_delete(
+        &mut self,
+        names: &[String],
+        live: &BTreeMap<String, LiveJob>,
+        now: Instant,
+    ) -> Vec<String> {
+        self.0.retain(|name, (uid, at)| {
+            now.saturating_duration_since(*at) < DELETED_FOR_AT_MOST
+                && live
+                    .get(name)
+                    .is_some_and(|l| l.job.metadata.uid.as_ref() == Some(uid))
+        });
+        names
+            .iter()
+            .filter(|name| !self.0.contains_key(*name))
+            .cloned()
             .collect()
     }
 }
@@ -195,5 +241,45 @@ mod tests {
         let gone = table.retain(|key, _| key == "ns/other");
         assert_eq!(gone, vec!["ns/r".to_string()]);
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_deleted_job_the_store_still_shows_is_not_deleted_again() {
+        let job = |name: &str, uid: &str| {
+            let mut job = k8s_openapi::api::batch::v1::Job::default();
+            job.metadata.name = Some(name.into());
+            job.metadata.uid = Some(uid.into());
+            let live = LiveJob {
+                job: Arc::new(job),
+                pod: None,
+            };
+            (name.to_string(), live)
+        };
+        let names = |ns: &[&str]| ns.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let t0 = Instant::now();
+        let mut live = BTreeMap::from([job("a", "u1"), job("b", "u2"), job("c", "u3")]);
+        let mut deleted = Deleted::default();
+        assert_eq!(
+            deleted.left_to_delete(&names(&["a", "b"]), &live, t0),
+            ["a", "b"]
+        );
+        // "d" is not in the store: nothing to tell it by, it is deleted again if asked.
+        deleted.note(&names(&["a", "b", "d"]), &live, t0);
+        let later = t0 + Duration::from_secs(1);
+        let asked = names(&["a", "b", "c", "d"]);
+        assert_eq!(deleted.left_to_delete(&asked, &live, later), ["c", "d"]);
+        // The store drops "a"; "b" is a new Job of the same name (a retry's).
+        live.remove("a");
+        live.extend([job("a", "u4")]);
+        live.insert("b".into(), job("b", "u5").1);
+        assert_eq!(deleted.left_to_delete(&asked, &live, later), asked);
+        // Shown long after its deletion: deleted again.
+        deleted.note(&names(&["c"]), &live, later);
+        assert_eq!(
+            deleted.left_to_delete(&names(&["c"]), &live, later),
+            Vec::<String>::new()
+        );
+        let past = later + DELETED_FOR_AT_MOST;
+        assert_eq!(deleted.left_to_delete(&names(&["c"]), &live, past), ["c"]);
     }
 }

@@ -1,13 +1,11 @@
 //! The run's status from its node states: per-phase counts, the overall phase, progress
 //! strings and conditions. Pure.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, PhaseCounts, RunPhase};
-use crate::manifest::{Record, RecordStatus};
+use crate::manifest::{Record, RecordStatus, Records};
 use crate::plan::{NodeId, Phase, Plan};
 use crate::schedule::NodeState;
 
@@ -83,8 +81,8 @@ pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4], builder
 
 /// The most recent failures of the plan's images, newest first, at most
 /// [`MAX_FAILURE_RECORDS`].
-pub fn failures(plan: &Plan, records: &BTreeMap<String, Record>) -> Vec<FailureRecord> {
-    let mut failed: Vec<(NodeId, &Record)> = failed(plan, records).collect();
+pub fn failures(plan: &Plan, records: &Records) -> Vec<FailureRecord> {
+    let mut failed: Vec<(NodeId, &Record)> = failed(records).collect();
     // Newest first; plan order among equals, so the list is stable.
     failed.sort_by_key(|&(id, r)| (std::cmp::Reverse(r.time), id));
     failed
@@ -103,16 +101,11 @@ pub fn failures(plan: &Plan, records: &BTreeMap<String, Record>) -> Vec<FailureR
         .collect()
 }
 
-/// The records of the plan's images that failed for good, with their nodes. One pass
-/// over the records (most of them not failures), not a lookup per node.
-fn failed<'a>(
-    plan: &'a Plan,
-    records: &'a BTreeMap<String, Record>,
-) -> impl Iterator<Item = (NodeId, &'a Record)> {
+/// The records of the plan's images that failed for good, with their nodes.
+fn failed(records: &Records) -> impl Iterator<Item = (NodeId, &Record)> {
     records
-        .iter()
+        .planned()
         .filter(|(_, r)| r.status == RecordStatus::Failed)
-        .filter_map(|(name, r)| Some((plan.node_of(name)?, r)))
 }
 
 /// The last non-empty line of `text`, cut to at most `max` bytes on a character boundary,
@@ -159,11 +152,14 @@ pub struct RecordFacts {
     finished: Vec<DateTime<Utc>>,
     /// Seconds of the built images' Jobs summed by phase, and their number.
     build_seconds: [(f64, u32); 4],
+    /// The median of the built images' `duration_seconds` by phase (the metrics'
+    /// `imagebuild_run_build_duration_median_seconds`).
+    pub medians: [Option<f64>; 4],
 }
 
 impl RecordFacts {
     /// The facts of `records`, the records of `plan`'s run.
-    pub fn of(plan: &Plan, records: &BTreeMap<String, Record>) -> RecordFacts {
+    pub fn of(plan: &Plan, records: &Records) -> RecordFacts {
         let mut finished: Vec<DateTime<Utc>> = records
             .values()
             .filter(|r| r.status != RecordStatus::Retrying)
@@ -171,24 +167,27 @@ impl RecordFacts {
             .collect();
         finished.sort_unstable();
         let mut build_seconds = [(0f64, 0u32); 4];
+        let mut durations: [Vec<u64>; 4] = Default::default();
         for r in records.values().filter(|r| r.status == RecordStatus::Built) {
-            let (Some(start), Some(phase)) = (r.started_at, phase_of(&r.phase)) else {
+            durations[index(r.phase)].extend(r.duration_seconds);
+            let Some(start) = r.started_at else {
                 continue;
             };
             let end = r.finished_at.unwrap_or(r.time);
-            let (sum, n) = &mut build_seconds[index(phase)];
+            let (sum, n) = &mut build_seconds[index(r.phase)];
             *sum += (end - start).num_milliseconds().max(0) as f64 / 1000.0;
             *n += 1;
         }
         RecordFacts {
             failures: failures(plan, records),
             unschedulable: unschedulable_failures(records.values()),
-            transient_attempts: failed(plan, records)
+            transient_attempts: failed(records)
                 .filter(|(_, r)| r.failure().class.is_transient())
                 .map(|(_, r)| r.attempt_count)
                 .collect(),
             finished,
             build_seconds,
+            medians: durations.map(|mut d| crate::summary::median(&mut d)),
         }
     }
 
@@ -250,17 +249,6 @@ impl RecordFacts {
         chrono::Duration::try_milliseconds((seconds * 1000.0) as i64)
             .and_then(|left| now.checked_add_signed(left))
     }
-}
-
-fn phase_of(name: &str) -> Option<Phase> {
-    [
-        Phase::Builder,
-        Phase::Base,
-        Phase::Assembly,
-        Phase::PostAssembly,
-    ]
-    .into_iter()
-    .find(|p| p.as_str() == name)
 }
 
 /// Whether `new` differs from `old` in what users and tools wait on (phase, generation,
@@ -364,12 +352,13 @@ mod tests {
         let now = Utc::now();
         let minutes = |m: i64| chrono::Duration::minutes(m);
         // The builder and 4 bases built, each in 2 minutes, the last 4 within the hour.
-        let mut records = BTreeMap::new();
+        let mut records = std::collections::BTreeMap::new();
         let mut states = vec![NodeState::NEW; plan.nodes.len()];
         for (i, node) in plan.nodes.iter().enumerate().take(5) {
             let end = now - minutes(10 * i as i64);
             let mut r = Record::built(node, 1, end);
             r.started_at = Some(end - minutes(2));
+            r.duration_seconds = Some(100 + 10 * i as u64);
             records.insert(node.job_name.clone(), r);
             states[i] = NodeState::Succeeded;
         }
@@ -386,7 +375,7 @@ mod tests {
         let exhausted = &plan.nodes[6];
         let failed = Record::failed(exhausted, &failure, 3, None, now - minutes(60));
         records.insert(exhausted.job_name.clone(), failed);
-        let facts = RecordFacts::of(&plan, &records);
+        let facts = RecordFacts::of(&plan, &Records::test_of(&plan, &records));
         assert_eq!(facts.retries_exhausted(3), 1);
         assert_eq!(
             facts.retries_exhausted(4),
@@ -394,12 +383,14 @@ mod tests {
             "it had a fourth attempt to go"
         );
         assert_eq!(facts.failures.len(), 1);
+        // The builder's 100 s; the bases' 110, 120, 130 and 140 s.
+        assert_eq!(facts.medians, [Some(100.0), Some(125.0), None, None]);
         assert_eq!(facts.last_progress_at(), Some(now));
         let rate = facts.images_per_hour(now - minutes(120), now, minutes(30));
         assert_eq!(rate, Some(6.0), "3 images in the last 30 minutes");
         let rate = facts.images_per_hour(now - minutes(120), now, minutes(5));
         assert_eq!(rate, Some(12.0), "1 image in the last 5 minutes");
-        let none = RecordFacts::of(&plan, &BTreeMap::new());
+        let none = RecordFacts::of(&plan, &Records::default());
         assert_eq!(
             none.images_per_hour(now - minutes(120), now, minutes(5)),
             None
@@ -472,7 +463,7 @@ mod tests {
             };
             records.insert(node.job_name.clone(), record);
         }
-        let list = failures(&plan, &records);
+        let list = failures(&plan, &Records::test_of(&plan, &records));
         assert_eq!(list.len(), MAX_FAILURE_RECORDS);
         assert_eq!(list[0].instance, "r__r-29", "newest first");
         assert!(list.windows(2).all(|w| w[0].time >= w[1].time));

@@ -360,7 +360,7 @@ placement: {podAnnotations: {"sim.imagebuild.dev/duration": "2s"}}
             let seen = |l: &LiveJob| {
                 let o = observe(
                     &plan,
-                    &BTreeMap::new(),
+                    &crate::manifest::Records::default(),
                     &BTreeMap::from([(name.clone(), l.clone())]),
                     &BTreeMap::new(),
                     Duration::from_secs(3600),

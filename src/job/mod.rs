@@ -27,7 +27,8 @@ pub const WRAPPER: &str = include_str!("wrapper.sh");
 /// The registry hosts of the images a node pushes (its image and cache), sorted, once each.
 pub fn http_registries(node: &Node) -> Vec<String> {
     let mut hosts: Vec<String> = std::iter::once(&node.image)
-        .chain(node.cache_ref.as_ref())
+        .map(|image| &**image)
+        .chain(node.cache_ref.as_deref())
         .filter_map(|image| crate::reference::parse(image).ok())
         .map(|r| r.registry().to_string())
         .collect();
@@ -101,9 +102,9 @@ pub fn build_job(
     });
     let mut annotations = serde_json::Map::new();
     annotations.insert(ANNOTATION_ATTEMPT.into(), attempt.to_string().into());
-    annotations.insert(ANNOTATION_IMAGE.into(), node.image.clone().into());
+    annotations.insert(ANNOTATION_IMAGE.into(), node.image.to_string().into());
     if let Some(id) = &node.instance_id {
-        annotations.insert(ANNOTATION_INSTANCE.into(), id.clone().into());
+        annotations.insert(ANNOTATION_INSTANCE.into(), id.to_string().into());
     }
     let mut pod_ann = annotations.clone();
     for (k, v) in pod_annotations {

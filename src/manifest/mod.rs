@@ -20,8 +20,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 mod record;
+mod records;
 
-pub use record::{Harvest, MAX_MESSAGE, Record, RecordStatus};
+pub use record::{Digest, Harvest, MAX_MESSAGE, Record, RecordStatus};
+pub use records::Records;
 
 use crate::api::{ImageBuildRun, MAX_MANIFESTS};
 use crate::names::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
@@ -133,7 +135,7 @@ struct LineOut<'a> {
 /// The JSON lines of `records`, in Job-name order, in at most [`MAX_SHARD_BYTES`]: if
 /// they would take more, errors are cut to their last [`SHORT_ERROR`] bytes, then
 /// dropped (the status and the Events still tell the failures).
-pub fn render<'a>(records: impl IntoIterator<Item = (&'a String, &'a Record)> + Clone) -> String {
+pub fn render<'a>(records: impl IntoIterator<Item = (&'a str, &'a Record)> + Clone) -> String {
     let mut out = String::new();
     for max_error in [None, Some(SHORT_ERROR), Some(0)] {
         out.clear();
@@ -212,12 +214,10 @@ type Shards = Vec<(usize, Option<String>, Vec<(String, Record)>)>;
 ///
 /// A record's shard is not kept per record: it is its node's position in the plan the
 /// manifest was loaded for, unless the record was read from another shard (or its Job is
-/// not in the plan): those few are in `moved`. The records are the only copy of their Job
-/// names besides the plan's.
+/// not in the plan): those few are in `moved`.
 pub struct Manifest {
-    /// The plan the records are placed by: the one the manifest was loaded for.
-    plan: Arc<Plan>,
-    records: BTreeMap<String, Record>,
+    /// The records, for the plan the manifest was loaded for: the plan they are placed by.
+    records: Records,
     /// The shard of each record kept elsewhere than its plan position puts it.
     moved: HashMap<String, usize>,
     /// The resourceVersion of each shard that exists.
@@ -251,8 +251,7 @@ impl Manifest {
             .unwrap_or(0)
             .max(shard_count(plan.nodes.len()));
         let mut manifest = Manifest {
-            plan,
-            records: BTreeMap::new(),
+            records: Records::new(plan),
             moved: HashMap::new(),
             versions: vec![None; shards],
             version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
@@ -287,12 +286,19 @@ impl Manifest {
     ) -> Result<BTreeMap<String, Record>, ManifestError> {
         // Read as the operator reads it (a record found twice: the newer copy).
         let read = read_shards(client, run).await?;
-        Ok(Manifest::from_shards(Arc::default(), read).records)
+        Ok(Manifest::from_shards(Arc::default(), read)
+            .records
+            .into_map())
     }
 
-    /// Every record, by Job name.
-    pub fn records(&self) -> &BTreeMap<String, Record> {
+    /// Every record.
+    pub fn records(&self) -> &Records {
         &self.records
+    }
+
+    /// The plan the manifest was loaded for.
+    pub fn plan(&self) -> &Arc<Plan> {
+        self.records.plan()
     }
 
     /// Tells apart the records' states in this process: two manifests, or one before and
@@ -312,7 +318,10 @@ impl Manifest {
 
     /// The shard Job `job`'s plan position puts it in, if it is in the plan.
     fn planned_home(&self, job: &str) -> Option<usize> {
-        self.plan.node_of(job).map(|id| id / RECORDS_PER_SHARD)
+        self.records
+            .plan()
+            .node_of(job)
+            .map(|id| id / RECORDS_PER_SHARD)
     }
 
     /// The shard of Job `job`'s record (the last shard for a Job not in the plan).
@@ -342,21 +351,19 @@ impl Manifest {
     /// The text of shard `i`: the records of the plan's nodes at its positions that were
     /// not moved, and those moved into it.
     fn render_shard(&self, i: usize) -> String {
-        let start = (i * RECORDS_PER_SHARD).min(self.plan.nodes.len());
-        let end = (start + RECORDS_PER_SHARD).min(self.plan.nodes.len());
-        let planned = self.plan.nodes[start..end]
-            .iter()
-            .map(|n| n.job_name.as_str())
-            .filter(|job| !self.moved.contains_key(*job));
+        let start = (i * RECORDS_PER_SHARD).min(self.records.plan().nodes.len());
+        let end = (start + RECORDS_PER_SHARD).min(self.records.plan().nodes.len());
+        let planned = (start..end).filter_map(|id| {
+            let job = self.records.plan().nodes[id].job_name.as_str();
+            let record = self.records.node(id)?;
+            (!self.moved.contains_key(job)).then_some((job, record))
+        });
         let moved = self
             .moved
             .iter()
             .filter(|&(_, &shard)| shard == i)
-            .map(|(job, _)| job.as_str());
-        let mut lines: Vec<(&String, &Record)> = planned
-            .chain(moved)
-            .filter_map(|job| self.records.get_key_value(job))
-            .collect();
+            .filter_map(|(job, _)| Some((job.as_str(), self.records.get(job)?)));
+        let mut lines: Vec<(&str, &Record)> = planned.chain(moved).collect();
         lines.sort_unstable_by_key(|(job, _)| *job);
         render(lines.iter().copied())
     }
@@ -468,7 +475,7 @@ mod tests {
             phase: Phase::Assembly,
             instance_id: Some(job.into()),
             upstream_image: None,
-            image: format!("r.io/x:{job}"),
+            image: format!("r.io/x:{job}").into(),
             build_args: Default::default(),
             git_revision: None,
             cache_ref: None,
@@ -551,9 +558,9 @@ mod tests {
     fn shards_of_worst_case_records_stay_under_900_kib() {
         let node = Node {
             phase: Phase::PostAssembly,
-            instance_id: Some(format!("{}__{}", "r".repeat(60), "n".repeat(60))),
-            upstream_image: Some(format!("docker.io/{}:latest", "u".repeat(200))),
-            image: format!("registry.example/{}:{}", "i".repeat(200), "t".repeat(120)),
+            instance_id: Some(format!("{}__{}", "r".repeat(60), "n".repeat(60)).into()),
+            upstream_image: Some(format!("docker.io/{}:latest", "u".repeat(200)).into()),
+            image: format!("registry.example/{}:{}", "i".repeat(200), "t".repeat(120)).into(),
             build_args: Default::default(),
             git_revision: None,
             cache_ref: None,
@@ -564,8 +571,8 @@ mod tests {
         let failure = Failure::new(FailureClass::BuildError, "\"\u{1b}é".repeat(2000));
         let now = chrono::Utc::now();
         let mut record = Record::failed(&node, &failure, 20, Some(now), now);
-        record.digest = Some(format!("sha256:{}", "0".repeat(64)));
-        record.node = Some("n".repeat(253));
+        record.digest = Some(Digest::from(format!("sha256:{}", "0".repeat(64)).as_str()));
+        record.node = Some("n".repeat(253).into());
         record.log_path = Some(format!("{}/{}", "s".repeat(63), "p".repeat(253)));
         record.started_at = Some(now);
         record.finished_at = Some(now);
@@ -580,11 +587,14 @@ mod tests {
         };
         // A shard of the average size, all worst cases, keeps whole errors...
         let typical = shard(RECORDS_PER_SHARD, &record);
-        let back = parse("cm", &render(&typical)).unwrap();
+        let lines = |shard: &BTreeMap<String, Record>| -> String {
+            render(shard.iter().map(|(job, r)| (job.as_str(), r)))
+        };
+        let back = parse("cm", &lines(&typical)).unwrap();
         assert_eq!(back[0].1, record);
         // ...and one half again as large (more than hashing puts in one) still fits,
         // keeping the end of every error.
-        let text = render(&shard(3 * RECORDS_PER_SHARD / 2, &record));
+        let text = lines(&shard(3 * RECORDS_PER_SHARD / 2, &record));
         assert!(text.len() <= MAX_SHARD_BYTES, "{} bytes", text.len());
         let back = parse("cm", &text).unwrap();
         assert_eq!(back.len(), 3 * RECORDS_PER_SHARD / 2);

@@ -9,11 +9,14 @@
 //! `cached_steps`), so tools that read the scripts' manifests read these too.
 //! `docs/manifest.md` is the reference.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use smallvec::{SmallVec, smallvec};
 
 use crate::job::{BuildReport, Outcome};
-use crate::plan::Node;
+use crate::plan::{Node, Phase};
 use crate::schedule::{Failure, FailureClass, NodeState, SkipReason};
 use crate::text::shorten;
 
@@ -43,21 +46,74 @@ impl RecordStatus {
     }
 }
 
+/// An image digest, `algorithm:hex`. A SHA-256 digest (nearly all) is kept as its 32
+/// bytes, any other as its text; either way it reads and writes as the same text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Digest {
+    /// `sha256:` and 64 lowercase hex digits.
+    Sha256([u8; 32]),
+    /// Any other text.
+    Other(Box<str>),
+}
+
+impl Digest {
+    const SHA256: &'static str = "sha256:";
+
+    /// Whether it is the empty text.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Digest::Other(text) if text.is_empty())
+    }
+}
+
+impl From<&str> for Digest {
+    fn from(text: &str) -> Digest {
+        let hex = text
+            .strip_prefix(Digest::SHA256)
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        let mut bytes = [0u8; 32];
+        match hex.map(|h| hex::decode_to_slice(h, &mut bytes)) {
+            Some(Ok(())) => Digest::Sha256(bytes),
+            _ => Digest::Other(text.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Digest::Sha256(bytes) => write!(f, "{}{}", Digest::SHA256, hex::encode(bytes)),
+            Digest::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        Ok(Digest::from(String::deserialize(d)?.as_str()))
+    }
+}
+
 /// One node's record: one line of the manifest.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Record {
     /// When the node reached this state (the record was written).
     pub time: DateTime<Utc>,
     /// builder, base, assembly or postAssembly.
-    pub phase: String,
+    pub phase: Phase,
     /// The instance (assembly and post-assembly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
+    pub instance_id: Option<Arc<str>>,
     /// The upstream image it is built on (`BASE_IMAGE`): none for the builder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_image: Option<String>,
-    /// The image references pushed (or found, or to be pushed).
-    pub tags: Vec<String>,
+    pub base_image: Option<Arc<str>>,
+    /// The image references pushed (or found, or to be pushed): one, kept in the record.
+    pub tags: SmallVec<[Arc<str>; 1]>,
     /// The state.
     pub status: RecordStatus,
     /// Why it was skipped, in words.
@@ -76,10 +132,10 @@ pub struct Record {
     pub not_before: Option<DateTime<Utc>>,
     /// Digest of the pushed image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
     /// The Kubernetes node the last attempt ran on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     /// The last attempt's build pod, `namespace/name`: where the cluster's log store keeps
     /// its log (the pod is deleted with its Job once the result is recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,10 +181,10 @@ impl Record {
     fn new(node: &Node, status: RecordStatus, attempt: u32, at: DateTime<Utc>) -> Record {
         Record {
             time: at,
-            phase: node.phase.as_str().into(),
+            phase: node.phase,
             instance_id: node.instance_id.clone(),
             base_image: node.upstream_image.clone(),
-            tags: vec![node.image.clone()],
+            tags: smallvec![node.image.clone()],
             status,
             skip_reason: None,
             failure_class: None,
@@ -195,7 +251,7 @@ impl Record {
             Outcome::Succeeded { report, node } => (report.as_ref(), node),
             Outcome::Failed { node, .. } => (None, node),
         };
-        self.node = node.clone();
+        self.node = node.as_deref().map(Arc::from);
         self.log_path = harvest.pod.clone();
         self.started_at = harvest.started;
         self.finished_at = harvest.finished;
@@ -203,7 +259,7 @@ impl Record {
             self.duration_seconds = Some((end - start).num_seconds().max(0) as u64);
         }
         if let Some(report) = report {
-            self.digest = Some(report.digest.clone()).filter(|d| !d.is_empty());
+            self.digest = Some(Digest::from(report.digest.as_str())).filter(|d| !d.is_empty());
             self.build_seconds = Some(report.build_seconds);
             self.push_seconds = Some(report.push_seconds);
             self.cached_steps = Some(report.cached_steps);
@@ -213,7 +269,7 @@ impl Record {
 
     /// The image reference (the first tag).
     pub fn image(&self) -> &str {
-        self.tags.first().map(String::as_str).unwrap_or("")
+        self.tags.first().map_or("", |t| t)
     }
 
     /// The scheduler's view of this record.
@@ -266,6 +322,34 @@ mod tests {
             job_name: "run-asm-a-a-1-0123456789".into(),
             deps: vec![],
         }
+    }
+
+    #[test]
+    fn digests_read_and_write_as_the_same_text() {
+        let sha = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        let cases = [
+            sha.clone(),
+            sha.to_uppercase(),
+            sha.replace("sha256:", "sha256:0"),
+            format!("sha512:{}", "ab".repeat(64)),
+            "sha256:".to_string(),
+            format!("{}g", &sha[..sha.len() - 1]),
+            String::new(),
+        ];
+        for text in cases {
+            let digest = Digest::from(text.as_str());
+            assert_eq!(digest.to_string(), text);
+            assert_eq!(digest.is_empty(), text.is_empty());
+            let json = serde_json::to_string(&digest).unwrap();
+            assert_eq!(json, format!("\"{text}\""));
+            assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), digest);
+        }
+        // Only a SHA-256 digest in its canonical form is kept as bytes.
+        assert!(matches!(Digest::from(sha.as_str()), Digest::Sha256(b) if b[0] == 0x01));
+        assert!(matches!(
+            Digest::from(&*sha.to_uppercase()),
+            Digest::Other(_)
+        ));
     }
 
     #[test]

@@ -489,7 +489,7 @@ mod tests {
             ..r1
         };
         m.set_status(&r1, &status);
-        m.set_medians(&r1, [("base", 42)]);
+        m.set_medians(&r1, &[None, Some(42.0), None, None]);
         assert!(m.published(&r1) && !m.published(&r2));
         let text = m.gather().await;
         let v = |p: &str| value(&text, p);
@@ -531,7 +531,7 @@ mod tests {
         // A reconcile that outlived the deletion revives nothing.
         m.set_status(&r1, &status);
         m.set_settings(&r1, &RunSettings::default());
-        m.set_medians(&r1, [("base", 42)]);
+        m.set_medians(&r1, &[None, Some(42.0), None, None]);
         m.count(&r1, &built);
         m.registry_request(&r1, "404");
         let text = m.gather().await;

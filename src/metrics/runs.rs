@@ -211,24 +211,18 @@ impl Metrics {
         self.with_live(run, |s| !s.medians).unwrap_or(false)
     }
 
-    /// Sets the median Job durations (seconds) of the run's built images, given as
-    /// (phase, seconds), by phase.
-    pub fn set_medians<'a>(&self, id: &RunId, built: impl IntoIterator<Item = (&'a str, u64)>) {
+    /// Sets the median Job durations (seconds) of the run's built images, by phase (in
+    /// [`PHASES`] order; none for a phase with no image built).
+    pub fn set_medians(&self, id: &RunId, medians: &[Option<f64>; 4]) {
         let (ns, run) = (id.namespace, id.name);
         self.with_live(id, |series| {
             series.medians = true;
-            let mut durations: [Vec<u64>; 4] = Default::default();
-            for (phase, seconds) in built {
-                if let Some(i) = super::phase_index(phase) {
-                    durations[i].push(seconds);
-                }
-            }
-            for (phase, values) in PHASES.iter().zip(durations) {
-                match crate::summary::stats(values) {
-                    Some(stats) => self
+            for (phase, median) in PHASES.iter().zip(medians) {
+                match median {
+                    Some(median) => self
                         .run_median
                         .with_label_values(&[ns, run, phase])
-                        .set(stats.median),
+                        .set(*median),
                     None => {
                         let _ = self.run_median.remove_label_values(&[ns, run, phase]);
                     }

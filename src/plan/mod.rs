@@ -8,10 +8,11 @@ mod render;
 
 use render::{Fields, ImageOwners, Rendered, check_reference};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use regex::Regex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use annotations::PodAnnotations;
 pub use names::job_name;
@@ -25,7 +26,7 @@ use crate::validate::{self, SpecError};
 pub type NodeId = usize;
 
 /// The four kinds of image a run builds.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
     /// The shared builder image.
@@ -68,12 +69,13 @@ pub struct Node {
     pub phase: Phase,
     /// Instance id (assembly and post-assembly nodes).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
+    pub instance_id: Option<Arc<str>>,
     /// The upstream image the node is built from (base, assembly, post-assembly).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_image: Option<String>,
-    /// The image reference pushed.
-    pub image: String,
+    pub upstream_image: Option<Arc<str>>,
+    /// The image reference pushed. These three are shared with the nodes' records (see
+    /// `manifest::Records`), and a base's upstream image with its assemblies.
+    pub image: Arc<str>,
     /// Rendered build arguments, by name (a list: a map of one or two would take a
     /// B-tree node of eleven, 0.5 KiB per image).
     #[serde(serialize_with = "as_map")]
@@ -122,8 +124,9 @@ pub struct Plan {
     pub nodes: Vec<Node>,
     /// For each node, the nodes that depend on it.
     pub dependents: Vec<Vec<NodeId>>,
-    /// Each node by its Job name (the manifest's and the Jobs' key).
-    by_job: HashMap<String, NodeId>,
+    /// The nodes in Job-name order (the manifest's and the Jobs' key), to find a node by
+    /// its Job's name without a second copy of every name.
+    by_job: Vec<NodeId>,
 }
 
 /// Why a plan could not be made.
@@ -236,19 +239,19 @@ pub fn build(
     // Upstream image of every instance, then one base per distinct upstream image.
     let mut upstreams = Vec::with_capacity(instances.len());
     for instance in instances {
-        let upstream = match (&instance.image, &spec.instances.upstream_image) {
-            (Some(image), _) => image.clone(),
+        let upstream: Arc<str> = match (&instance.image, &spec.instances.upstream_image) {
+            (Some(image), _) => image.as_str().into(),
             (None, Some(_)) => {
                 let mut ctx = vars.clone();
                 ctx.set_instance(&instance.id, None);
-                set.render(UPSTREAM, &ctx, Some(&instance.id))?
+                set.render(UPSTREAM, &ctx, Some(&instance.id))?.into()
             }
             (None, None) => return Err(PlanError::MissingUpstreamImage(instance.id.clone())),
         };
         check_reference(UPSTREAM, &upstream, Some(&instance.id))?;
         upstreams.push(upstream);
     }
-    let mut base_of: BTreeMap<&str, NodeId> = upstreams.iter().map(|u| (u.as_str(), 0)).collect();
+    let mut base_of: BTreeMap<&Arc<str>, NodeId> = upstreams.iter().map(|u| (u, 0)).collect();
     let mut images = ImageOwners::default();
     for (upstream, id) in base_of.iter_mut() {
         let mut ctx = vars.clone();
@@ -262,7 +265,7 @@ pub fn build(
             Phase::Base,
             upstream,
             None,
-            Some(upstream),
+            Some((*upstream).clone()),
             rendered,
             vec![],
         ));
@@ -287,18 +290,18 @@ pub fn build(
     };
     let mut assemblies = Vec::with_capacity(instances.len());
     for (instance, upstream) in instances.iter().zip(&upstreams) {
-        let base = base_of[upstream.as_str()];
+        let base = base_of[upstream];
         let ctx = assembly_context(&instance.id, upstream, &nodes[base].image);
         let rendered = phases[2].render(&set, &ctx, Some(&instance.id))?;
         images.claim("spec.assembly.image", &rendered.image, &instance.id)?;
         assemblies.push((nodes.len(), base));
-        let id = Some(instance.id.as_str());
+        let id = Some(Arc::from(instance.id.as_str()));
         nodes.push(node(
             run,
             Phase::Assembly,
             &instance.id,
             id,
-            Some(upstream),
+            Some(upstream.clone()),
             rendered,
             vec![0, base],
         ));
@@ -320,13 +323,12 @@ pub fn build(
             );
             ctx.set_image("assembly", &nodes[assembly].image);
             let rendered = fields.render(&set, &ctx, Some(&instance))?;
-            let id = Some(instance.as_str());
             nodes.push(node(
                 run,
                 Phase::PostAssembly,
-                &instance,
-                id,
-                upstream.as_deref(),
+                &instance.clone(),
+                Some(instance),
+                upstream,
                 rendered,
                 vec![assembly],
             ));
@@ -350,11 +352,8 @@ pub fn build(
             dependents[dep].push(id);
         }
     }
-    let by_job = nodes
-        .iter()
-        .enumerate()
-        .map(|(id, n)| (n.job_name.clone(), id))
-        .collect();
+    let mut by_job: Vec<NodeId> = (0..nodes.len()).collect();
+    by_job.sort_unstable_by(|&a, &b| nodes[a].job_name.cmp(&nodes[b].job_name));
     Ok(Plan {
         nodes,
         dependents,
@@ -366,16 +365,16 @@ fn node(
     run: &str,
     phase: Phase,
     key: &str,
-    instance_id: Option<&str>,
-    upstream_image: Option<&str>,
+    instance_id: Option<Arc<str>>,
+    upstream_image: Option<Arc<str>>,
     rendered: Rendered,
     deps: Vec<NodeId>,
 ) -> Node {
     Node {
         phase,
-        instance_id: instance_id.map(str::to_string),
-        upstream_image: upstream_image.map(str::to_string),
-        image: rendered.image,
+        instance_id,
+        upstream_image,
+        image: rendered.image.into(),
         build_args: rendered.build_args,
         git_revision: rendered.git_revision,
         cache_ref: rendered.cache_ref,
@@ -387,7 +386,11 @@ fn node(
 impl Plan {
     /// The node whose Job (and record) is named `job`.
     pub fn node_of(&self, job: &str) -> Option<NodeId> {
-        self.by_job.get(job).copied()
+        let at = self
+            .by_job
+            .binary_search_by(|&id| self.nodes[id].job_name.as_str().cmp(job))
+            .ok()?;
+        Some(self.by_job[at])
     }
 
     /// Number of nodes of `phase`.
