@@ -27,7 +27,6 @@ use super::apply;
 use super::context::{Ctx, Error};
 use super::ledger::Decision;
 use super::observe::{LiveJob, observe, ready_since};
-
 use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
