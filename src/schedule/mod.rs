@@ -310,9 +310,15 @@ pub fn decide(
     }
 
     if !policy.suspend {
-        ready.sort_by_key(|&(id, _)| priority(plan, id));
         let slots = policy.max_workers.saturating_sub(in_flight) as usize;
-        for (node, attempt) in ready.into_iter().take(slots) {
+        // Only the `slots` first in priority order are wanted: selected in linear time,
+        // then sorted (thousands can be ready in a large run, a few slots free).
+        if slots < ready.len() {
+            ready.select_nth_unstable_by_key(slots, |&(id, _)| priority(plan, id));
+            ready.truncate(slots);
+        }
+        ready.sort_unstable_by_key(|&(id, _)| priority(plan, id));
+        for (node, attempt) in ready {
             actions.push(Action::CreateJob { node, attempt });
         }
     }
