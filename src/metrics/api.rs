@@ -1,10 +1,12 @@
 //! A tower layer for the Kubernetes client that counts every request by verb and answer
-//! (`imagebuild_kubernetes_requests_total`), watches included.
+//! (`imagebuild_kubernetes_requests_total`), watches included, and times those that are
+//! not watches (`imagebuild_kubernetes_request_duration_seconds`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::{Method, Request, Response};
 use tower::{Layer, Service};
@@ -67,9 +69,14 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let verb = verb(&request);
         let metrics = self.metrics.clone();
+        let sent = Instant::now();
         let answer = self.inner.call(request);
         Box::pin(async move {
             let result = answer.await;
+            // A watch answers its headers at once and then streams for minutes.
+            if verb != "WATCH" {
+                metrics.api_request_took(verb, sent.elapsed());
+            }
             match &result {
                 Ok(response) => metrics.api_request(verb, response.status().as_str()),
                 Err(_) => metrics.api_request(verb, "error"),
@@ -121,5 +128,34 @@ mod tests {
         assert!(
             text.contains(r#"imagebuild_kubernetes_requests_total{code="error",verb="POST"} 1"#)
         );
+        // Answered or not, each request was timed once.
+        assert!(
+            text.contains(r#"imagebuild_kubernetes_request_duration_seconds_count{verb="POST"} 3"#)
+        );
+    }
+
+    #[tokio::test]
+    async fn times_requests_but_not_watches() {
+        let metrics = Arc::new(Metrics::new());
+        let mut service =
+            CountRequests(metrics.clone()).layer(tower::service_fn(|_: Request<()>| async {
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                Ok::<_, std::io::Error>(Response::builder().status(200).body(()).unwrap())
+            }));
+        let get = |uri: &str| Request::builder().uri(uri).body(()).unwrap();
+        service.call(get("/api/v1/pods")).await.unwrap();
+        service.call(get("/api/v1/pods?watch=true")).await.unwrap();
+        let text = metrics.gather().await;
+        assert!(
+            text.contains(r#"imagebuild_kubernetes_request_duration_seconds_count{verb="GET"} 1"#)
+        );
+        // The 30 ms it took is past the 25 ms bucket, within the 50 ms one.
+        assert!(text.contains(
+            r#"imagebuild_kubernetes_request_duration_seconds_bucket{verb="GET",le="0.025"} 0"#
+        ));
+        assert!(text.contains(
+            r#"imagebuild_kubernetes_request_duration_seconds_bucket{verb="GET",le="0.05"} 1"#
+        ));
+        assert!(!text.contains(r#"request_duration_seconds_count{verb="WATCH"}"#));
     }
 }

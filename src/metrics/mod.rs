@@ -135,6 +135,7 @@ pub struct Metrics {
     reconciles_in_flight: IntGauge,
     unreadable_runs: IntGauge,
     api_requests: IntCounterVec,
+    api_request_duration: HistogramVec,
     ready: IntGauge,
     leader: IntGauge,
     runs: Mutex<HashMap<String, RunSeries>>,
@@ -319,6 +320,14 @@ impl Metrics {
                 "Requests to the Kubernetes API, by verb and HTTP status code (error for no answer).",
                 &["verb", "code"]
             )),
+            api_request_duration: register!(HistogramVec::new(
+                HistogramOpts::new(
+                    "imagebuild_kubernetes_request_duration_seconds",
+                    "From sending a request to the Kubernetes API to its answer's headers, by verb (watches not included)."
+                )
+                .buckets(RECONCILE_BUCKETS.to_vec()),
+                &["verb"]
+            )),
             ready: register!(IntGauge::new(
                 "imagebuild_ready",
                 "1 while the operator is ready: watches synced (or standing by for the lease) and the API server reachable."
@@ -410,6 +419,13 @@ impl Metrics {
     /// Counts one request to the Kubernetes API.
     pub fn api_request(&self, verb: &str, code: &str) {
         self.api_requests.with_label_values(&[verb, code]).inc();
+    }
+
+    /// Observes how long a request (not a watch) took to answer.
+    pub fn api_request_took(&self, verb: &str, took: Duration) {
+        self.api_request_duration
+            .with_label_values(&[verb])
+            .observe(took.as_secs_f64());
     }
 
     /// Sets the readiness gauge.
