@@ -167,6 +167,10 @@ impl Presence {
     /// ended, and inputs of an image that will be built (known missing, not ended).
     /// An input whose dependents are unknown waits for their answers.
     fn todo(&self, plan: &Plan, states: &[NodeState]) -> Vec<usize> {
+        // Once every answer is in (most of a run), there is nothing to walk the plan for.
+        if !self.known.contains(&Registry::Unknown) {
+            return Vec::new();
+        }
         let n = self.known.len().min(plan.nodes.len());
         let mut built = vec![false; n];
         let mut todo = Vec::new();

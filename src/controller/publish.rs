@@ -82,7 +82,7 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
         (Some(o), Some(n)) if (n - o).abs() <= 0.05 * o => Some(o),
         _ => rate,
     };
-    let eta = facts.estimated_completion(d.plan, d.states, d.workers, now);
+    let eta = facts.estimated_completion(&counts, d.workers, now);
     status.estimated_completion = match (old.estimated_completion, eta) {
         // A finished run has nothing left to estimate.
         _ if status.phase != Some(RunPhase::Building) => None,

@@ -38,7 +38,6 @@ use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
-use crate::plan::Plan;
 use crate::schedule::{self, Action, NodeState, Policy};
 use crate::validate::{self, Settings};
 
@@ -352,7 +351,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     }
     if progressed || ctx.metrics.medians_unset(&id) {
-        let facts = facts(&mut state.facts, &plan, &manifest);
+        let facts = facts(&mut state.facts, &manifest);
         ctx.metrics.set_medians(&id, &facts.medians);
     }
     if created.is_ok() && hold {
@@ -388,7 +387,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
 
     // Publish.
-    let facts = facts(&mut state.facts, &plan, &manifest);
+    let facts = facts(&mut state.facts, &manifest);
     publish::derive(
         &mut status,
         &Derivation {
@@ -497,17 +496,13 @@ async fn delete_jobs(
 
 /// What the status and metrics read of the manifest's records: gathered again only once
 /// they changed (`kept` holds the last gathered, with the manifest version it is of).
-fn facts<'a>(
-    kept: &'a mut Option<(u64, RecordFacts)>,
-    plan: &Plan,
-    manifest: &Manifest,
-) -> &'a RecordFacts {
+fn facts<'a>(kept: &'a mut Option<(u64, RecordFacts)>, manifest: &Manifest) -> &'a RecordFacts {
     let version = manifest.version();
     if kept.as_ref().is_some_and(|(v, _)| *v != version) {
         *kept = None;
     }
     &kept
-        .get_or_insert_with(|| (version, RecordFacts::of(plan, manifest.records())))
+        .get_or_insert_with(|| (version, RecordFacts::of(manifest.records())))
         .1
 }
 

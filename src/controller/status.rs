@@ -81,7 +81,8 @@ pub fn fill(status: &mut ImageBuildRunStatus, counts: &[PhaseCounts; 4], builder
 
 /// The most recent failures of the plan's images, newest first, at most
 /// [`MAX_FAILURE_RECORDS`].
-pub fn failures(plan: &Plan, records: &Records) -> Vec<FailureRecord> {
+pub fn failures(records: &Records) -> Vec<FailureRecord> {
+    let plan = records.plan();
     let mut failed: Vec<(NodeId, &Record)> = failed(records).collect();
     // Newest first; plan order among equals, so the list is stable.
     failed.sort_by_key(|&(id, r)| (std::cmp::Reverse(r.time), id));
@@ -158,8 +159,8 @@ pub struct RecordFacts {
 }
 
 impl RecordFacts {
-    /// The facts of `records`, the records of `plan`'s run.
-    pub fn of(plan: &Plan, records: &Records) -> RecordFacts {
+    /// The facts of `records` (of the plan they hold).
+    pub fn of(records: &Records) -> RecordFacts {
         let mut finished: Vec<DateTime<Utc>> = records
             .values()
             .filter(|r| r.status != RecordStatus::Retrying)
@@ -179,7 +180,7 @@ impl RecordFacts {
             *n += 1;
         }
         RecordFacts {
-            failures: failures(plan, records),
+            failures: failures(records),
             unschedulable: unschedulable_failures(records.values()),
             transient_attempts: failed(records)
                 .filter(|(_, r)| r.failure().class.is_transient())
@@ -219,13 +220,13 @@ impl RecordFacts {
         (done > 0 && span > 0.0).then(|| (done as f64 / span * 10.0).round() / 10.0)
     }
 
-    /// When the run should end: the images not yet final, each costing the mean observed
-    /// build time of its phase (or of all phases, when its own has none yet), spread over
-    /// `max_workers`. `None` before any build finished.
+    /// When the run should end: the images not yet final (pending or running in
+    /// `counts`), each costing the mean observed build time of its phase (or of all
+    /// phases, when its own has none yet), spread over `max_workers`. `None` before any
+    /// build finished.
     pub fn estimated_completion(
         &self,
-        plan: &Plan,
-        states: &[NodeState],
+        counts: &[PhaseCounts; 4],
         max_workers: u32,
         now: DateTime<Utc>,
     ) -> Option<DateTime<Utc>> {
@@ -238,12 +239,8 @@ impl RecordFacts {
             (sum, n) if n > 0 => sum / n as f64,
             _ => overall,
         };
-        let left: f64 = plan
-            .nodes
-            .iter()
-            .zip(states)
-            .filter(|(_, s)| !s.is_terminal())
-            .map(|(node, _)| mean(index(node.phase)))
+        let left: f64 = (0..4)
+            .map(|i| f64::from(counts[i].pending + counts[i].running) * mean(i))
             .sum();
         let seconds = left / max_workers.max(1) as f64;
         chrono::Duration::try_milliseconds((seconds * 1000.0) as i64)
@@ -375,7 +372,7 @@ mod tests {
         let exhausted = &plan.nodes[6];
         let failed = Record::failed(exhausted, &failure, 3, None, now - minutes(60));
         records.insert(exhausted.job_name.clone(), failed);
-        let facts = RecordFacts::of(&plan, &Records::test_of(&plan, &records));
+        let facts = RecordFacts::of(&Records::test_of(&plan, &records));
         assert_eq!(facts.retries_exhausted(3), 1);
         assert_eq!(
             facts.retries_exhausted(4),
@@ -390,16 +387,17 @@ mod tests {
         assert_eq!(rate, Some(6.0), "3 images in the last 30 minutes");
         let rate = facts.images_per_hour(now - minutes(120), now, minutes(5));
         assert_eq!(rate, Some(12.0), "1 image in the last 5 minutes");
-        let none = RecordFacts::of(&plan, &Records::default());
+        let none = RecordFacts::of(&Records::default());
         assert_eq!(
             none.images_per_hour(now - minutes(120), now, minutes(5)),
             None
         );
         assert_eq!(none.last_progress_at(), None);
         // 6 bases and 10 assemblies left at 2 minutes each, 4 workers: 8 minutes.
-        let eta = facts.estimated_completion(&plan, &states, 4, now).unwrap();
+        let counts = counts(&plan, &states);
+        let eta = facts.estimated_completion(&counts, 4, now).unwrap();
         assert_eq!((eta - now).num_seconds(), 16 * 120 / 4);
-        assert_eq!(none.estimated_completion(&plan, &states, 4, now), None);
+        assert_eq!(none.estimated_completion(&counts, 4, now), None);
     }
 
     #[test]
@@ -463,7 +461,7 @@ mod tests {
             };
             records.insert(node.job_name.clone(), record);
         }
-        let list = failures(&plan, &Records::test_of(&plan, &records));
+        let list = failures(&Records::test_of(&plan, &records));
         assert_eq!(list.len(), MAX_FAILURE_RECORDS);
         assert_eq!(list[0].instance, "r__r-29", "newest first");
         assert!(list.windows(2).all(|w| w[0].time >= w[1].time));
