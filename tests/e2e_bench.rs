@@ -8,9 +8,12 @@
 //! 75 and 100% of the Jobs had finished), its CPU, its API requests per image (reads:
 //! GET and WATCH; writes: the rest) from its own metrics, the status writes, and from an
 //! independent Job watcher: the fraction of time `maxWorkers` Jobs were in flight while
-//! work remained (first to last Job created), the slots' use over that time, and the
-//! dispatch latency (a Job's completion, as the watcher saw it, to the next Job's
-//! creation, first in first out; p50, p99, max and mean). The control plane's share: the
+//! runnable work remained (between the first and the last Job created, the time when
+//! every slot was taken or a Job whose inputs the watcher had seen built was not yet
+//! created; the inputs from the plan), the slots' use over that time, and the dispatch
+//! latency (a Job's completion, as the watcher saw it, to the next Job's creation, first
+//! in first out, counted from the created Job's inputs' completion where that came
+//! later; p50, p99, max and mean). The control plane's share: the
 //! CPU of the API server, etcd, the controller manager and kwok over the run; the
 //! operator's mean POST (its request histogram: a Job created, an Event), the API
 //! server's part of a dispatch; and the operator's own reconcile time (its histogram).
@@ -31,6 +34,7 @@ use common::runs::{
 };
 use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
+use imagebuild_operator::plan::Plan;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
@@ -119,25 +123,32 @@ fn sample_rss(pid: u32, seen: Arc<Mutex<Seen>>, total: usize) -> Arc<Mutex<Vec<u
 
 /// What the watcher saw of slots and dispatch.
 struct Slots {
-    /// Fraction of the time from the first to the last Job created with `workers` in
-    /// flight.
+    /// Fraction of the time, from the first to the last Job created, while runnable work
+    /// remained (a Job in flight on every slot, or one whose inputs were built not yet
+    /// created), with `workers` in flight.
     full: f64,
     /// Jobs in flight over that time, as a fraction of `workers`.
     used: f64,
-    /// Completion to the next creation, sorted.
+    /// A slot's freeing (a completion) to the next creation, or from the created Job's
+    /// becoming runnable (its inputs' completions) when that came later; sorted.
     dispatch: Vec<Duration>,
 }
 
-fn slots(seen: &Seen, workers: usize) -> Slots {
-    // +1 for a creation, -1 for a completion; at one instant, completions first.
-    let mut events: Vec<(Instant, i32)> = Vec::new();
-    for job in seen.jobs.values() {
-        events.push((job.created, 1));
-        if let Some(f) = job.finished {
-            events.push((f, -1));
-        }
-    }
-    events.sort();
+/// The Job names each Job's node waits on (its inputs'), by Job name.
+type Inputs = BTreeMap<String, Vec<String>>;
+
+/// The inputs of every node of `plan`, by Job name.
+fn inputs(plan: &Plan) -> Inputs {
+    plan.nodes
+        .iter()
+        .map(|node| {
+            let deps = node.deps.iter().map(|&d| plan.nodes[d].job_name.clone());
+            (node.job_name.clone(), deps.collect())
+        })
+        .collect()
+}
+
+fn slots(seen: &Seen, workers: usize, inputs: &Inputs) -> Slots {
     let (Some(first), Some(last)) = (
         seen.jobs.values().map(|j| j.created).min(),
         seen.jobs.values().map(|j| j.created).max(),
@@ -148,37 +159,72 @@ fn slots(seen: &Seen, workers: usize) -> Slots {
             dispatch: Vec::new(),
         };
     };
-    let (mut active, mut prev) = (0usize, first);
-    let (mut full, mut used) = (Duration::ZERO, 0.0);
+    // When each image was first built, as the watcher saw.
+    let mut built: BTreeMap<&str, Instant> = BTreeMap::new();
+    for job in seen.jobs.values() {
+        if let (Some(true), Some(f)) = (job.succeeded, job.finished) {
+            let at = built.entry(&job.name).or_insert(f);
+            *at = (*at).min(f);
+        }
+    }
+    // A Job became runnable once its inputs were built (at the start, without inputs).
+    let runnable = |job: &common::runs::SeenJob| {
+        let ready = inputs.get(&job.name).into_iter().flatten();
+        let at = ready.fold(first, |at, input| {
+            at.max(built.get(input.as_str()).copied().unwrap_or(first))
+        });
+        at.min(job.created)
+    };
+    // Events: a Job created (+1 in flight, -1 waiting), ended (-1 in flight), runnable
+    // (+1 waiting). At one instant: completions, then runnable, then creations.
+    let mut events: Vec<(Instant, u8, Option<Instant>)> = Vec::new();
+    for job in seen.jobs.values() {
+        let ready = runnable(job);
+        events.push((ready, 1, None));
+        events.push((job.created, 2, Some(ready)));
+        if let Some(f) = job.finished {
+            events.push((f, 0, None));
+        }
+    }
+    events.sort();
+    let (mut active, mut waiting, mut prev) = (0usize, 0usize, first);
+    let (mut counted, mut full, mut used) = (Duration::ZERO, Duration::ZERO, 0.0);
     let mut freed = std::collections::VecDeque::new();
     let mut dispatch = Vec::new();
-    for (t, delta) in events {
-        // `active` Jobs were in flight from `prev` to `t`: the part inside the window counts.
+    for (t, kind, ready) in events {
+        // The state from `prev` to `t`, the part of it inside the window, counts while
+        // work remained.
         let (lo, hi) = (prev.max(first), t.min(last));
-        if hi > lo {
+        if hi > lo && (active >= workers || waiting > 0) {
+            counted += hi - lo;
             if active >= workers {
                 full += hi - lo;
             }
             used += (hi - lo).as_secs_f64() * active.min(workers) as f64;
         }
         prev = prev.max(t);
-        if delta > 0 {
-            active += 1;
-            if let Some(f) = freed.pop_front() {
-                dispatch.push(t - f);
+        match (kind, ready) {
+            (0, _) => {
+                active = active.saturating_sub(1);
+                if t < last {
+                    freed.push_back(t);
+                }
             }
-        } else {
-            active = active.saturating_sub(1);
-            if t < last {
-                freed.push_back(t);
+            (1, _) => waiting += 1,
+            (_, ready) => {
+                active += 1;
+                waiting = waiting.saturating_sub(1);
+                if let Some(f) = freed.pop_front() {
+                    dispatch.push(t - f.max(ready.unwrap_or(f)));
+                }
             }
         }
     }
-    let window = (last - first).as_secs_f64().max(f64::EPSILON);
+    let counted = counted.as_secs_f64().max(f64::EPSILON);
     dispatch.sort();
     Slots {
-        full: full.as_secs_f64() / window,
-        used: used / (window * workers as f64),
+        full: full.as_secs_f64() / counted,
+        used: used / (counted * workers as f64),
         dispatch,
     }
 }
@@ -262,6 +308,8 @@ async fn one_run(n: usize, workers: u32) -> Row {
     run.spec.placement.pod_annotations =
         annotations(&[("sim.imagebuild.dev/duration", &build_time())]);
     let images = 1 + 2 * n;
+    let inputs = inputs(&common::runs::plan(&run, &ids));
+    assert_eq!(inputs.len(), images);
     // Settle what the operator did on start before counting.
     let _ = operator.metrics_addr();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -296,7 +344,10 @@ async fn one_run(n: usize, workers: u32) -> Row {
     let writes_n = requests(&["POST", "PATCH", "PUT", "DELETE"]);
     let (built, slots) = {
         let seen = seen.lock().unwrap();
-        (seen.results().0.len(), slots(&seen, workers as usize))
+        (
+            seen.results().0.len(),
+            slots(&seen, workers as usize, &inputs),
+        )
     };
     assert_eq!(built, images, "every image built, as the watcher saw");
     let row = Row {
@@ -506,18 +557,13 @@ async fn bench_registry_skip_scan() {
 
 #[test]
 fn slots_and_dispatch_are_read_from_the_watchers_timeline() {
-    // Two slots: a Job from 0 to 10, one from 0 to 5, one from 5.1 to 12 (created last).
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
-    let mut seen = Seen::default();
-    for (i, (c, f)) in [(0, 10_000), (0, 5_000), (5_100, 12_000)]
-        .into_iter()
-        .enumerate()
-    {
-        seen.jobs.insert(
-            i.to_string(),
-            common::runs::SeenJob {
-                name: i.to_string(),
+    let seen = |jobs: &[(&str, u64, u64)]| {
+        let mut seen = Seen::default();
+        for &(name, c, f) in jobs {
+            let job = common::runs::SeenJob {
+                name: name.into(),
                 run: "r".into(),
                 phase: "base".into(),
                 attempt: 1,
@@ -526,12 +572,28 @@ fn slots_and_dispatch_are_read_from_the_watchers_timeline() {
                 finished: Some(at(f)),
                 succeeded: Some(true),
                 dispatched_by: None,
-            },
-        );
-    }
-    let s = slots(&seen, 2);
+            };
+            seen.jobs.insert(name.into(), job);
+        }
+        seen
+    };
+    // Two slots: a Job from 0 to 10 s, one from 0 to 5, one from 5.1 to 12 (created last).
+    let jobs = seen(&[("a", 0, 10_000), ("b", 0, 5_000), ("c", 5_100, 12_000)]);
+    let s = slots(&jobs, 2, &Inputs::new());
     // Full for 5.0 of the 5.1 s window; one slot idle for 0.1 s of 10.2 slot-seconds.
     assert!((s.full - 5.0 / 5.1).abs() < 1e-6, "{}", s.full);
     assert!((s.used - 10.1 / 10.2).abs() < 1e-6, "{}", s.used);
     assert_eq!(s.dispatch, vec![Duration::from_millis(100)]);
+    // c waits on a, created 0.1 s after a ended: from 5 to 10 s nothing was runnable, so
+    // that time does not count, and c's dispatch runs from a's end, not b's.
+    let jobs = seen(&[("a", 0, 10_000), ("b", 0, 5_000), ("c", 10_100, 12_000)]);
+    let inputs = Inputs::from([("c".to_string(), vec!["a".to_string()])]);
+    let s = slots(&jobs, 2, &inputs);
+    assert!((s.full - 5.0 / 5.1).abs() < 1e-6, "{}", s.full);
+    assert!((s.used - 10.0 / 10.2).abs() < 1e-6, "{}", s.used);
+    assert_eq!(s.dispatch, vec![Duration::from_millis(100)]);
+    // Read as if c had no inputs, the same timeline has a slot free for 5.1 s.
+    let s = slots(&jobs, 2, &Inputs::new());
+    assert!((s.full - 5.0 / 10.1).abs() < 1e-6, "{}", s.full);
+    assert_eq!(s.dispatch, vec![Duration::from_millis(5_100)]);
 }
