@@ -6,9 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use http::{Method, Request, Response};
+use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::Metrics;
@@ -134,7 +134,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    // The paused clock advances by exactly the sleep, so the bucket is not left to chance.
+    #[tokio::test(start_paused = true)]
     async fn times_requests_but_not_watches() {
         let metrics = Arc::new(Metrics::new());
         let mut service =
