@@ -1,8 +1,9 @@
 //! The fault suite, on the local environment, with figures: each test runs a build run
 //! through one fault and asserts that the run completes with every image built, that an
 //! independent watcher saw no duplicate Job per (image, attempt), that no record is lost
-//! or doubled (one record per image, whose attempt count is the number of Jobs the
-//! watcher saw for it), and prints how long the run took and how long it took to recover.
+//! or doubled (one record per image, whose attempt count is the number of Jobs created for
+//! it, as the watcher and the API server's audit log show), and prints how long the run
+//! took and how long it took to recover.
 //!
 //! Faults: kube-apiserver restarted mid-run; etcd restarted mid-run; a node lost mid-run
 //! (a kwok node deleted under running builds); the registry down for 30 s as a run starts;
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Operator, eventually, setup};
 use common::runs::{
-    Seen, annotations, await_phase, records, swebench_ids, swebench_run, watch_jobs_pushing,
+    Seen, annotations, audited_job_creates, await_phase, records, swebench_ids, swebench_run,
+    watch_jobs_pushing,
 };
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::manifest::RecordStatus;
@@ -43,26 +45,24 @@ const SMALL_IMAGES: usize = 2 * SMALL + 1;
 const FLAKY: usize = 120;
 
 /// A fault test's fixtures: the environment, a namespace (its logs printed on failure),
-/// its runs and ConfigMaps, and an independent watcher of its Jobs (pushing nothing).
+/// its runs, and an independent watcher of its Jobs (pushing nothing).
 struct Fixture {
     env: common::cluster::Env,
     _logs: common::cluster::LogsOnFailure,
     ns: common::cluster::TestNamespace,
     runs: Api<ImageBuildRun>,
-    cms: Api<ConfigMap>,
     seen: Arc<Mutex<Seen>>,
 }
 
 async fn fixture(prefix: &str) -> Fixture {
     let (env, _logs, ns) = setup(prefix).await;
-    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
+    let runs = ns.api::<ImageBuildRun>();
     let seen = watch_jobs_pushing(ns.api::<Job>(), false);
     Fixture {
         env,
         _logs,
         ns,
         runs,
-        cms,
         seen,
     }
 }
@@ -95,15 +95,24 @@ fn run_of(
 }
 
 /// What a fault left: duplicates, lost records, records whose attempts disagree with the
-/// Jobs seen. Asserts all three are zero and every image is built.
+/// Jobs created. Asserts all three are zero and every image is built; returns the records
+/// retried and the Jobs created.
+///
+/// A record's attempts must lie between the Jobs surely created for it and those that may
+/// have been. Surely: the most of what the watcher saw and the creates the API server's
+/// audit log shows answered 201 (across an API server restart the watcher relists, and a
+/// Job created and deleted before its relist is one it never sees). Maybe: those, and the
+/// creates answered with a server error (the operator killed mid-request: the Job may
+/// exist all the same, and the watcher then sees it).
 async fn verify(
     what: &str,
-    runs: &Api<ImageBuildRun>,
-    cms: &Api<ConfigMap>,
+    env: &common::cluster::Env,
+    ns: &common::cluster::TestNamespace,
     seen: &Arc<Mutex<Seen>>,
     run: &ImageBuildRun,
     images: usize,
 ) -> (usize, usize) {
+    let (runs, cms) = (ns.api::<ImageBuildRun>(), ns.api::<ConfigMap>());
     let name = run.name_any();
     let done = runs.get(&name).await.unwrap();
     let status = done.status.as_ref().unwrap();
@@ -112,15 +121,21 @@ async fn verify(
         Some(RunPhase::Succeeded),
         "{what}: {status:?}"
     );
-    let records = records(cms, &name).await;
-    let (duplicates, per_name) = {
+    let records = records(&cms, &name).await;
+    let (duplicates, watched) = {
         let s = seen.lock().unwrap();
         let duplicates = s.per_attempt().values().filter(|&&n| n > 1).count();
-        let mut per_name: BTreeMap<String, u32> = BTreeMap::new();
+        let mut watched: BTreeMap<String, u32> = BTreeMap::new();
         for job in s.jobs.values() {
-            *per_name.entry(job.name.clone()).or_default() += 1;
+            *watched.entry(job.name.clone()).or_default() += 1;
         }
-        (duplicates, per_name)
+        (duplicates, watched)
+    };
+    let audited = audited_job_creates(&env.dir, &ns.name);
+    let created = |job: &str| {
+        let creates = audited.get(job).copied().unwrap_or_default();
+        let sure = creates.sure.max(watched.get(job).copied().unwrap_or(0));
+        (sure, creates.sure + creates.unsure)
     };
     let lost = images.saturating_sub(records.len())
         + records
@@ -129,12 +144,16 @@ async fn verify(
             .count();
     let mismatched: Vec<String> = records
         .iter()
-        .filter(|(job, r)| per_name.get(*job).copied().unwrap_or(0) != r.attempt_count)
+        .filter(|(job, r)| {
+            let (sure, maybe) = created(job);
+            !(sure..=maybe).contains(&r.attempt_count)
+        })
         .map(|(job, r)| {
             format!(
-                "{job}: {} attempts, {:?} Jobs",
+                "{job}: {} attempts; Jobs watched {:?}, audited {:?}",
                 r.attempt_count,
-                per_name.get(job)
+                watched.get(job),
+                audited.get(job)
             )
         })
         .collect();
@@ -143,7 +162,8 @@ async fn verify(
     assert_eq!(lost, 0, "{what}: lost records");
     assert!(mismatched.is_empty(), "{what}: {mismatched:?}");
     let retried = records.values().filter(|r| r.attempt_count > 1).count();
-    (retried, per_name.values().map(|&n| n as usize).sum())
+    let jobs = records.keys().map(|job| created(job).0 as usize).sum();
+    (retried, jobs)
 }
 
 /// The first Job the watcher saw created after `t`: how long after `t`.
@@ -179,7 +199,6 @@ async fn through_a_restart_of(component: &str, prefix: &str) {
         _logs,
         ns,
         runs,
-        cms,
         seen,
     } = fixture(prefix).await;
     let _operator = Operator::start(&ns.name);
@@ -202,7 +221,7 @@ async fn through_a_restart_of(component: &str, prefix: &str) {
     )
     .await;
     let wall = started.elapsed();
-    let (_, jobs) = verify(component, &runs, &cms, &seen, &run, SMALL_IMAGES).await;
+    let (_, jobs) = verify(component, &env, &ns, &seen, &run, SMALL_IMAGES).await;
     figures(
         &format!("{component} restarted mid-run"),
         SMALL_IMAGES,
@@ -264,7 +283,6 @@ async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
         _logs,
         ns,
         runs,
-        cms,
         seen,
     } = fixture("e2e-fault-node").await;
     let _operator = Operator::start(&ns.name);
@@ -319,7 +337,7 @@ async fn a_node_lost_mid_run_has_its_builds_retried_elsewhere() {
     );
     // The node comes back for the other tests.
     cluster(&["up"]);
-    let (retried, jobs) = verify("node lost", &runs, &cms, &seen, &run, SMALL_IMAGES).await;
+    let (retried, jobs) = verify("node lost", &env, &ns, &seen, &run, SMALL_IMAGES).await;
     assert!(
         (1..=collected.len()).contains(&retried),
         "the builds on the lost node ({collected:?}) were retried: {retried}"
@@ -346,7 +364,6 @@ async fn the_registry_down_for_30_s_is_waited_out_and_said() {
         _logs,
         ns,
         runs,
-        cms,
         seen,
     } = fixture("e2e-fault-registry").await;
     let _operator = Operator::start_with(&ns.name, &["--registry-stall-timeout", "10s"]);
@@ -398,7 +415,7 @@ async fn the_registry_down_for_30_s_is_waited_out_and_said() {
     )
     .await;
     let wall = fault.elapsed();
-    let (_, jobs) = verify("registry down", &runs, &cms, &seen, &run, SMALL_IMAGES).await;
+    let (_, jobs) = verify("registry down", &env, &ns, &seen, &run, SMALL_IMAGES).await;
     figures(
         "registry down for the first 30 s of a run",
         SMALL_IMAGES,
@@ -423,7 +440,6 @@ async fn the_operator_killed_at_20_random_moments_of_a_500_instance_run() {
         _logs,
         ns,
         runs,
-        cms,
         seen,
     } = fixture("e2e-fault-kill").await;
     let mut operator = Operator::start(&ns.name);
@@ -471,7 +487,7 @@ async fn the_operator_killed_at_20_random_moments_of_a_500_instance_run() {
     )
     .await;
     let wall = started.elapsed();
-    let (retried, jobs) = verify("operator killed", &runs, &cms, &seen, &run, images).await;
+    let (retried, jobs) = verify("operator killed", &env, &ns, &seen, &run, images).await;
     assert_eq!(retried, 0, "a kill costs no build");
     assert_eq!(jobs, images, "one Job per image");
     recoveries.sort();
@@ -497,7 +513,6 @@ async fn five_percent_of_builds_failing_transiently_are_retried() {
         _logs,
         ns,
         runs,
-        cms,
         seen,
     } = fixture("e2e-fault-flaky").await;
     let _operator = Operator::start(&ns.name);
@@ -529,7 +544,7 @@ async fn five_percent_of_builds_failing_transiently_are_retried() {
     .await;
     let wall = started.elapsed();
     let images = 2 * FLAKY + 1;
-    let (retried, jobs) = verify("5% transient", &runs, &cms, &seen, &run, images).await;
+    let (retried, jobs) = verify("5% transient", &env, &ns, &seen, &run, images).await;
     let expected = common::runs::plan(&run, &swebench_ids(FLAKY))
         .nodes
         .iter()

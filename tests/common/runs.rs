@@ -201,6 +201,46 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
     out
 }
 
+/// The creates of one Job name the API server's audit log shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Creates {
+    /// Answered 201: a Job was created.
+    pub sure: u32,
+    /// Answered with a server error or a timeout (the client gone mid-request, say): the
+    /// Job may have been created all the same.
+    pub unsure: u32,
+}
+
+/// The Job creates in namespace `ns` (not dry runs: the operator's preflight makes
+/// none), by Job name, from the environment's audit log under `dir`. Unlike a watch, it
+/// misses no Job that came and went while the watch was down: an API server shuts down
+/// gracefully, writing the line of every create it answered.
+pub fn audited_job_creates(dir: &std::path::Path, ns: &str) -> BTreeMap<String, Creates> {
+    let log = std::fs::read_to_string(dir.join("audit/jobs.log")).unwrap();
+    let mut out: BTreeMap<String, Creates> = BTreeMap::new();
+    for line in log.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        let object = &event["objectRef"];
+        if event["verb"] != "create"
+            || object["resource"] != "jobs"
+            || object["namespace"] != ns
+            || event["requestURI"].as_str().unwrap().contains("dryRun=")
+        {
+            continue;
+        }
+        let creates = out
+            .entry(object["name"].as_str().unwrap().to_string())
+            .or_default();
+        match event["responseStatus"]["code"].as_u64() {
+            Some(201) => creates.sure += 1,
+            // Refused (409 AlreadyExists, 422, 429, ...): nothing created.
+            Some(code) if code < 500 => {}
+            _ => creates.unsure += 1,
+        }
+    }
+    out
+}
+
 /// A SWE-bench-shaped run over `ids`, pushing to `registry/prefix/...`, on the large-disk
 /// nodes. Tests adjust its spec before creating it.
 pub fn swebench_run(
