@@ -203,7 +203,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
     let live = apply::live_jobs(&ctx, &ns, &uid);
     let unseen = state.dispatched.unseen(&live, Instant::now());
-    let observed = observe(
+    let mut observed = observe(
         &plan,
         manifest.records(),
         &live,
@@ -297,7 +297,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         state.manifest = Some(manifest);
         return Ok(Requeue::await_change());
     }
-    let mut states = observed.states.clone();
+    // The pods of failed builds, read before the states move on.
+    let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
+    let mut states = std::mem::take(&mut observed.states);
     for action in &actions {
         schedule::apply(&mut states, action);
     }
@@ -362,7 +364,6 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     } else if created.is_ok() {
         // The pods of failed builds stay for their logs (up to the cap), then the Jobs
         // go; deletes first, so a Job is gone before one of the same name is created.
-        let failed = apply::failed_pods(&plan, &actions, &observed.states, &live);
         apply::keep_pods(&ctx, &run, failed).await;
         for name in &deletes {
             state.dispatched.forget(name);
