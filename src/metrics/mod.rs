@@ -142,6 +142,10 @@ pub struct Metrics {
     /// Status writes begun and ended (see [`Metrics::status_write`]).
     writes_begun: AtomicU64,
     writes_ended: AtomicU64,
+    /// When the API server last answered a request (below 500), in milliseconds since
+    /// `born`, plus one (0: never); see [`Metrics::api_answered_within`].
+    answered: AtomicU64,
+    born: tokio::time::Instant,
 }
 
 /// A status write in flight (see [`Metrics::status_write`]); ends when dropped.
@@ -339,6 +343,8 @@ impl Metrics {
             runs: Mutex::new(HashMap::new()),
             writes_begun: AtomicU64::new(0),
             writes_ended: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
             registry: registry.clone(),
         };
         let info = register!(IntGaugeVec::new(
@@ -419,6 +425,18 @@ impl Metrics {
     /// Counts one request to the Kubernetes API.
     pub fn api_request(&self, verb: &str, code: &str) {
         self.api_requests.with_label_values(&[verb, code]).inc();
+        if code.parse::<u16>().is_ok_and(|code| code < 500) {
+            let ms = self.born.elapsed().as_millis() as u64 + 1;
+            self.answered.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the API server answered a request (any status below 500) within `window`:
+    /// the readiness check asks it only when nothing else did.
+    pub fn api_answered_within(&self, window: Duration) -> bool {
+        let answered = self.answered.load(Ordering::Relaxed);
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        answered > 0 && now.saturating_sub(answered) < window.as_millis() as u64
     }
 
     /// Observes how long a request (not a watch) took to answer.
