@@ -17,6 +17,11 @@
 //! CPU of the API server, etcd, the controller manager and kwok over the run; the
 //! operator's mean POST (its request histogram: a Job created, an Event), the API
 //! server's part of a dispatch; and the operator's own reconcile time (its histogram).
+//! The same timeline is read again with each Job in flight from the moment its create
+//! reached the API server (the environment's audit log), not from the watcher's seeing
+//! it: full slots and dispatch then without the API server's create and the watch's
+//! delivery of the new Job, the operator's own share (the completions are seen by the
+//! operator's watch and the watcher's alike).
 //! A slot is free for a dispatch after each completion, so the full-slot fraction is
 //! about 1 - (completions per second) x (mean dispatch): 0.99 wants builds long enough
 //! (`maxWorkers` / build seconds at most about 0.01 / mean dispatch).
@@ -30,7 +35,8 @@ use std::time::{Duration, Instant};
 use common::cluster::{Operator, process_cpu_seconds, setup};
 use common::prometheus::{matching, scrape, sum};
 use common::runs::{
-    Seen, annotations, await_phase, count_status_writes, swebench_run, watch_jobs_pushing,
+    Seen, annotations, audited_creates, await_phase, count_status_writes, swebench_run,
+    watch_jobs_pushing,
 };
 use futures::StreamExt;
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
@@ -146,6 +152,47 @@ fn inputs(plan: &Plan) -> Inputs {
             (node.job_name.clone(), deps.collect())
         })
         .collect()
+}
+
+/// `seen` with each Job created when its create reached the API server, as `arrivals`
+/// has it by Job name (in the watcher's clock); a Job of a name created more than once,
+/// or not in `arrivals`, keeps the watcher's time.
+fn arrived(seen: &Seen, arrivals: &BTreeMap<String, Vec<Instant>>) -> Seen {
+    let mut out = Seen::default();
+    out.jobs = seen
+        .jobs
+        .iter()
+        .map(|(uid, job)| {
+            let mut job = job.clone();
+            if let Some([at]) = arrivals.get(&job.name).map(Vec::as_slice) {
+                job.created = *at;
+            }
+            (uid.clone(), job)
+        })
+        .collect();
+    out
+}
+
+/// When each Job create the API server answered 201 in namespace `ns` reached it, by Job
+/// name, in the clock of `anchor` (an instant and the wall time at it).
+fn arrivals(
+    dir: &std::path::Path,
+    ns: &str,
+    anchor: (Instant, chrono::DateTime<chrono::Utc>),
+) -> BTreeMap<String, Vec<Instant>> {
+    let mut out: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    for create in audited_creates(dir, ns) {
+        if create.code != Some(201) {
+            continue;
+        }
+        let since = (create.received - anchor.1).to_std();
+        let at = match since {
+            Ok(after) => anchor.0 + after,
+            Err(_) => anchor.0 - (anchor.1 - create.received).to_std().unwrap(),
+        };
+        out.entry(create.name).or_default().push(at);
+    }
+    out
 }
 
 fn slots(seen: &Seen, workers: usize, inputs: &Inputs) -> Slots {
@@ -277,6 +324,8 @@ struct Row {
     writes: f64,
     status_writes: usize,
     slots: Slots,
+    /// The same, each Job in flight from its create's arrival at the API server.
+    arrived: Slots,
     reconcile_p50: f64,
     reconcile_p99: f64,
     /// The operator's mean POST (Jobs created, Events) from sending to the answer, in ms.
@@ -317,6 +366,7 @@ async fn one_run(n: usize, workers: u32) -> Row {
     let plane_before = control_plane_cpu();
     let quarters = sample_rss(operator.pid(), seen.clone(), images);
     let started = Instant::now();
+    let anchor = (started, chrono::Utc::now());
     runs.create(&PostParams::default(), &run).await.unwrap();
     // The builds alone take images x build / workers; twice that, and the control plane's
     // own pace at short builds.
@@ -342,11 +392,13 @@ async fn one_run(n: usize, workers: u32) -> Row {
     };
     let reads = requests(&["GET", "WATCH"]);
     let writes_n = requests(&["POST", "PATCH", "PUT", "DELETE"]);
-    let (built, slots) = {
+    let arrivals = arrivals(&env.dir, &ns.name, anchor);
+    let (built, slots, arrived) = {
         let seen = seen.lock().unwrap();
         (
             seen.results().0.len(),
             slots(&seen, workers as usize, &inputs),
+            slots(&arrived(&seen, &arrivals), workers as usize, &inputs),
         )
     };
     assert_eq!(built, images, "every image built, as the watcher saw");
@@ -366,6 +418,7 @@ async fn one_run(n: usize, workers: u32) -> Row {
         writes: writes_n,
         status_writes: writes.lock().unwrap().get("bench").copied().unwrap_or(0),
         slots,
+        arrived,
         reconcile_p50: histogram_quantile(&samples, "imagebuild_reconcile_duration_seconds", 0.5),
         reconcile_p99: histogram_quantile(&samples, "imagebuild_reconcile_duration_seconds", 0.99),
         post_mean: {
@@ -391,14 +444,14 @@ fn print(rows: &[Row], workers: u32) {
         build_time()
     );
     println!(
-        "| instances | images | wall s | images/s | peak RSS MiB | RSS at 25/50/75/100% MiB | CPU s (% of a core) | API requests per image (reads/writes) | status writes | full slots | slots used | dispatch p50/p99/max (mean) ms | API POST mean ms | reconcile p50/p99 ms | control plane CPU s (apiserver/etcd/kcm/kwok) |"
+        "| instances | images | wall s | images/s | peak RSS MiB | RSS at 25/50/75/100% MiB | CPU s (% of a core) | API requests per image (reads/writes) | status writes | full slots | slots used | dispatch p50/p99/max (mean) ms | full slots, dispatch p50/p99/max (mean) ms to the create's arrival | API POST mean ms | reconcile p50/p99 ms | control plane CPU s (apiserver/etcd/kcm/kwok) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let quarters: Vec<String> = r.quarters_mib.iter().map(|m| format!("{m:.1}")).collect();
         let cp = |k: &str| r.control_plane.get(k).copied().unwrap_or(0.0);
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} ({:.1}%) | {:.2} ({:.2}/{:.2}) | {} | {:.3} | {:.3} | {:.0}/{:.0}/{:.0} ({:.1}) | {:.1} | {:.1}/{:.1} | {:.0}/{:.0}/{:.0}/{:.0} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} ({:.1}%) | {:.2} ({:.2}/{:.2}) | {} | {:.3} | {:.3} | {:.0}/{:.0}/{:.0} ({:.1}) | {:.3}, {:.0}/{:.0}/{:.0} ({:.1}) | {:.1} | {:.1}/{:.1} | {:.0}/{:.0}/{:.0}/{:.0} |",
             r.instances,
             r.images,
             r.wall,
@@ -417,6 +470,11 @@ fn print(rows: &[Row], workers: u32) {
             quantile(&r.slots.dispatch, 0.99),
             quantile(&r.slots.dispatch, 1.0),
             mean(&r.slots.dispatch),
+            r.arrived.full,
+            quantile(&r.arrived.dispatch, 0.5),
+            quantile(&r.arrived.dispatch, 0.99),
+            quantile(&r.arrived.dispatch, 1.0),
+            mean(&r.arrived.dispatch),
             r.post_mean,
             r.reconcile_p50,
             r.reconcile_p99,
@@ -596,4 +654,64 @@ fn slots_and_dispatch_are_read_from_the_watchers_timeline() {
     let s = slots(&jobs, 2, &Inputs::new());
     assert!((s.full - 5.0 / 10.1).abs() < 1e-6, "{}", s.full);
     assert_eq!(s.dispatch, vec![Duration::from_millis(5_100)]);
+}
+
+#[test]
+fn arrivals_move_a_jobs_creation_to_when_its_create_reached_the_api_server() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut seen = Seen::default();
+    for (name, c, f) in [("a", 0, 10_000), ("b", 0, 5_000), ("c", 5_100, 12_000)] {
+        let job = common::runs::SeenJob {
+            name: name.into(),
+            run: "r".into(),
+            phase: "base".into(),
+            attempt: 1,
+            created: at(c),
+            created_ms: 0,
+            finished: Some(at(f)),
+            succeeded: Some(true),
+            dispatched_by: None,
+        };
+        seen.jobs.insert(name.into(), job);
+    }
+    // c's create reached the API server 70 ms before the watcher saw c; a was created
+    // twice (its arrivals say nothing of the one the watcher saw).
+    let times = BTreeMap::from([
+        ("c".to_string(), vec![at(5_030)]),
+        ("a".to_string(), vec![at(1), at(2)]),
+    ]);
+    let s = slots(&arrived(&seen, &times), 2, &Inputs::new());
+    assert_eq!(s.dispatch, vec![Duration::from_millis(30)]);
+    assert!((s.full - 5.0 / 5.03).abs() < 1e-6, "{}", s.full);
+    // The wall clock's times (to the audit log's microseconds), read in the watcher's clock.
+    let wall = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let dir = std::env::temp_dir().join(format!("bench-arrivals-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("audit")).unwrap();
+    let line = |name: &str, code: u16, ms: i64, uri: &str| {
+        let received = wall + chrono::TimeDelta::milliseconds(ms);
+        serde_json::json!({
+            "verb": "create", "requestURI": uri,
+            "objectRef": {"resource": "jobs", "namespace": "ns", "name": name},
+            "responseStatus": {"code": code},
+            "requestReceivedTimestamp": received.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        })
+        .to_string()
+    };
+    let log = [
+        line("c", 201, 250, "/apis/batch/v1/namespaces/ns/jobs"),
+        line("c", 201, 10, "/apis/batch/v1/namespaces/ns/jobs?dryRun=All"),
+        line("d", 409, 300, "/apis/batch/v1/namespaces/ns/jobs"),
+        line("e", 201, -40, "/apis/batch/v1/namespaces/ns/jobs"),
+    ];
+    std::fs::write(dir.join("audit/jobs.log"), log.join("\n")).unwrap();
+    let got = arrivals(&dir, "ns", (at(1_000), wall));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("c".to_string(), vec![at(1_250)]),
+            ("e".to_string(), vec![at(960)]),
+        ])
+    );
 }

@@ -202,7 +202,7 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
 }
 
 /// The creates of one Job name the API server's audit log shows.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Creates {
     /// Answered 201: a Job was created.
     pub sure: u32,
@@ -211,13 +211,23 @@ pub struct Creates {
     pub unsure: u32,
 }
 
+/// One Job create in the API server's audit log.
+#[derive(Clone, Debug)]
+pub struct AuditedCreate {
+    pub name: String,
+    /// Its answer's status code (none: no answer was written).
+    pub code: Option<u64>,
+    /// When the API server received it (microseconds).
+    pub received: chrono::DateTime<chrono::Utc>,
+}
+
 /// The Job creates in namespace `ns` (not dry runs: the operator's preflight makes
-/// none), by Job name, from the environment's audit log under `dir`. Unlike a watch, it
-/// misses no Job that came and went while the watch was down: an API server shuts down
-/// gracefully, writing the line of every create it answered.
-pub fn audited_job_creates(dir: &std::path::Path, ns: &str) -> BTreeMap<String, Creates> {
+/// none), in the order they were answered, from the environment's audit log under `dir`.
+/// Unlike a watch, it misses no Job that came and went while the watch was down: an API
+/// server shuts down gracefully, writing the line of every create it answered.
+pub fn audited_creates(dir: &std::path::Path, ns: &str) -> Vec<AuditedCreate> {
     let log = std::fs::read_to_string(dir.join("audit/jobs.log")).unwrap();
-    let mut out: BTreeMap<String, Creates> = BTreeMap::new();
+    let mut out = Vec::new();
     for line in log.lines() {
         let event: serde_json::Value = serde_json::from_str(line).unwrap();
         let object = &event["objectRef"];
@@ -228,10 +238,25 @@ pub fn audited_job_creates(dir: &std::path::Path, ns: &str) -> BTreeMap<String, 
         {
             continue;
         }
-        let creates = out
-            .entry(object["name"].as_str().unwrap().to_string())
-            .or_default();
-        match event["responseStatus"]["code"].as_u64() {
+        out.push(AuditedCreate {
+            name: object["name"].as_str().unwrap().to_string(),
+            code: event["responseStatus"]["code"].as_u64(),
+            received: event["requestReceivedTimestamp"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        });
+    }
+    out
+}
+
+/// [`audited_creates`] counted by Job name.
+pub fn audited_job_creates(dir: &std::path::Path, ns: &str) -> BTreeMap<String, Creates> {
+    let mut out: BTreeMap<String, Creates> = BTreeMap::new();
+    for create in audited_creates(dir, ns) {
+        let creates = out.entry(create.name).or_default();
+        match create.code {
             Some(201) => creates.sure += 1,
             // Refused (409 AlreadyExists, 422, 429, ...): nothing created.
             Some(code) if code < 500 => {}
