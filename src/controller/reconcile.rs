@@ -5,8 +5,8 @@
 //! 3. **check presence**: what the registry says of its images, checked in the background
 //!    (`presence`);
 //! 4. **decide**: the scheduler's actions, within the run's share of the workers (`ledger`);
-//! 5. **apply**: new Jobs whose names are free, the records the actions make, then the
-//!    finished Jobs deleted and the retries created (`actions`, `apply`): a crash in
+//! 5. **apply**: new Jobs whose names are free and the records the actions make, at
+//!    once, then the finished Jobs deleted and the retries created (`actions`, `apply`): a crash in
 //!    between leaves a Job that is harvested again, never a lost result;
 //! 6. **publish**: the status, its gauges and Events (`publish`).
 //!
@@ -264,8 +264,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     );
 
     // Apply: the Jobs are made first (one the spec cannot make fails its image), those
-    // with free names created, the records written, then the Jobs deleted and the rest
-    // created.
+    // with free names created while the records are written, then the Jobs deleted and
+    // the rest created.
     let run_started = status.started_at.unwrap_or(now);
     let making = JobMaking {
         inputs: JobInputs {
@@ -326,14 +326,14 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         })
         .chain(observed.stale_jobs.iter().cloned())
         .collect();
-    // The Jobs whose names are free are created first: a freed slot is taken again before
-    // the records are written (a crash between the two loses nothing: the finished Jobs
-    // are deleted only once their records are written, and are read again). A Job of the
-    // same name as one being deleted (a retry) waits for that deletion.
+    // The Jobs whose names are free are created while the records are written: a freed
+    // slot is taken again without waiting for the write (a crash between the two loses
+    // nothing: the finished Jobs are deleted only once their records are written, and are
+    // read again). A Job of the same name as one being deleted (a retry) waits for that
+    // deletion.
     let (late, early): (Vec<_>, Vec<_>) = new_jobs
         .into_iter()
         .partition(|new| deletes.contains(&new.job.name_any()));
-    let mut created = apply::create_jobs(&jobs, early, &ctx.metrics, &mut state.dispatched).await;
     let unheld: Vec<String> = match hold {
         // Only the Jobs no held record harvests go now (stale ones, a cancel's).
         true => deletes
@@ -344,8 +344,17 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         false => Vec::new(),
     };
     let progressed = !recorded.records.is_empty() && !hold;
+    let (mut created, written) = futures::join!(
+        apply::create_jobs(&jobs, early, &ctx.metrics, &mut state.dispatched),
+        async {
+            match progressed {
+                true => manifest.write(&ctx.client, &run, recorded.records).await,
+                false => Ok(()),
+            }
+        }
+    );
     if progressed {
-        manifest.write(&ctx.client, &run, recorded.records).await?;
+        written?;
         state.manifest_written = Some(Instant::now());
         for (record, pending) in &recorded.counted {
             ctx.metrics.count(&id, &actions::counted(record, *pending));
