@@ -6,8 +6,9 @@
 //!    (`presence`);
 //! 4. **decide**: the scheduler's actions, within the run's share of the workers (`ledger`);
 //! 5. **apply**: new Jobs whose names are free and the records the actions make, at
-//!    once, then the finished Jobs deleted and the retries created (`actions`, `apply`): a crash in
-//!    between leaves a Job that is harvested again, never a lost result;
+//!    once, then the finished Jobs deleted and the retries created (`actions`,
+//!    `apply`): a crash in between leaves a Job that is harvested again, never a lost
+//!    result;
 //! 6. **publish**: the status, its gauges and Events (`publish`).
 //!
 //! A run whose final status is of its current spec is left alone: a restart or a new
