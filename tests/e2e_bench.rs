@@ -613,28 +613,32 @@ async fn bench_registry_skip_scan() {
     ns.delete().await;
 }
 
+/// A watcher's timeline of Jobs `(name, created, finished)` that all succeeded, in ms
+/// after `t0`.
+fn timeline(t0: Instant, jobs: &[(&str, u64, u64)]) -> Seen {
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut seen = Seen::default();
+    for &(name, c, f) in jobs {
+        let job = common::runs::SeenJob {
+            name: name.into(),
+            run: "r".into(),
+            phase: "base".into(),
+            attempt: 1,
+            created: at(c),
+            created_ms: 0,
+            finished: Some(at(f)),
+            succeeded: Some(true),
+            dispatched_by: None,
+        };
+        seen.jobs.insert(name.into(), job);
+    }
+    seen
+}
+
 #[test]
 fn slots_and_dispatch_are_read_from_the_watchers_timeline() {
     let t0 = Instant::now();
-    let at = |ms: u64| t0 + Duration::from_millis(ms);
-    let seen = |jobs: &[(&str, u64, u64)]| {
-        let mut seen = Seen::default();
-        for &(name, c, f) in jobs {
-            let job = common::runs::SeenJob {
-                name: name.into(),
-                run: "r".into(),
-                phase: "base".into(),
-                attempt: 1,
-                created: at(c),
-                created_ms: 0,
-                finished: Some(at(f)),
-                succeeded: Some(true),
-                dispatched_by: None,
-            };
-            seen.jobs.insert(name.into(), job);
-        }
-        seen
-    };
+    let seen = |jobs: &[(&str, u64, u64)]| timeline(t0, jobs);
     // Two slots: a Job from 0 to 10 s, one from 0 to 5, one from 5.1 to 12 (created last).
     let jobs = seen(&[("a", 0, 10_000), ("b", 0, 5_000), ("c", 5_100, 12_000)]);
     let s = slots(&jobs, 2, &Inputs::new());
@@ -660,21 +664,10 @@ fn slots_and_dispatch_are_read_from_the_watchers_timeline() {
 fn arrivals_move_a_jobs_creation_to_when_its_create_reached_the_api_server() {
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
-    let mut seen = Seen::default();
-    for (name, c, f) in [("a", 0, 10_000), ("b", 0, 5_000), ("c", 5_100, 12_000)] {
-        let job = common::runs::SeenJob {
-            name: name.into(),
-            run: "r".into(),
-            phase: "base".into(),
-            attempt: 1,
-            created: at(c),
-            created_ms: 0,
-            finished: Some(at(f)),
-            succeeded: Some(true),
-            dispatched_by: None,
-        };
-        seen.jobs.insert(name.into(), job);
-    }
+    let seen = timeline(
+        t0,
+        &[("a", 0, 10_000), ("b", 0, 5_000), ("c", 5_100, 12_000)],
+    );
     // c's create reached the API server 70 ms before the watcher saw c; a was created
     // twice (its arrivals say nothing of the one the watcher saw).
     let times = BTreeMap::from([

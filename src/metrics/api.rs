@@ -78,7 +78,12 @@ where
                 metrics.api_request_took(verb, sent.elapsed());
             }
             match &result {
-                Ok(response) => metrics.api_request(verb, response.status().as_str()),
+                Ok(response) => {
+                    metrics.api_request(verb, response.status().as_str());
+                    if !response.status().is_server_error() {
+                        metrics.api_answered();
+                    }
+                }
                 Err(_) => metrics.api_request(verb, "error"),
             }
             result

@@ -425,10 +425,12 @@ impl Metrics {
     /// Counts one request to the Kubernetes API.
     pub fn api_request(&self, verb: &str, code: &str) {
         self.api_requests.with_label_values(&[verb, code]).inc();
-        if code.parse::<u16>().is_ok_and(|code| code < 500) {
-            let ms = self.born.elapsed().as_millis() as u64 + 1;
-            self.answered.fetch_max(ms, Ordering::Relaxed);
-        }
+    }
+
+    /// The API server answered a request with a status below 500.
+    pub fn api_answered(&self) {
+        let ms = self.born.elapsed().as_millis() as u64 + 1;
+        self.answered.fetch_max(ms, Ordering::Relaxed);
     }
 
     /// Whether the API server answered a request (any status below 500) within `window`:
