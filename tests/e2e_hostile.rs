@@ -434,6 +434,16 @@ fn cases(registry: &str) -> Vec<Case> {
                 &["refuses the build Jobs", "annotations", "Too long"],
             ),
         ),
+        // Past the dry run (which renders the last attempt's): the first attempt's Jobs are
+        // refused when created, in the background, and the refusal fails the run.
+        case(
+            "annotations past 256 KiB in the first attempt only",
+            json!({"retry": {"attempts": 2}, "placement": {"podAnnotations": many(32, |i| (format!("a{i}"), json!("{{ 'x' * 16000 if attempt == 1 else 'ok' }}")))}}),
+            Failed(
+                "InvalidSpec",
+                &["refuses the build Jobs", "annotations", "Too long"],
+            ),
+        ),
         // Tolerations and affinity: checked by the API server itself, before any Job.
         case(
             "a toleration operator Sometimes",

@@ -8,21 +8,18 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
-use super::actions::NewJob;
 use super::context::{Ctx, Error};
-use super::observe::{LiveJob, attempt_of};
-use super::state::Dispatched;
+use super::observe::LiveJob;
 use crate::api::ImageBuildRun;
-use crate::metrics::Metrics;
 use crate::names::{LABEL_KEPT_LOG, LABEL_RUN_UID};
 use crate::plan::Plan;
 use crate::schedule::{Action, NodeState};
 
 /// API requests a reconcile has in flight at once.
-const API_CONCURRENCY: usize = 16;
+pub(super) const API_CONCURRENCY: usize = 16;
 
 /// The run's Jobs (and their pods) from the stores, by name.
 pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
@@ -135,15 +132,15 @@ pub async fn keep_pods(ctx: &Ctx, run: &ImageBuildRun, pods: Vec<(String, String
             {
                 tracing::warn!(%pod, error = %e, "the pod of a failed build could not be kept for its log");
             }
-            Ok(None)
+            Ok(())
         }
     });
-    let _ = all_ok(requests, |()| {}).await;
+    let _ = all_ok(requests).await;
 }
 
 /// Sends a create or delete of a Job and reads only its status: the Job the API server
 /// echoes back (several KiB, twice for every image) is skipped by the parser, not built.
-async fn send(
+pub(super) async fn send(
     api: &Api<Job>,
     request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
 ) -> Result<(), kube::Error> {
@@ -162,85 +159,40 @@ pub async fn delete_jobs(api: &Api<Job>, names: Vec<String>) -> Result<(), Error
         let (api, url) = (api, &url);
         async move {
             match send(api, url.delete(&name, &DeleteParams::background())).await {
-                Ok(_) => Ok(None),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+                Ok(()) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
                 Err(e) => Err(e.into()),
             }
         }
     });
-    all_ok(requests, |()| {}).await
+    all_ok(requests).await
 }
 
-/// Creates `jobs` (one that exists already, from before a restart, is fine), notes each
-/// in `dispatched`, and tells the metrics how long each image waited.
-pub async fn create_jobs(
-    api: &Api<Job>,
-    jobs: Vec<NewJob>,
-    metrics: &Metrics,
-    dispatched: &mut Dispatched,
-) -> Result<(), Error> {
-    let url = kube::core::Request::new(api.resource_url());
-    let requests = jobs.into_iter().map(|new| {
-        let (api, url) = (api, &url);
-        async move {
-            let made = (new.job.name_any(), attempt_of(&new.job));
-            let body = serde_json::to_vec(&new.job).map_err(kube::Error::SerdeError)?;
-            match send(api, url.create(&PostParams::default(), body)).await {
-                Ok(_) => {
-                    metrics.job_created(new.phase.as_str(), new.waited);
-                    Ok(Some(made))
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(made)),
-                // Refused as invalid: sending it again would be refused again.
-                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
-                    Err(Error::JobRefused(super::preflight::refusal(&e.message)))
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
-    });
-    let now = std::time::Instant::now();
-    all_ok(requests, |(name, attempt)| {
-        dispatched.note(name, attempt, now)
-    })
-    .await
-}
-
-/// Runs `requests`, [`API_CONCURRENCY`] at a time, until all are done, handing each
-/// success's value to `done`; the first error.
-async fn all_ok<F, T>(
-    requests: impl Iterator<Item = F>,
-    mut done: impl FnMut(T),
-) -> Result<(), Error>
+/// Runs `requests`, [`API_CONCURRENCY`] at a time, until all are done; the first error.
+async fn all_ok<F>(requests: impl Iterator<Item = F>) -> Result<(), Error>
 where
-    F: std::future::Future<Output = Result<Option<T>, Error>>,
+    F: std::future::Future<Output = Result<(), Error>>,
 {
     let mut results = futures::stream::iter(requests).buffer_unordered(API_CONCURRENCY);
     let mut first = Ok(());
     while let Some(result) = results.next().await {
-        match result {
-            Ok(value) => value.into_iter().for_each(&mut done),
-            Err(e) if first.is_ok() => first = Err(e),
-            Err(_) => {}
+        if first.is_ok() {
+            first = result;
         }
     }
     first
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
+pub(super) mod tests {
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
     use serde_json::json;
 
     use super::*;
-    use crate::plan::Phase;
-
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
-    fn api() -> (Api<Job>, Handle) {
+    pub(in crate::controller) fn api() -> (Api<Job>, Handle) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         (
             Api::namespaced(kube::Client::new(service, "ns"), "ns"),
@@ -250,7 +202,10 @@ mod tests {
 
     /// Answers every request with the status `answer` gives for its method and Job name;
     /// the requests seen, as "METHOD name".
-    async fn serve(mut handle: Handle, answer: impl Fn(&str, &str) -> u16) -> Vec<String> {
+    pub(in crate::controller) async fn serve(
+        mut handle: Handle,
+        answer: impl Fn(&str, &str) -> u16,
+    ) -> Vec<String> {
         let mut seen = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
             let method = request.method().to_string();
@@ -282,22 +237,6 @@ mod tests {
         seen
     }
 
-    fn new_job(name: &str) -> NewJob {
-        NewJob {
-            job: serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
-            phase: Phase::Assembly,
-            waited: Duration::from_secs(3),
-        }
-    }
-
-    async fn queue_waits(metrics: &Metrics) -> u64 {
-        let text = metrics.gather().await;
-        text.lines()
-            .find(|l| l.starts_with("imagebuild_queue_wait_seconds_count{phase=\"assembly\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_default()
-    }
-
     #[tokio::test]
     async fn a_job_gone_or_there_already_is_fine_and_other_errors_are_not() {
         // Deleting: one already gone (404) is fine; every delete is sent even after a 500,
@@ -323,43 +262,6 @@ mod tests {
                 "DELETE c",
                 "DELETE gone"
             ]
-        );
-
-        // Creating: one made before a restart (409) is fine but did not wait now, so only
-        // the new one is counted; a refusal is an error.
-        let (jobs, handle) = api();
-        let server = tokio::spawn(serve(handle, |_, name| match name {
-            "made-before" => 409,
-            "refused" => 403,
-            _ => 201,
-        }));
-        let metrics = Metrics::new();
-        let mut dispatched = Dispatched::default();
-        create_jobs(
-            &jobs,
-            vec![new_job("new"), new_job("made-before")],
-            &metrics,
-            &mut dispatched,
-        )
-        .await
-        .unwrap();
-        assert_eq!(queue_waits(&metrics).await, 1);
-        assert!(
-            create_jobs(&jobs, vec![new_job("refused")], &metrics, &mut dispatched)
-                .await
-                .is_err()
-        );
-        // Both Jobs that exist are running until the store shows them; the refused is not.
-        let unseen = dispatched.unseen(&BTreeMap::new(), std::time::Instant::now());
-        assert_eq!(
-            unseen,
-            BTreeMap::from([("made-before".to_string(), 1), ("new".to_string(), 1)])
-        );
-        assert_eq!(queue_waits(&metrics).await, 1);
-        drop(jobs);
-        assert_eq!(
-            server.await.unwrap(),
-            ["POST made-before", "POST new", "POST refused"]
         );
     }
 }

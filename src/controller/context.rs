@@ -114,6 +114,12 @@ impl Wakes {
             let _ = tx.unbounded_send(ObjectRef::new(name).within(ns));
         }
     }
+
+    /// What wakes run `name` in `ns`, for a background task to call when it is done.
+    pub fn waker(&self, ns: &str, name: &str) -> impl Fn() + Send + Sync + 'static {
+        let (wakes, ns, name) = (self.clone(), ns.to_string(), name.to_string());
+        move || wakes.wake(&ns, &name)
+    }
 }
 
 impl Ctx {

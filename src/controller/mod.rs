@@ -7,6 +7,7 @@
 mod actions;
 mod apply;
 pub mod context;
+mod creates;
 pub mod events;
 mod ledger;
 pub mod observe;

@@ -5,10 +5,10 @@
 //! 3. **check presence**: what the registry says of its images, checked in the background
 //!    (`presence`);
 //! 4. **decide**: the scheduler's actions, within the run's share of the workers (`ledger`);
-//! 5. **apply**: new Jobs whose names are free and the records the actions make, at
-//!    once, then the finished Jobs deleted and the retries created (`actions`,
-//!    `apply`): a crash in between leaves a Job that is harvested again, never a lost
-//!    result;
+//! 5. **apply**: new Jobs whose names are free dispatched (created in the background,
+//!    `creates`), the records the actions make written, then the finished Jobs deleted
+//!    and the retries dispatched (`actions`, `apply`): a crash in between leaves a Job
+//!    that is harvested again, never a lost result;
 //! 6. **publish**: the status, its gauges and Events (`publish`).
 //!
 //! A run whose final status is of its current spec is left alone: a restart or a new
@@ -105,10 +105,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     // The resolution wakes the run when it ends (the requeue below is the fallback).
     let step = state.resolution.step(Instant::now(), || {
-        let (wakes, ns, name) = (ctx.wakes.clone(), ns.clone(), name.clone());
-        resolve::spawn(run.clone(), ctx.client.clone(), move || {
-            wakes.wake(&ns, &name)
-        })
+        resolve::spawn(run.clone(), ctx.client.clone(), ctx.wakes.waker(&ns, &name))
     });
     let plan = match step {
         Step::Ready(plan) => plan,
@@ -173,6 +170,18 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     }
 
+    // The creates of earlier reconciles that failed: their images are ready again. A
+    // refusal past the dry run (a pod annotation rendered for one instance only, say)
+    // fails the run rather than retry it; any other failure is this reconcile's.
+    match state.failed_creates() {
+        Err(Error::JobRefused(message)) => {
+            publish::fail(&mut status, "InvalidSpec", &message, generation, now);
+            publish::write(&ctx, &run, &mut state, &status, false).await?;
+            return Ok(Requeue::await_change());
+        }
+        result => result?,
+    }
+
     // Observe.
     // Records are kept by plan position: a manifest is used with the plan it was loaded
     // for only.
@@ -227,8 +236,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if !todo.is_empty() {
         match presence::checker_for(&run, &ctx).await {
             Ok(checker) => {
-                let (wakes, ns, name) = (ctx.wakes.clone(), ns.clone(), name.clone());
-                let done = move || wakes.wake(&ns, &name);
+                let done = ctx.wakes.waker(&ns, &name);
                 presence.start(checker, &plan, todo, Instant::now(), done);
             }
             Err(message) => presence.not_started(message, Instant::now()),
@@ -265,8 +273,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     );
 
     // Apply: the Jobs are made first (one the spec cannot make fails its image), those
-    // with free names created while the records are written, then the Jobs deleted and
-    // the rest created.
+    // with free names dispatched, the records written, then the Jobs deleted and the rest
+    // dispatched. A Job dispatched runs from then on; its create goes in the background
+    // (`creates`).
     let run_started = status.started_at.unwrap_or(now);
     let making = JobMaking {
         inputs: JobInputs {
@@ -327,7 +336,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         })
         .chain(observed.stale_jobs.iter().cloned())
         .collect();
-    // The Jobs whose names are free are created while the records are written: a freed
+    // The Jobs whose names are free are dispatched before the records are written: a freed
     // slot is taken again without waiting for the write (a crash between the two loses
     // nothing: the finished Jobs are deleted only once their records are written, and are
     // read again). A Job of the same name as one being deleted (a retry) waits for that
@@ -345,17 +354,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         false => Vec::new(),
     };
     let progressed = !recorded.records.is_empty() && !hold;
-    let (mut created, written) = futures::join!(
-        apply::create_jobs(&jobs, early, &ctx.metrics, &mut state.dispatched),
-        async {
-            match progressed {
-                true => manifest.write(&ctx.client, &run, recorded.records).await,
-                false => Ok(()),
-            }
-        }
-    );
+    let wake = || ctx.wakes.waker(&ns, &name);
+    state.dispatch(&jobs, early, &ctx.metrics, wake());
     if progressed {
-        written?;
+        manifest.write(&ctx.client, &run, recorded.records).await?;
         state.manifest_written = Some(Instant::now());
         for (record, pending) in &recorded.counted {
             ctx.metrics.count(&id, &actions::counted(record, *pending));
@@ -366,12 +368,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         let facts = facts(&mut state.facts, &manifest);
         ctx.metrics.set_medians(&id, &facts.medians);
     }
-    if created.is_ok() && hold {
+    if hold {
         for name in &unheld {
             state.dispatched.forget(name);
         }
         delete_jobs(&jobs, &mut state, unheld, &live).await?;
-    } else if created.is_ok() {
+    } else {
         // The pods of failed builds stay for their logs (up to the cap), then the Jobs
         // go; deletes first, so a Job is gone before one of the same name is created.
         apply::keep_pods(&ctx, &run, failed).await;
@@ -383,18 +385,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             state.manifest = Some(manifest);
             return Ok(Requeue::await_change());
         }
-        created = apply::create_jobs(&jobs, late, &ctx.metrics, &mut state.dispatched).await;
-    }
-    match created {
-        Err(Error::JobRefused(message)) => {
-            // Past the dry run (a pod annotation rendered for one instance only, say):
-            // the records stand, the run fails rather than retry a refused create.
-            state.manifest = Some(manifest);
-            publish::fail(&mut status, "InvalidSpec", &message, generation, now);
-            publish::write(&ctx, &run, &mut state, &status, false).await?;
-            return Ok(Requeue::await_change());
-        }
-        result => result?,
+        state.dispatch(&jobs, late, &ctx.metrics, wake());
     }
 
     // Publish.

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::creates::Creates;
 use super::observe::{LiveJob, attempt_of};
 use super::presence::Presence;
 use super::resolve::Resolution;
@@ -38,8 +39,10 @@ pub struct RunState {
     /// The retry request whose records this process wrote, and what it did: a status
     /// write that failed after them says so again, not "0 reopened".
     pub retry: Option<crate::api::RetryStatus>,
-    /// The Jobs this process created that its store may not show yet.
+    /// The Jobs this process created (or is creating) that its store may not show yet.
     pub dispatched: Dispatched,
+    /// The creates in flight, and the failures of those that ended.
+    pub creates: Creates,
     /// The Jobs this process deleted that its store may still show.
     pub deleted: Deleted,
     /// When this process last wrote the run's records.
@@ -53,8 +56,8 @@ pub struct RunState {
 /// the store and the records again, and a create of a Job that exists is answered 409.
 const UNSEEN_FOR_AT_MOST: Duration = Duration::from_secs(60);
 
-/// The Jobs this process created, by name: the attempt and when, until the store shows
-/// that attempt's Job (see [`super::observe::observe`]).
+/// The Jobs this process created or is creating, by name: the attempt and when it was
+/// dispatched, until the store shows that attempt's Job (see [`super::observe::observe`]).
 #[derive(Default)]
 pub struct Dispatched(BTreeMap<String, (u32, Instant)>);
 
@@ -67,6 +70,13 @@ impl Dispatched {
     /// Job `name` was deleted.
     pub fn forget(&mut self, name: &str) {
         self.0.remove(name);
+    }
+
+    /// Job `name`'s create for `attempt` failed (a later attempt noted since stays).
+    pub fn forget_attempt(&mut self, name: &str, attempt: u32) {
+        if self.0.get(name).is_some_and(|(noted, _)| *noted == attempt) {
+            self.0.remove(name);
+        }
     }
 
     /// Drops the Jobs the store shows (at their attempt or a later one) and those unseen
@@ -132,6 +142,24 @@ impl Deleted {
 }
 
 impl RunState {
+    /// Dispatches `jobs`: notes them and creates them in the background (see
+    /// [`Creates::start`]).
+    pub fn dispatch(
+        &mut self,
+        api: &kube::Api<k8s_openapi::api::batch::v1::Job>,
+        jobs: Vec<super::actions::NewJob>,
+        metrics: &Arc<crate::metrics::Metrics>,
+        wake: impl FnOnce() + Send + 'static,
+    ) {
+        self.creates
+            .start(api, jobs, metrics, &mut self.dispatched, wake);
+    }
+
+    /// The failures of the creates since the last call (see [`Creates::collect`]).
+    pub fn failed_creates(&mut self) -> Result<(), super::context::Error> {
+        self.creates.collect(&mut self.dispatched)
+    }
+
     /// Resets the state if it is not of the run with `uid`.
     pub fn for_uid(&mut self, uid: &str) {
         if self.uid != uid {
