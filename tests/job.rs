@@ -122,7 +122,7 @@ fn the_assembly_job_object() {
     let mut value = serde_json::to_value(&job).unwrap();
     // The wrapper script is pinned by its own file; keep the golden Job readable.
     let command = &mut value["spec"]["template"]["spec"]["containers"][0]["command"];
-    assert_eq!(command[2], job::WRAPPER);
+    assert_eq!(command[2], job::wrapper());
     command[2] = "<src/job/wrapper.sh>".into();
     golden(
         "job-assembly.yaml",
@@ -274,4 +274,29 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
         serde_json::to_value(&job).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
             .to_string();
     assert!(!env.contains("IMAGEBUILD_HTTP_REGISTRIES"), "{env}");
+}
+
+#[test]
+fn the_build_pods_script_is_the_wrapper_without_its_comments() {
+    // Comment lines are told apart by their first character only: a here-document could
+    // hold a line starting with `#` that is not one.
+    assert!(
+        !job::WRAPPER.contains("<<"),
+        "the wrapper has a here-document"
+    );
+    let compact = job::wrapper();
+    assert!(compact.starts_with("set -u\n"), "{compact:.40}");
+    assert!(
+        compact
+            .lines()
+            .all(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+    );
+    // Every line of code is there, in order (the wrapper's tests run this one).
+    let code: Vec<&str> = job::WRAPPER
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(compact.lines().collect::<Vec<_>>(), code);
+    // In every Job and pod, and in every watch event of either.
+    assert!(compact.len() < 4096, "{} bytes", compact.len());
 }

@@ -132,7 +132,7 @@ impl Executor {
         let mut command = Command::new(&self.shell[0]);
         command
             .args(&self.shell[1..])
-            .args(["-c", job::WRAPPER, "imagebuild-build", "build", "--opt"])
+            .args(["-c", job::wrapper(), "imagebuild-build", "build", "--opt"])
             .arg("platform=linux/amd64")
             .env("PATH", path)
             .env("FAKE", &self.dir)

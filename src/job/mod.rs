@@ -21,8 +21,30 @@ use crate::names::{
 };
 use crate::plan::Node;
 
-/// The wrapper script the build container runs (`sh -c`).
+/// The wrapper script as written, comments and all (see [`wrapper`]).
 pub const WRAPPER: &str = include_str!("wrapper.sh");
+
+/// The wrapper script the build container runs (`sh -c`): [`WRAPPER`] without its comment
+/// and blank lines. It is in every build Job and pod, so in every watch event of either
+/// (the API server's to store and send, the operator's to parse): the comments were 2.3
+/// of its 6.2 KB. The script has no here-document, so no line whose first character
+/// (past indentation) is `#` is anything but a comment.
+pub fn wrapper() -> &'static str {
+    static COMPACT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        WRAPPER
+            .lines()
+            .filter(|line| {
+                let line = line.trim_start();
+                !line.is_empty() && !line.starts_with('#')
+            })
+            .fold(String::new(), |mut out, line| {
+                out.push_str(line);
+                out.push('\n');
+                out
+            })
+    });
+    &COMPACT
+}
 
 /// The registry hosts of the images a node pushes (its image and cache), sorted, once each.
 pub fn http_registries(node: &Node) -> Vec<String> {
@@ -117,7 +139,7 @@ pub fn build_job(
     let mut command = vec![
         "sh".to_string(),
         "-c".into(),
-        WRAPPER.into(),
+        wrapper().into(),
         "imagebuild-build".into(),
     ];
     command.extend(buildctl_args(&build, node));
