@@ -9,7 +9,10 @@
 //! fails the run (sending it again would be refused again); any other failure (a 5xx, a
 //! quota's 403, a timeout, a lost lease) makes its image ready again and is that
 //! reconcile's error, retried with its backoff. A crash with creates in flight loses
-//! nothing: the Jobs made are read from the cluster, the others are decided again.
+//! nothing: the Jobs made are read from the cluster, the others are decided again. A Job
+//! deleted while it may still be being created (a run cancelled, or past its deadline)
+//! is deleted once the creates in flight are answered ([`Creates::settle`]): a delete
+//! that came first would be answered 404, and the Job made after it would build on.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,8 +37,9 @@ struct Failed {
     error: Error,
 }
 
-/// The run's creates in the background: where they send their failures.
+/// The run's creates in the background: their tasks, and where they send their failures.
 pub struct Creates {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     send: mpsc::UnboundedSender<Failed>,
     failed: mpsc::UnboundedReceiver<Failed>,
 }
@@ -43,7 +47,11 @@ pub struct Creates {
 impl Default for Creates {
     fn default() -> Creates {
         let (send, failed) = mpsc::unbounded_channel();
-        Creates { send, failed }
+        Creates {
+            tasks: Vec::new(),
+            send,
+            failed,
+        }
     }
 }
 
@@ -53,7 +61,7 @@ impl Creates {
     /// made; each made tells `metrics` how long its image waited. `wake` is called once
     /// the task ends if any create failed.
     pub fn start(
-        &self,
+        &mut self,
         api: &Api<Job>,
         jobs: Vec<NewJob>,
         metrics: &Arc<Metrics>,
@@ -68,7 +76,8 @@ impl Creates {
             dispatched.note(new.job.name_any(), attempt_of(&new.job), now);
         }
         let (api, metrics, send) = (api.clone(), metrics.clone(), self.send.clone());
-        tokio::spawn(async move {
+        self.tasks.retain(|task| !task.is_finished());
+        self.tasks.push(tokio::spawn(async move {
             let url = kube::core::Request::new(api.resource_url());
             let failures: Vec<Failed> = futures::stream::iter(jobs)
                 .map(|new| create(&api, &url, new, &metrics))
@@ -83,7 +92,17 @@ impl Creates {
                 }
                 wake();
             }
-        });
+        }));
+    }
+
+    /// Waits for the creates in flight to be answered: a Job is deleted only once its
+    /// create is, or the delete could come first (answered 404) and the Job be made after
+    /// it, for a run cancelled or past its deadline.
+    pub async fn settle(&mut self) {
+        for task in self.tasks.drain(..) {
+            // A task that panicked made what it made; the store shows it.
+            let _ = task.await;
+        }
     }
 
     /// Takes the failures of the creates since the last call: each failed Job is forgotten
@@ -243,6 +262,38 @@ mod tests {
                 "POST refused"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn settling_waits_for_the_creates_in_flight() {
+        let (jobs, mut handle) = api();
+        let metrics = Arc::new(Metrics::new());
+        let mut creates = Creates::default();
+        let mut dispatched = Dispatched::default();
+        creates.start(
+            &jobs,
+            vec![new_job("slow", 1)],
+            &metrics,
+            &mut dispatched,
+            || {},
+        );
+        let (_request, answer) = handle.next_request().await.unwrap();
+        let mut settled = Box::pin(creates.settle());
+        assert!(
+            futures::poll!(&mut settled).is_pending(),
+            "settled before the answer"
+        );
+        let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "slow"}});
+        answer.send_response(
+            http::Response::builder()
+                .status(201)
+                .body(kube::client::Body::from(serde_json::to_vec(&job).unwrap()))
+                .unwrap(),
+        );
+        settled.await;
+        assert_eq!(queue_waits(&metrics).await, 1, "the create was answered");
+        // Nothing in flight: settled at once.
+        assert!(futures::poll!(Box::pin(creates.settle())).is_ready());
     }
 
     #[test]

@@ -369,6 +369,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ctx.metrics.set_medians(&id, &facts.medians);
     }
     if hold {
+        state.settle_before(&unheld).await;
         for name in &unheld {
             state.dispatched.forget(name);
         }
@@ -377,6 +378,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         // The pods of failed builds stay for their logs (up to the cap), then the Jobs
         // go; deletes first, so a Job is gone before one of the same name is created.
         apply::keep_pods(&ctx, &run, failed).await;
+        state.settle_before(&deletes).await;
         for name in &deletes {
             state.dispatched.forget(name);
         }

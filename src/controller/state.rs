@@ -67,6 +67,11 @@ impl Dispatched {
         self.0.insert(name, (attempt, now));
     }
 
+    /// Whether Job `name` is noted (dispatched, not yet shown by the store).
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
     /// Job `name` was deleted.
     pub fn forget(&mut self, name: &str) {
         self.0.remove(name);
@@ -153,6 +158,14 @@ impl RunState {
     ) {
         self.creates
             .start(api, jobs, metrics, &mut self.dispatched, wake);
+    }
+
+    /// Waits for the creates in flight (see [`Creates::settle`]) if any of `deletes` is a
+    /// Job this process dispatched that its store does not show yet.
+    pub async fn settle_before(&mut self, deletes: &[String]) {
+        if deletes.iter().any(|name| self.dispatched.has(name)) {
+            self.creates.settle().await;
+        }
     }
 
     /// The failures of the creates since the last call (see [`Creates::collect`]).
