@@ -202,6 +202,26 @@ pub(super) mod tests {
 
     /// Answers every request with the status `answer` gives for its method and Job name;
     /// the requests seen, as "METHOD name".
+    /// Answers a request about Job `name` with status `code`: the Job, or a Status.
+    pub(in crate::controller) fn respond(
+        send: tower_test::mock::SendResponse<Response<Body>>,
+        name: &str,
+        code: u16,
+    ) {
+        let body = if code < 300 {
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}})
+        } else {
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "message": "no", "reason": "x", "code": code})
+        };
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::from_u16(code).unwrap())
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
     pub(in crate::controller) async fn serve(
         mut handle: Handle,
         answer: impl Fn(&str, &str) -> u16,
@@ -218,19 +238,7 @@ pub(super) mod tests {
                 Some((_, rest)) => rest.trim_start_matches('/').to_string(),
                 None => panic!("not a Job request: {}", request.uri()),
             };
-            let code = answer(&method, &name);
-            let body = if code < 300 {
-                json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}})
-            } else {
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "message": "no", "reason": "x", "code": code})
-            };
-            send.send_response(
-                Response::builder()
-                    .status(StatusCode::from_u16(code).unwrap())
-                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                    .unwrap(),
-            );
+            respond(send, &name, answer(&method, &name));
             seen.push(format!("{method} {name}"));
         }
         seen.sort();

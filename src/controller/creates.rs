@@ -166,7 +166,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::super::apply::tests::{api, serve};
+    use super::super::apply::tests::{api, respond, serve};
     use super::*;
     use crate::plan::Phase;
 
@@ -283,13 +283,7 @@ mod tests {
             futures::poll!(&mut settled).is_pending(),
             "settled before the answer"
         );
-        let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "slow"}});
-        answer.send_response(
-            http::Response::builder()
-                .status(201)
-                .body(kube::client::Body::from(serde_json::to_vec(&job).unwrap()))
-                .unwrap(),
-        );
+        respond(answer, "slow", 201);
         settled.await;
         assert_eq!(queue_waits(&metrics).await, 1, "the create was answered");
         // Nothing in flight: settled at once.
