@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, ResourceExt};
 
 use super::context::{Ctx, Error};
@@ -157,15 +157,31 @@ pub async fn delete_jobs(api: &Api<Job>, names: Vec<String>) -> Result<(), Error
     let url = kube::core::Request::new(api.resource_url());
     let requests = names.into_iter().map(|name| {
         let (api, url) = (api, &url);
-        async move {
-            match send(api, url.delete(&name, &DeleteParams::background())).await {
-                Ok(()) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                Err(e) => Err(e.into()),
-            }
-        }
+        async move { Ok(delete(api, url, &name, None).await?) }
     });
     all_ok(requests).await
+}
+
+/// Deletes Job `name`, and if `uid` is given that Job only: a newer Job of the same name
+/// (a retry's) is left alone. One already gone is fine.
+pub(super) async fn delete(
+    api: &Api<Job>,
+    url: &kube::core::Request,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<(), kube::Error> {
+    let mut params = DeleteParams::background();
+    if let Some(uid) = uid {
+        params = params.preconditions(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        });
+    }
+    match send(api, url.delete(name, &params)).await {
+        // Gone, or (its uid not the one given) gone and replaced.
+        Err(kube::Error::Api(e)) if e.code == 404 || (e.code == 409 && uid.is_some()) => Ok(()),
+        result => result,
+    }
 }
 
 /// Runs `requests`, [`API_CONCURRENCY`] at a time, until all are done; the first error.
@@ -200,8 +216,6 @@ pub(super) mod tests {
         )
     }
 
-    /// Answers every request with the status `answer` gives for its method and Job name;
-    /// the requests seen, as "METHOD name".
     /// Answers a request about Job `name` with status `code`: the Job, or a Status.
     pub(in crate::controller) fn respond(
         send: tower_test::mock::SendResponse<Response<Body>>,
@@ -222,6 +236,8 @@ pub(super) mod tests {
         );
     }
 
+    /// Answers every request with the status `answer` gives for its method and Job name;
+    /// the requests seen, as "METHOD name".
     pub(in crate::controller) async fn serve(
         mut handle: Handle,
         answer: impl Fn(&str, &str) -> u16,

@@ -7,7 +7,6 @@
 mod actions;
 mod apply;
 pub mod context;
-mod creates;
 pub mod events;
 mod ledger;
 pub mod observe;
@@ -18,6 +17,7 @@ mod readable;
 pub mod reconcile;
 mod resolve;
 mod retry;
+mod sends;
 mod state;
 pub mod status;
 mod triggers;

@@ -5,16 +5,15 @@
 //! 3. **check presence**: what the registry says of its images, checked in the background
 //!    (`presence`);
 //! 4. **decide**: the scheduler's actions, within the run's share of the workers (`ledger`);
-//! 5. **apply**: new Jobs whose names are free dispatched (created in the background,
-//!    `creates`), the records the actions make written, then the finished Jobs deleted
-//!    and the retries dispatched (`actions`, `apply`): a crash in between leaves a Job
-//!    that is harvested again, never a lost result;
+//! 5. **apply**: new Jobs whose names are free dispatched, the records the actions make
+//!    written, then the finished Jobs deleted and the retries dispatched (`actions`,
+//!    `apply`; the creates and deletes sent in the background, `sends`): a crash in
+//!    between leaves a Job that is harvested again, never a lost result;
 //! 6. **publish**: the status, its gauges and Events (`publish`).
 //!
 //! A run whose final status is of its current spec is left alone: a restart or a new
 //! leader changes nothing of it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,13 +26,12 @@ use super::actions::{self, JobMaking};
 use super::apply;
 use super::context::{Ctx, Error};
 use super::ledger::Decision;
-use super::observe::{LiveJob, observe, ready_since};
+use super::observe::{observe, ready_since};
 use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
 use super::retry;
-use super::state::RunState;
 use super::status::RecordFacts;
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
@@ -170,10 +168,11 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         }
     }
 
-    // The creates of earlier reconciles that failed: their images are ready again. A
-    // refusal past the dry run (a pod annotation rendered for one instance only, say)
-    // fails the run rather than retry it; any other failure is this reconcile's.
-    match state.failed_creates() {
+    // The creates and deletes of earlier reconciles that failed: their images are ready
+    // again, their Jobs to delete again. A refusal past the dry run (a pod annotation
+    // rendered for one instance only, say) fails the run rather than retry it; any other
+    // failure is this reconcile's.
+    match state.failed_sends() {
         Err(Error::JobRefused(message)) => {
             publish::fail(&mut status, "InvalidSpec", &message, generation, now);
             publish::write(&ctx, &run, &mut state, &status, false).await?;
@@ -274,8 +273,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     // Apply: the Jobs are made first (one the spec cannot make fails its image), those
     // with free names dispatched, the records written, then the Jobs deleted and the rest
-    // dispatched. A Job dispatched runs from then on; its create goes in the background
-    // (`creates`).
+    // dispatched. A Job dispatched runs from then on; its create, like a delete, goes in
+    // the background (`sends`).
     let run_started = status.started_at.unwrap_or(now);
     let making = JobMaking {
         inputs: JobInputs {
@@ -339,8 +338,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // The Jobs whose names are free are dispatched before the records are written: a freed
     // slot is taken again without waiting for the write (a crash between the two loses
     // nothing: the finished Jobs are deleted only once their records are written, and are
-    // read again). A Job of the same name as one being deleted (a retry) waits for that
-    // deletion.
+    // read again). A Job of the same name as one being deleted (a retry) is sent after
+    // that deletion.
     let (late, early): (Vec<_>, Vec<_>) = new_jobs
         .into_iter()
         .partition(|new| deletes.contains(&new.job.name_any()));
@@ -355,7 +354,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     };
     let progressed = !recorded.records.is_empty() && !hold;
     let wake = || ctx.wakes.waker(&ns, &name);
-    state.dispatch(&jobs, early, &ctx.metrics, wake());
+    state
+        .send(&jobs, &[], early, &live, &ctx.metrics, wake())
+        .await;
     if progressed {
         manifest.write(&ctx.client, &run, recorded.records).await?;
         state.manifest_written = Some(Instant::now());
@@ -369,25 +370,20 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ctx.metrics.set_medians(&id, &facts.medians);
     }
     if hold {
-        state.settle_before(&unheld).await;
-        for name in &unheld {
-            state.dispatched.forget(name);
-        }
-        delete_jobs(&jobs, &mut state, unheld, &live).await?;
+        state
+            .send(&jobs, &unheld, Vec::new(), &live, &ctx.metrics, wake())
+            .await;
     } else {
         // The pods of failed builds stay for their logs (up to the cap), then the Jobs
-        // go; deletes first, so a Job is gone before one of the same name is created.
+        // go, and the Jobs of the same names as those deleted (retries) are created.
         apply::keep_pods(&ctx, &run, failed).await;
-        state.settle_before(&deletes).await;
-        for name in &deletes {
-            state.dispatched.forget(name);
-        }
-        delete_jobs(&jobs, &mut state, deletes, &live).await?;
         if !ctx.config.may_write() {
             state.manifest = Some(manifest);
             return Ok(Requeue::await_change());
         }
-        state.dispatch(&jobs, late, &ctx.metrics, wake());
+        state
+            .send(&jobs, &deletes, late, &live, &ctx.metrics, wake())
+            .await;
     }
 
     // Publish.
@@ -481,21 +477,6 @@ fn policy(run: &ImageBuildRun, settings: &Settings, status: &ImageBuildRunStatus
         suspend: run.spec.suspend,
         deadline,
     }
-}
-
-/// Deletes the Jobs `names` but those this process deleted already that the store still
-/// shows (see [`Deleted`](super::state::Deleted)).
-async fn delete_jobs(
-    jobs: &Api<Job>,
-    state: &mut RunState,
-    names: Vec<String>,
-    live: &BTreeMap<String, LiveJob>,
-) -> Result<(), Error> {
-    let now = Instant::now();
-    let names = state.deleted.left_to_delete(&names, live, now);
-    apply::delete_jobs(jobs, names.clone()).await?;
-    state.deleted.note(&names, live, now);
-    Ok(())
 }
 
 /// What the status and metrics read of the manifest's records: gathered again only once

@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::creates::Creates;
 use super::observe::{LiveJob, attempt_of};
 use super::presence::Presence;
 use super::resolve::Resolution;
+use super::sends::{Doomed, Sends};
 use crate::api::ImageBuildRunStatus;
 use crate::manifest::Manifest;
 
@@ -41,8 +41,8 @@ pub struct RunState {
     pub retry: Option<crate::api::RetryStatus>,
     /// The Jobs this process created (or is creating) that its store may not show yet.
     pub dispatched: Dispatched,
-    /// The creates in flight, and the failures of those that ended.
-    pub creates: Creates,
+    /// The creates and deletes in flight, and the failures of those that ended.
+    pub sends: Sends,
     /// The Jobs this process deleted that its store may still show.
     pub deleted: Deleted,
     /// When this process last wrote the run's records.
@@ -123,6 +123,11 @@ impl Deleted {
         }
     }
 
+    /// Job `name`'s delete failed: it is deleted again when asked.
+    pub fn forget(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
     /// Drops the Jobs the store no longer shows (or shows as another object of the same
     /// name) and those deleted more than [`DELETED_FOR_AT_MOST`] ago; of `names`, those
     /// left to delete.
@@ -147,30 +152,47 @@ impl Deleted {
 }
 
 impl RunState {
-    /// Dispatches `jobs`: notes them and creates them in the background (see
-    /// [`Creates::start`]).
-    pub fn dispatch(
+    /// Deletes `deletes` (but those this process deleted already that the store still
+    /// shows, see [`Deleted`]) and then creates `jobs`, in the background (see
+    /// [`Sends::start`]); first waits for the requests in flight if one of `deletes` may
+    /// still be being created, or one of `jobs` deleted.
+    pub async fn send(
         &mut self,
         api: &kube::Api<k8s_openapi::api::batch::v1::Job>,
+        deletes: &[String],
         jobs: Vec<super::actions::NewJob>,
+        live: &BTreeMap<String, LiveJob>,
         metrics: &Arc<crate::metrics::Metrics>,
         wake: impl FnOnce() + Send + 'static,
     ) {
-        self.creates
-            .start(api, jobs, metrics, &mut self.dispatched, wake);
-    }
-
-    /// Waits for the creates in flight (see [`Creates::settle`]) if any of `deletes` is a
-    /// Job this process dispatched that its store does not show yet.
-    pub async fn settle_before(&mut self, deletes: &[String]) {
-        if deletes.iter().any(|name| self.dispatched.has(name)) {
-            self.creates.settle().await;
+        use kube::ResourceExt;
+        if deletes.iter().any(|name| self.dispatched.has(name))
+            || jobs
+                .iter()
+                .any(|new| self.sends.deleting(&new.job.name_any()))
+        {
+            self.sends.settle().await;
         }
+        for name in deletes {
+            self.dispatched.forget(name);
+        }
+        let now = Instant::now();
+        let deletes = self.deleted.left_to_delete(deletes, live, now);
+        self.deleted.note(&deletes, live, now);
+        let deletes: Vec<Doomed> = deletes
+            .into_iter()
+            .map(|name| {
+                let uid = live.get(&name).and_then(|l| l.job.metadata.uid.clone());
+                (name, uid)
+            })
+            .collect();
+        self.sends
+            .start(api, deletes, jobs, metrics, &mut self.dispatched, wake);
     }
 
-    /// The failures of the creates since the last call (see [`Creates::collect`]).
-    pub fn failed_creates(&mut self) -> Result<(), super::context::Error> {
-        self.creates.collect(&mut self.dispatched)
+    /// The failures of the requests since the last call (see [`Sends::collect`]).
+    pub fn failed_sends(&mut self) -> Result<(), super::context::Error> {
+        self.sends.collect(&mut self.dispatched, &mut self.deleted)
     }
 
     /// Resets the state if it is not of the run with `uid`.
@@ -282,6 +304,41 @@ mod tests {
         let gone = table.retain(|key, _| key == "ns/other");
         assert_eq!(gone, vec!["ns/r".to_string()]);
         assert_eq!(table.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_job_is_neither_deleted_while_being_created_nor_created_while_being_deleted() {
+        use super::super::apply::tests::{api, respond};
+        use super::super::sends::tests::new_job;
+        let (jobs, mut handle) = api();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let live = BTreeMap::new();
+        let mut state = RunState::default();
+        state
+            .send(&jobs, &[], vec![new_job("a", 1)], &live, &metrics, || {})
+            .await;
+        let (_, create_a) = handle.next_request().await.unwrap();
+        // Deleting "a" (cancelled) waits for its create's answer.
+        let (a, c) = (["a".to_string()], ["c".to_string()]);
+        let mut delete_a = Box::pin(state.send(&jobs, &a, vec![], &live, &metrics, || {}));
+        assert!(futures::poll!(&mut delete_a).is_pending());
+        respond(create_a, "a", 201);
+        delete_a.await;
+        let (request, delete) = handle.next_request().await.unwrap();
+        assert_eq!(request.method(), "DELETE");
+        // Creating "a" again (a retry) waits for that delete's answer.
+        let retry = vec![new_job("a", 2)];
+        let mut create = Box::pin(state.send(&jobs, &[], retry, &live, &metrics, || {}));
+        assert!(futures::poll!(&mut create).is_pending());
+        respond(delete, "a", 200);
+        create.await;
+        let (request, created) = handle.next_request().await.unwrap();
+        assert_eq!(request.method(), "POST");
+        respond(created, "a", 201);
+        // Neither in flight: sent at once.
+        let other = vec![new_job("b", 1)];
+        let send = state.send(&jobs, &c, other, &live, &metrics, || {});
+        assert!(futures::poll!(Box::pin(send)).is_ready());
     }
 
     #[test]
