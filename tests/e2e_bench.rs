@@ -20,8 +20,9 @@
 //! The same timeline is read again with each Job in flight from the moment its create
 //! reached the API server (the environment's audit log), not from the watcher's seeing
 //! it: full slots and dispatch then without the API server's create and the watch's
-//! delivery of the new Job, the operator's own share (the completions are seen by the
-//! operator's watch and the watcher's alike).
+//! delivery of the new Job, the operator's own share (the completions still as the
+//! watcher saw them: a create that reached the API server before the watcher saw the
+//! completion that freed its slot is a dispatch of 0).
 //! A slot is free for a dispatch after each completion, so the full-slot fraction is
 //! about 1 - (completions per second) x (mean dispatch): 0.99 wants builds long enough
 //! (`maxWorkers` / build seconds at most about 0.01 / mean dispatch).
@@ -238,6 +239,10 @@ fn slots(seen: &Seen, workers: usize, inputs: &Inputs) -> Slots {
     let (mut counted, mut full, mut used) = (Duration::ZERO, Duration::ZERO, 0.0);
     let mut freed = std::collections::VecDeque::new();
     let mut dispatch = Vec::new();
+    // Jobs created before the end that freed their slot: read to the create's arrival, a
+    // create can reach the API server before the watcher sees the end the operator's own
+    // watch told it of. That end is then the Job's (a dispatch of 0), not the next one's.
+    let mut early = 0usize;
     for (t, kind, ready) in events {
         // The state from `prev` to `t`, the part of it inside the window, counts while
         // work remained.
@@ -253,7 +258,10 @@ fn slots(seen: &Seen, workers: usize, inputs: &Inputs) -> Slots {
         match (kind, ready) {
             (0, _) => {
                 active = active.saturating_sub(1);
-                if t < last {
+                if early > 0 {
+                    early -= 1;
+                    dispatch.push(Duration::ZERO);
+                } else if t < last {
                     freed.push_back(t);
                 }
             }
@@ -261,8 +269,10 @@ fn slots(seen: &Seen, workers: usize, inputs: &Inputs) -> Slots {
             (_, ready) => {
                 active += 1;
                 waiting = waiting.saturating_sub(1);
-                if let Some(f) = freed.pop_front() {
-                    dispatch.push(t - f.max(ready.unwrap_or(f)));
+                match freed.pop_front() {
+                    Some(f) => dispatch.push(t - f.max(ready.unwrap_or(f))),
+                    None if active > workers => early += 1,
+                    None => {}
                 }
             }
         }
@@ -677,6 +687,20 @@ fn arrivals_move_a_jobs_creation_to_when_its_create_reached_the_api_server() {
     let s = slots(&arrived(&seen, &times), 2, &Inputs::new());
     assert_eq!(s.dispatch, vec![Duration::from_millis(30)]);
     assert!((s.full - 5.0 / 5.03).abs() < 1e-6, "{}", s.full);
+    // c's create reached the API server 10 ms before the watcher saw b end: b's end is
+    // c's (0 ms), and d's dispatch runs from a's end, not from b's.
+    let seen = timeline(
+        t0,
+        &[
+            ("a", 0, 10_000),
+            ("b", 0, 5_000),
+            ("c", 5_100, 12_000),
+            ("d", 10_050, 13_000),
+        ],
+    );
+    let times = BTreeMap::from([("c".to_string(), vec![at(4_990)])]);
+    let s = slots(&arrived(&seen, &times), 2, &Inputs::new());
+    assert_eq!(s.dispatch, [0, 50].map(Duration::from_millis));
     // The wall clock's times (to the audit log's microseconds), read in the watcher's clock.
     let wall = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let dir = std::env::temp_dir().join(format!("bench-arrivals-{}", std::process::id()));
