@@ -52,6 +52,21 @@ pub fn run_label(run_name: &str) -> String {
     format!("{head}-{}", &sha256_hex(run_name)[..10])
 }
 
+/// The name of an object of run `run`: `<run>-<suffix>`, or, where that would pass the 253
+/// characters an object name may have, the run name cut short and a hash of it.
+pub fn run_object(run: &str, suffix: &str) -> String {
+    const MAX_OBJECT_NAME: usize = 253;
+    let name = format!("{run}-{suffix}");
+    if name.len() <= MAX_OBJECT_NAME {
+        return name;
+    }
+    let hash = &sha256_hex(run)[..10];
+    // The run name is a DNS subdomain: ASCII, so any byte index is a character boundary.
+    let room = MAX_OBJECT_NAME.saturating_sub(format!("--{hash}-{suffix}").len());
+    let head = run.get(..room).unwrap_or(run).trim_end_matches(['-', '.']);
+    format!("{head}-{hash}-{suffix}")
+}
+
 /// The lower-case hex SHA-256 of `text`.
 pub fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))

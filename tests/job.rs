@@ -1,6 +1,7 @@
 //! The build Job: the exact buildctl argument list and the whole Job object (golden files
 //! under tests/golden/, rewritten with `UPDATE_GOLDEN=1 cargo test --test job`). The
-//! wrapper script the Job runs is tested in `tests/wrapper.rs`.
+//! wrapper script the Job runs (from the run's wrapper ConfigMap) is tested in
+//! `tests/wrapper.rs`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -119,14 +120,9 @@ fn the_assembly_job_object() {
     let inputs = swebench_inputs(&run.spec);
     let annotations = BTreeMap::from([("example.com/team".to_string(), "evals".to_string())]);
     let job = job::build_job(&inputs, asm, 2, &annotations).unwrap();
-    let mut value = serde_json::to_value(&job).unwrap();
-    // The wrapper script is pinned by its own file; keep the golden Job readable.
-    let command = &mut value["spec"]["template"]["spec"]["containers"][0]["command"];
-    assert_eq!(command[2], job::wrapper());
-    command[2] = "<src/job/wrapper.sh>".into();
     golden(
         "job-assembly.yaml",
-        &serde_yaml_ng::to_string(&value).unwrap(),
+        &serde_yaml_ng::to_string(&job).unwrap(),
     );
 
     let spec = job.spec.as_ref().unwrap();
@@ -259,8 +255,8 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
         .command
         .clone()
         .unwrap();
-    // After `sh -c <wrapper> imagebuild-build`: buildctl's arguments.
-    let args = &command[4..];
+    // After `sh /imagebuild/build.sh`: buildctl's arguments.
+    let args = &command[2..];
     assert!(args.iter().all(|a| !a.contains("insecure")), "{args:?}");
 
     let mut secure = run.spec.clone();
@@ -277,26 +273,62 @@ fn an_insecure_registry_is_spoken_to_over_http_for_the_runs_own_images_only() {
 }
 
 #[test]
-fn the_build_pods_script_is_the_wrapper_without_its_comments() {
-    // Comment lines are told apart by their first character only: a here-document could
-    // hold a line starting with `#` that is not one.
-    assert!(
-        !job::WRAPPER.contains("<<"),
-        "the wrapper has a here-document"
+fn the_build_pod_runs_the_wrapper_from_the_runs_configmap() {
+    let (run, plan) = swebench();
+    let inputs = swebench_inputs(&run.spec);
+    let wrapper = job::wrapper_object(&inputs);
+    let name = wrapper.metadata.name.clone().unwrap();
+    assert!(name.starts_with("swebench-verified-wrapper-"), "{name}");
+    assert_eq!(wrapper.metadata.namespace.as_deref(), Some("imagebuild"));
+    let owner = &wrapper.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ImageBuildRun", inputs.run_uid)
     );
-    let compact = job::wrapper();
-    assert!(compact.starts_with("set -u\n"), "{compact:.40}");
-    assert!(
-        compact
-            .lines()
-            .all(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+    let data = wrapper.data.as_ref().unwrap();
+    assert_eq!(
+        data.get(job::WRAPPER_KEY).map(String::as_str),
+        Some(job::WRAPPER)
     );
-    // Every line of code is there, in order (the wrapper's tests run this one).
-    let code: Vec<&str> = job::WRAPPER
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-        .collect();
-    assert_eq!(compact.lines().collect::<Vec<_>>(), code);
-    // In every Job and pod, and in every watch event of either.
-    assert!(compact.len() < 4096, "{} bytes", compact.len());
+
+    // Every build pod mounts it and runs the script from it.
+    for node in &plan.nodes {
+        let job = job::build_job(&inputs, node, 1, &BTreeMap::new()).unwrap();
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let volume = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "wrapper")
+            .unwrap();
+        assert_eq!(volume.config_map.unwrap().name, name);
+        let container = &pod.containers[0];
+        let command = container.command.as_ref().unwrap();
+        assert_eq!(command[..2], ["sh", "/imagebuild/build.sh"]);
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        let mount = mounts.iter().find(|m| m.name == "wrapper").unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (job::WRAPPER_DIR, Some(true))
+        );
+    }
+
+    // Another run of the name (deleted and applied again) has a ConfigMap of its own; one
+    // whose name would be too long is cut short with a hash.
+    let again = JobInputs {
+        run_uid: "00000000-0000-4000-8000-000000000002",
+        ..inputs
+    };
+    assert_ne!(job::wrapper_config_map(&again), name);
+    let long = "r".repeat(253);
+    let long = JobInputs {
+        run_name: &long,
+        ..inputs
+    };
+    let cut = job::wrapper_config_map(&long);
+    assert!(
+        cut.len() <= 253 && cut.starts_with(&"r".repeat(200)),
+        "{cut}"
+    );
+    assert!(cut.contains("-wrapper-"), "{cut}");
 }

@@ -121,9 +121,11 @@ impl Executor {
         self
     }
 
-    /// The wrapper as the build pod runs it (`sh -c <wrapper> imagebuild-build build ...`),
-    /// its work directory and termination message in the scratch directory.
+    /// The wrapper as the build pod runs it (`sh /imagebuild/build.sh build ...`), its work
+    /// directory and termination message in the scratch directory.
     fn command(&self) -> Command {
+        let script = self.dir.join(job::WRAPPER_KEY);
+        std::fs::write(&script, job::WRAPPER).unwrap();
         let path = format!(
             "{}:{}",
             self.dir.join("bin").display(),
@@ -132,7 +134,8 @@ impl Executor {
         let mut command = Command::new(&self.shell[0]);
         command
             .args(&self.shell[1..])
-            .args(["-c", job::wrapper(), "imagebuild-build", "build", "--opt"])
+            .arg(&script)
+            .args(["build", "--opt"])
             .arg("platform=linux/amd64")
             .env("PATH", path)
             .env("FAKE", &self.dir)

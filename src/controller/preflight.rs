@@ -5,9 +5,11 @@
 //! annotations, the executor image) with its own rules, and a refusal fails the run at
 //! once, naming the field, instead of every create being refused in a loop. A dry run
 //! that cannot be made (a full quota, a webhook down) is skipped: the creates then go
-//! ahead, and one refused as invalid still fails the run (`apply::create_jobs`).
+//! ahead, and one refused as invalid still fails the run (`sends`). Once the Jobs are
+//! accepted, the run's wrapper ConfigMap, which they mount, is made.
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::PostParams;
 
@@ -71,6 +73,18 @@ pub async fn dry_run(api: &Api<Job>, jobs: &[Job]) -> Result<Verdict, Error> {
         }
     }
     Ok(Verdict::Accepted)
+}
+
+/// Creates the run's wrapper ConfigMap, which its build Jobs mount (see
+/// [`crate::job::wrapper_config_map`]); one there already (made before a restart) is fine.
+pub async fn wrapper(client: &kube::Client, inputs: &JobInputs<'_>) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), inputs.namespace);
+    let object = crate::job::wrapper_object(inputs);
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The run's condition message for a Job the API server refuses.

@@ -133,7 +133,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         return Ok(Requeue::await_change());
     }
 
-    // Before the first Job of this generation: would the API server take its Jobs?
+    // Before the first Job of this generation: would the API server take its Jobs? Then
+    // the script they mount.
     if state.preflight != Some(generation) {
         let inputs = JobInputs {
             run_name: &name,
@@ -159,7 +160,10 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             Err(message) => Verdict::Refused(message),
         };
         match verdict {
-            Verdict::Accepted => state.preflight = Some(generation),
+            Verdict::Accepted => {
+                preflight::wrapper(&ctx.client, &inputs).await?;
+                state.preflight = Some(generation);
+            }
             Verdict::Refused(message) => {
                 publish::fail(&mut status, "InvalidSpec", &message, generation, now);
                 publish::write(&ctx, &run, &mut state, &status, false).await?;

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde_json::{Value, json};
 
 pub use buildctl::{CONTEXT_DIR, METADATA_FILE, PhaseBuild, WORK_DIR, buildctl_args};
@@ -21,29 +23,60 @@ use crate::names::{
 };
 use crate::plan::Node;
 
-/// The wrapper script as written, comments and all (see [`wrapper`]).
+/// The wrapper script the build container runs (`sh /imagebuild/build.sh <buildctl
+/// args>`), from the run's wrapper ConfigMap ([`wrapper_config_map`]).
 pub const WRAPPER: &str = include_str!("wrapper.sh");
 
-/// The wrapper script the build container runs (`sh -c`): [`WRAPPER`] without its comment
-/// and blank lines. It is in every build Job and pod, so in every watch event of either
-/// (the API server's to store and send, the operator's to parse): the comments were 2.3
-/// of its 6.2 KB. The script has no here-document, so no line whose first character
-/// (past indentation) is `#` is anything but a comment.
-pub fn wrapper() -> &'static str {
-    static COMPACT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        WRAPPER
-            .lines()
-            .filter(|line| {
-                let line = line.trim_start();
-                !line.is_empty() && !line.starts_with('#')
-            })
-            .fold(String::new(), |mut out, line| {
-                out.push_str(line);
-                out.push('\n');
-                out
-            })
-    });
-    &COMPACT
+/// Where the build container finds the wrapper ConfigMap's files.
+pub const WRAPPER_DIR: &str = "/imagebuild";
+
+/// The wrapper's key in its ConfigMap, and its file in [`WRAPPER_DIR`].
+pub const WRAPPER_KEY: &str = "build.sh";
+
+/// The name of the wrapper ConfigMap of the run of `inputs`: `<run>-wrapper-<hash>`, the
+/// hash of the run's uid and [`WRAPPER`], so a run re-created under the same name never
+/// finds the one of the run before (which the garbage collector deletes), and an operator
+/// of another version makes one of its own while the pods of the one before keep the
+/// script they started with. The script is mounted, not put in the Job's command: it is
+/// 6 KB, which every watch event of every build Job and pod would carry (for the API
+/// server to store and send, and the operator to parse).
+pub fn wrapper_config_map(inputs: &JobInputs<'_>) -> String {
+    let hash = &sha256_hex(&format!("{}\0{WRAPPER}", inputs.run_uid))[..10];
+    crate::names::run_object(inputs.run_name, &format!("wrapper-{hash}"))
+}
+
+/// Run `inputs`' wrapper ConfigMap ([`wrapper_config_map`]), owned by the run.
+pub fn wrapper_object(inputs: &JobInputs<'_>) -> ConfigMap {
+    let labels = [
+        ("app.kubernetes.io/managed-by", MANAGER.to_string()),
+        ("app.kubernetes.io/name", "imagebuild".into()),
+        (LABEL_RUN, run_label(inputs.run_name)),
+        (LABEL_RUN_UID, inputs.run_uid.into()),
+        ("app.kubernetes.io/component", "wrapper".into()),
+    ];
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(wrapper_config_map(inputs)),
+            namespace: Some(inputs.namespace.into()),
+            labels: Some(labels.map(|(k, v)| (k.to_string(), v)).into()),
+            owner_references: Some(vec![owner(inputs)]),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(WRAPPER_KEY.into(), WRAPPER.into())])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The owner reference to the run of `inputs`, which takes its objects when deleted.
+fn owner(inputs: &JobInputs<'_>) -> OwnerReference {
+    OwnerReference {
+        api_version: "imagebuild.dev/v1alpha1".into(),
+        kind: "ImageBuildRun".into(),
+        name: inputs.run_name.into(),
+        uid: inputs.run_uid.into(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
 }
 
 /// The registry hosts of the images a node pushes (its image and cache), sorted, once each.
@@ -136,12 +169,7 @@ pub fn build_job(
     let rootless = spec.executor.mode == ExecutorMode::Rootless;
     // The wrapper starts buildkitd (through rootlesskit in rootless mode) for this one
     // build, runs buildctl with these arguments, and stops it after.
-    let mut command = vec![
-        "sh".to_string(),
-        "-c".into(),
-        wrapper().into(),
-        "imagebuild-build".into(),
-    ];
+    let mut command = vec!["sh".to_string(), format!("{WRAPPER_DIR}/{WRAPPER_KEY}")];
     command.extend(buildctl_args(&build, node));
 
     let (mode, state_dir) = if rootless {
@@ -157,11 +185,17 @@ pub fn build_job(
         json!({"name": "BUILDKIT_STEP_LOG_MAX_SIZE", "value": STEP_LOG_MAX_SIZE}),
         json!({"name": "BUILDKIT_STEP_LOG_MAX_SPEED", "value": STEP_LOG_MAX_SPEED}),
     ];
-    let mut mounts = vec![json!({"name": "work", "mountPath": WORK_DIR})];
-    mounts.push(json!({"name": "buildkit", "mountPath": state_dir}));
+    let mut mounts = vec![
+        json!({"name": "work", "mountPath": WORK_DIR}),
+        json!({"name": "buildkit", "mountPath": state_dir}),
+        json!({"name": "wrapper", "mountPath": WRAPPER_DIR, "readOnly": true}),
+    ];
     let mut volumes = vec![
         json!({"name": "work", "emptyDir": {}}),
         json!({"name": "buildkit", "emptyDir": {"sizeLimit": spec.placement.ephemeral_storage}}),
+        json!({"name": "wrapper", "configMap": {
+            "name": wrapper_config_map(inputs),
+            "items": [{"key": WRAPPER_KEY, "path": WRAPPER_KEY}]}}),
     ];
     if rootless {
         // BuildKit's rootless mode cannot create its own process sandbox in a pod.
@@ -247,14 +281,7 @@ pub fn build_job(
             "namespace": inputs.namespace,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [{
-                "apiVersion": "imagebuild.dev/v1alpha1",
-                "kind": "ImageBuildRun",
-                "name": inputs.run_name,
-                "uid": inputs.run_uid,
-                "controller": true,
-                "blockOwnerDeletion": true,
-            }],
+            "ownerReferences": [owner(inputs)],
         },
         "spec": {
             // The operator decides retries: one pod per Job.

@@ -1,4 +1,5 @@
-# The build pod's entry point (run as `sh -c <this> imagebuild-build <buildctl args>...`):
+# The build pod's entry point (run as `sh /imagebuild/build.sh <buildctl args>...`, from the
+# run's wrapper ConfigMap):
 # starts buildkitd for this one build (through rootlesskit in rootless mode), runs
 # `buildctl build` against it, stops it, and writes one JSON object to the termination
 # message, which the operator reads back: the exit code, the pushed image's digest, the

@@ -104,16 +104,7 @@ pub fn too_many(nodes: usize) -> Option<String> {
 /// The name of shard `i` of run `run`: `<run>-manifest-<i>`, or, where that would pass
 /// the 253 characters an object name may have, the run name cut short and a hash of it.
 pub fn shard_name(run: &str, i: usize) -> String {
-    const MAX_OBJECT_NAME: usize = 253;
-    let name = format!("{run}-manifest-{i}");
-    if name.len() <= MAX_OBJECT_NAME {
-        return name;
-    }
-    let hash = &crate::names::sha256_hex(run)[..10];
-    // The run name is a DNS subdomain: ASCII, so any byte index is a character boundary.
-    let room = MAX_OBJECT_NAME - format!("--{hash}-manifest-{i}").len();
-    let head = run.get(..room).unwrap_or(run).trim_end_matches(['-', '.']);
-    format!("{head}-{hash}-manifest-{i}")
+    crate::names::run_object(run, &format!("manifest-{i}"))
 }
 
 /// One line: the record and the Job name it is kept under.
