@@ -63,7 +63,8 @@ The RBAC rules of the operator, each with why it needs it. Used by the ClusterRo
   resources: [pods]
   verbs: [list, watch, patch]
 # ConfigMaps: the manifest shards the runs own (created, replaced, deleted with stale
-# shards), and instance lists a run names in spec.instances.configMap (read).
+# shards), each run's wrapper script for its build pods (created), and instance lists a
+# run names in spec.instances.configMap (read).
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, create, update, delete]
