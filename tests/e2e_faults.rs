@@ -8,7 +8,8 @@
 //! Faults: kube-apiserver restarted mid-run; etcd restarted mid-run; a node lost mid-run
 //! (a kwok node deleted under running builds); the registry down for 30 s as a run starts;
 //! the operator SIGKILLed at 20 random moments of a 500-instance run; 5% of builds failing
-//! transiently at random.
+//! transiently at random; every Job delete refused for a while (an admission policy): the
+//! run ends only once its finished Jobs are gone.
 //!
 //! The faults touch the shared control plane, so the tests of this binary run one at a
 //! time (`SERIAL`); no other binary runs beside them.
@@ -29,6 +30,9 @@ use common::runs::{
 };
 use imagebuild_operator::api::{ImageBuildRun, RunPhase};
 use imagebuild_operator::manifest::RecordStatus;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{ListParams, PostParams};
@@ -560,6 +564,157 @@ async fn five_percent_of_builds_failing_transiently_are_retried() {
         &format!(
             "{retried} images ({:.1}%) failed once and were retried",
             100.0 * retried as f64 / images as f64
+        ),
+    );
+    ns.delete().await;
+}
+
+/// Deletes the admission policy and binding named `.0` when dropped, the test passed or
+/// not: they are cluster-wide objects.
+struct PolicyGone(String);
+
+impl Drop for PolicyGone {
+    fn drop(&mut self) {
+        for kind in [
+            "validatingadmissionpolicybinding",
+            "validatingadmissionpolicy",
+        ] {
+            let _ = Command::new("kubectl")
+                .args(["delete", kind, &self.0, "--ignore-not-found"])
+                .output();
+        }
+    }
+}
+
+/// A policy refusing every delete of a Job in namespace `ns`, and its binding.
+fn no_job_deletes(ns: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+    let name = format!("e2e-no-job-deletes-{ns}");
+    let policy = serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "resourceRules": [{
+                    "apiGroups": ["batch"], "apiVersions": ["v1"],
+                    "resources": ["jobs"], "operations": ["DELETE"],
+                }],
+            },
+            "validations": [{"expression": "false", "message": "Job deletes refused (e2e)"}],
+        },
+    });
+    let binding = serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    });
+    (
+        serde_json::from_value(policy).unwrap(),
+        serde_json::from_value(binding).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn job_deletes_refused_hold_the_runs_end_until_its_jobs_are_gone() {
+    let _serial = SERIAL.lock().await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        seen,
+    } = fixture("e2e-fault-deletes").await;
+    let client = env.client().await;
+    let (policy, binding) = no_job_deletes(&ns.name);
+    let _gone = PolicyGone(policy.name_any());
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client);
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    // In force once a delete of a Job (a suspended one, which runs nothing) is refused.
+    let jobs = ns.api::<Job>();
+    let probe: Job = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe"},
+        "spec": {"suspend": true, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "none"}]}}},
+    }))
+    .unwrap();
+    jobs.create(&PostParams::default(), &probe).await.unwrap();
+    let dry = kube::api::DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the policy to refuse deletes",
+        || {
+            let (jobs, dry) = (&jobs, &dry);
+            async move { jobs.delete("probe", dry).await.is_err().then_some(()) }
+        },
+    )
+    .await;
+
+    let _operator = Operator::start(&ns.name);
+    let run = run_of(&env.registry, &ns.name, "undeleted", SMALL, 4, "300ms");
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let cms = ns.api::<ConfigMap>();
+    eventually(
+        Duration::from_secs(120),
+        "every image recorded built",
+        || async {
+            let records = records(&cms, "undeleted").await;
+            let built = records.values().filter(|r| r.status == RecordStatus::Built);
+            (built.count() == SMALL_IMAGES).then_some(())
+        },
+    )
+    .await;
+    // Every image built, but its finished Jobs still there: the run does not end (its
+    // reconciles fail on the refused deletes and are tried again, every 5 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let of_run = ListParams::default().labels("app.kubernetes.io/managed-by=imagebuild-operator");
+    let left = jobs.list(&of_run).await.unwrap().items.len();
+    let status = runs
+        .get("undeleted")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default();
+    assert_eq!(status.phase, Some(RunPhase::Building), "{status:?}");
+    assert_eq!(left, SMALL_IMAGES, "every finished Job still there");
+
+    // Deletes allowed again: the Jobs go and the run ends.
+    let lifted = Instant::now();
+    bindings
+        .delete(&binding.name_any(), &Default::default())
+        .await
+        .unwrap();
+    await_phase(
+        &runs,
+        "undeleted",
+        RunPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let recovery = lifted.elapsed();
+    let left = jobs.list(&of_run).await.unwrap().items.len();
+    assert_eq!(left, 0, "a finished Job left behind by the run's end");
+    let (retried, jobs_made) =
+        verify("deletes refused", &env, &ns, &seen, &run, SMALL_IMAGES).await;
+    assert_eq!((retried, jobs_made), (0, SMALL_IMAGES));
+    figures(
+        "every Job delete refused",
+        SMALL_IMAGES,
+        jobs_made,
+        started.elapsed(),
+        &format!(
+            "{:.1} s from the deletes allowed again to Succeeded",
+            recovery.as_secs_f64()
         ),
     );
     ns.delete().await;

@@ -410,6 +410,13 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             now,
         },
     );
+    if is_final(&status) {
+        // A run that ends is not reconciled again: its last deletes are answered first,
+        // and one that failed is this reconcile's error (its Job deleted again next
+        // time), not a Job left behind.
+        state.sends.settle().await;
+        state.failed_sends()?;
+    }
     let deferred = publish::write(&ctx, &run, &mut state, &status, true).await?;
     if is_final(&status) {
         // Nothing reads the records of a finished run again unless its spec changes (a
