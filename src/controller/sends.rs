@@ -17,9 +17,11 @@
 //! ([`Sends::collect`]), which the failure wakes: a Job the API server refuses as invalid
 //! fails the run (sending it again would be refused again); any other failure (a 5xx, a
 //! quota's 403, a timeout, a lost lease) makes a create's image ready again, or a deleted
-//! Job one to delete again, and is that reconcile's error, retried with its backoff. A
-//! crash with requests in flight loses nothing: the Jobs made and not yet deleted are read
-//! from the cluster, and the rest is decided again.
+//! Job one to delete again, and is that reconcile's error, retried with its backoff. The
+//! reconcile that would write a run's final status (no reconcile follows it) settles the
+//! requests first and takes their failures itself. A crash with requests in flight loses
+//! nothing: the Jobs made and not yet deleted are read from the cluster, and the rest is
+//! decided again.
 
 use std::collections::HashSet;
 use std::sync::Arc;
