@@ -6,6 +6,7 @@ mod buildctl;
 mod result;
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -41,9 +42,12 @@ pub const WRAPPER_KEY: &str = "build.sh";
 /// 6 KB, which every watch event of every build Job and pod would carry (for the API
 /// server to store and send, and the operator to parse).
 pub fn wrapper_config_map(inputs: &JobInputs<'_>) -> String {
-    let hash = &sha256_hex(&format!("{}\0{WRAPPER}", inputs.run_uid))[..10];
+    let hash = &sha256_hex(&format!("{}\0{}", inputs.run_uid, *WRAPPER_HASH))[..10];
     crate::names::run_object(inputs.run_name, &format!("wrapper-{hash}"))
 }
+
+/// The script's hash, taken once: every Job built names the ConfigMap.
+static WRAPPER_HASH: LazyLock<String> = LazyLock::new(|| sha256_hex(WRAPPER));
 
 /// Run `inputs`' wrapper ConfigMap ([`wrapper_config_map`]), owned by the run.
 pub fn wrapper_object(inputs: &JobInputs<'_>) -> ConfigMap {
