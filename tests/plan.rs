@@ -101,6 +101,36 @@ fn swebench_verified_resolves_to_the_official_images_and_tags() {
 }
 
 #[test]
+fn the_packed_graph_is_the_nodes_own() {
+    let (_, plan) = swebench_plan();
+    let n = plan.nodes.len();
+    let mut dependents = vec![Vec::new(); n];
+    for (id, node) in plan.nodes.iter().enumerate() {
+        assert_eq!(plan.phase(id), node.phase);
+        assert_eq!(plan.inputs(id), node.deps.as_slice());
+        for &dep in &node.deps {
+            dependents[dep].push(id);
+        }
+    }
+    assert_eq!(plan.phases().len(), n);
+    for (id, expected) in dependents.iter().enumerate() {
+        assert_eq!(
+            plan.dependents(id),
+            expected.as_slice(),
+            "dependents of {id}"
+        );
+    }
+    // The shape is the real one: the builder feeds every base, bases feed several
+    // assemblies, post-assembly layers sit on assemblies.
+    assert!(plan.dependents(0).len() > 1);
+    assert!((0..n).any(|id| plan.phase(id) == Phase::PostAssembly && !plan.inputs(id).is_empty()));
+    assert_eq!(
+        (0..n).map(|id| plan.inputs(id).len()).sum::<usize>(),
+        (0..n).map(|id| plan.dependents(id).len()).sum::<usize>()
+    );
+}
+
+#[test]
 fn post_assembly_layers_replace_the_assembly_in_place() {
     let (_, plan) = swebench_plan();
     for post in plan.nodes.iter().filter(|n| n.phase == Phase::PostAssembly) {

@@ -192,7 +192,7 @@ proptest! {
                 NodeState::Skipped(SkipReason::Exists) => prop_assert!(exists_skip),
                 NodeState::Skipped(SkipReason::NotNeeded) => {
                     prop_assert!(matches!(node.phase, Phase::Builder | Phase::Base), "final image {id} not built");
-                    prop_assert!(plan.dependents[id].iter().all(|&d| !matches!(report.states[d], NodeState::Succeeded)));
+                    prop_assert!(plan.dependents(id).iter().all(|&d| !matches!(report.states[d], NodeState::Succeeded)));
                 }
                 NodeState::Failed(f) if f.class == FailureClass::DependencyFailed => {
                     prop_assert!(node.deps.iter().any(|&d| matches!(report.states[d], NodeState::Failed(_))),

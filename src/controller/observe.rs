@@ -10,7 +10,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::job::{Outcome, outcome};
-use crate::manifest::{Harvest, Record, Records};
+use crate::manifest::{Harvest, Records};
 use crate::names::ANNOTATION_ATTEMPT;
 use crate::plan::{NodeId, Plan};
 use crate::schedule::{Failure, FailureClass, NodeState};
@@ -84,21 +84,20 @@ pub fn observe(
             made[id] = Some(attempt);
         }
     }
-    for (id, node) in plan.nodes.iter().enumerate() {
-        let record = records.node(id);
-        let terminal = record.map(Record::state).filter(NodeState::is_terminal);
+    for id in 0..n {
+        let recorded = records.state(id);
         let live = live_of[id];
         let unseen = made[id].filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
-        let state = match (terminal, live, unseen) {
-            (Some(state), live, _) => {
+        let state = match (recorded, live, unseen) {
+            (Some(state), live, _) if state.is_terminal() => {
                 if live.is_some() {
-                    observed.stale_jobs.push(node.job_name.clone());
+                    observed.stale_jobs.push(plan.nodes[id].job_name.clone());
                 }
                 state
             }
-            (None, _, Some(attempt)) => NodeState::Running { attempt },
-            (None, Some(live), None) => job_state(id, live, pending_timeout, now, &mut observed),
-            (None, None, None) => record.map(Record::state).unwrap_or(NodeState::NEW),
+            (_, _, Some(attempt)) => NodeState::Running { attempt },
+            (_, Some(live), None) => job_state(id, live, pending_timeout, now, &mut observed),
+            (recorded, None, None) => recorded.unwrap_or(NodeState::NEW),
         };
         observed.states.push(state);
     }
@@ -282,6 +281,7 @@ mod tests {
     use super::*;
     use crate::instances::RawInstance;
     use crate::job::{BuildReport, JobInputs, build_job};
+    use crate::manifest::Record;
     use serde_json::json;
 
     const SPEC: &str = r#"

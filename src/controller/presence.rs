@@ -179,8 +179,8 @@ impl Presence {
             if states.get(i).is_none_or(|s| s.is_terminal()) {
                 continue;
             }
-            let wanted = matches!(plan.nodes[i].phase, Phase::Assembly | Phase::PostAssembly)
-                || plan.dependents[i].iter().any(|&d| d < n && built[d]);
+            let wanted = matches!(plan.phase(i), Phase::Assembly | Phase::PostAssembly)
+                || plan.dependents(i).iter().any(|&d| d < n && built[d]);
             match self.known[i] {
                 _ if !wanted => {}
                 Registry::Unknown => todo.push(i),

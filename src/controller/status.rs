@@ -12,8 +12,8 @@ use crate::schedule::NodeState;
 /// Counts of every phase.
 pub fn counts(plan: &Plan, states: &[NodeState]) -> [PhaseCounts; 4] {
     let mut out = [PhaseCounts::default(); 4];
-    for (node, state) in plan.nodes.iter().zip(states) {
-        let c = &mut out[index(node.phase)];
+    for (&phase, state) in plan.phases().iter().zip(states) {
+        let c = &mut out[index(phase)];
         c.total += 1;
         match state {
             NodeState::Waiting { .. } => c.pending += 1,
@@ -104,9 +104,7 @@ pub fn failures(records: &Records) -> Vec<FailureRecord> {
 
 /// The records of the plan's images that failed for good, with their nodes.
 fn failed(records: &Records) -> impl Iterator<Item = (NodeId, &Record)> {
-    records
-        .planned()
-        .filter(|(_, r)| r.status == RecordStatus::Failed)
+    records.planned_of(RecordStatus::Failed)
 }
 
 /// The last non-empty line of `text`, cut to at most `max` bytes on a character boundary,

@@ -167,14 +167,14 @@ pub fn backoff(policy: &Policy, attempt: u32) -> Duration {
 }
 
 fn priority(plan: &Plan, node: NodeId) -> (u8, std::cmp::Reverse<usize>, NodeId) {
-    let rank = match plan.nodes[node].phase {
+    let rank = match plan.phase(node) {
         Phase::Builder => 0,
         Phase::PostAssembly => 1,
         Phase::Assembly => 2,
         Phase::Base => 3,
     };
     // Among bases, the one most instances wait on goes first.
-    (rank, std::cmp::Reverse(plan.dependents[node].len()), node)
+    (rank, std::cmp::Reverse(plan.dependents(node).len()), node)
 }
 
 /// Decides what to do now. `registry` and `states` are indexed like `plan.nodes`.
@@ -198,14 +198,14 @@ pub fn decide(
         }
         demand[id] = if skip_existing(id) {
             Demand::NotNeeded
-        } else if matches!(plan.nodes[id].phase, Phase::Assembly | Phase::PostAssembly) {
+        } else if matches!(plan.phase(id), Phase::Assembly | Phase::PostAssembly) {
             if registry[id] == Registry::Unknown {
                 Demand::Undecided
             } else {
                 Demand::Needed
             }
         } else {
-            let wanted = plan.dependents[id].iter().map(|&d| demand[d]);
+            let wanted = plan.dependents(id).iter().map(|&d| demand[d]);
             wanted.fold(Demand::NotNeeded, |acc, d| match (acc, d) {
                 (Demand::Needed, _) | (_, Demand::Needed) => Demand::Needed,
                 (Demand::Undecided, _) | (_, Demand::Undecided) => Demand::Undecided,
@@ -273,7 +273,7 @@ pub fn decide(
                 attempts,
                 not_before,
             } => {
-                let deps = &plan.nodes[id].deps;
+                let deps = plan.inputs(id);
                 if skip_existing(id) {
                     actions.push(Action::MarkSkipped {
                         node: id,
