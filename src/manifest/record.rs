@@ -40,6 +40,17 @@ pub enum RecordStatus {
 }
 
 impl RecordStatus {
+    /// The state a record of this status gives its node when the status alone says it
+    /// (built or skipped); a failure or a retry needs the record's own fields.
+    pub fn settled_state(self) -> Option<NodeState> {
+        match self {
+            Self::Built => Some(NodeState::Succeeded),
+            Self::SkippedRemoteExists => Some(NodeState::Skipped(SkipReason::Exists)),
+            Self::SkippedNotNeeded => Some(NodeState::Skipped(SkipReason::NotNeeded)),
+            Self::Failed | Self::Retrying => None,
+        }
+    }
+
     /// Skipped, for either reason.
     pub fn is_skipped(self) -> bool {
         matches!(self, Self::SkippedRemoteExists | Self::SkippedNotNeeded)
@@ -275,14 +286,12 @@ impl Record {
     /// The scheduler's view of this record.
     pub fn state(&self) -> NodeState {
         match self.status {
-            RecordStatus::Built => NodeState::Succeeded,
-            RecordStatus::SkippedRemoteExists => NodeState::Skipped(SkipReason::Exists),
-            RecordStatus::SkippedNotNeeded => NodeState::Skipped(SkipReason::NotNeeded),
             RecordStatus::Failed => NodeState::Failed(self.failure()),
             RecordStatus::Retrying => NodeState::Waiting {
                 attempts: self.attempt_count,
                 not_before: self.not_before,
             },
+            settled => settled.settled_state().unwrap_or(NodeState::NEW),
         }
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::{Record, RecordStatus};
 use crate::plan::{Node, NodeId, Plan};
-use crate::schedule::{NodeState, SkipReason};
+use crate::schedule::NodeState;
 
 /// The records of a run, by node of its plan and by Job name.
 #[derive(Clone, Debug, Default)]
@@ -82,12 +82,10 @@ impl Records {
     /// The state node `id`'s record gives it: read from its status alone unless it failed
     /// or waits for a retry.
     pub fn state(&self, id: NodeId) -> Option<NodeState> {
-        Some(match self.status(id)? {
-            RecordStatus::Built => NodeState::Succeeded,
-            RecordStatus::SkippedRemoteExists => NodeState::Skipped(SkipReason::Exists),
-            RecordStatus::SkippedNotNeeded => NodeState::Skipped(SkipReason::NotNeeded),
-            RecordStatus::Failed | RecordStatus::Retrying => self.node(id)?.state(),
-        })
+        let status = self.status(id)?;
+        status
+            .settled_state()
+            .or_else(|| self.node(id).map(Record::state))
     }
 
     /// The records of the plan's nodes of status `status`, in plan order; the others are
@@ -200,7 +198,7 @@ mod tests {
 
     #[test]
     fn a_nodes_state_is_its_records_whatever_the_packed_status_says() {
-        use crate::schedule::{Failure, FailureClass};
+        use crate::schedule::{Failure, FailureClass, SkipReason};
         let plan = Arc::new(crate::plan::fixture(&["a__a-1", "b__b-2", "c__c-3"]));
         let mut records = Records::new(plan.clone());
         let (now, n) = (Utc::now(), plan.nodes.len());

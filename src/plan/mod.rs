@@ -3,9 +3,11 @@
 //! image reference, build arguments, dependencies and deterministic Job name. Pure code.
 
 mod annotations;
+mod graph;
 mod names;
 mod render;
 
+use graph::Graph;
 use render::{Fields, ImageOwners, Rendered, check_reference};
 
 use std::collections::BTreeMap;
@@ -130,54 +132,6 @@ pub struct Plan {
     /// then read a few contiguous arrays, not a 176-byte `Node` and its own `deps` list
     /// per node, which at 20,000 nodes missed the cache on nearly every one.
     graph: Graph,
-}
-
-/// The plan's edges and phases, packed (see [`Plan`]).
-#[derive(Clone, Debug, Default)]
-struct Graph {
-    /// Each node's phase.
-    phases: Vec<Phase>,
-    /// Node `i`'s inputs are `inputs[input_at[i]..input_at[i + 1]]`.
-    input_at: Vec<usize>,
-    inputs: Vec<NodeId>,
-    /// Node `i`'s dependents are `dependents[dependent_at[i]..dependent_at[i + 1]]`.
-    dependent_at: Vec<usize>,
-    dependents: Vec<NodeId>,
-}
-
-impl Graph {
-    fn of(nodes: &[Node]) -> Graph {
-        let mut graph = Graph {
-            phases: nodes.iter().map(|n| n.phase).collect(),
-            input_at: Vec::with_capacity(nodes.len() + 1),
-            ..Graph::default()
-        };
-        graph.input_at.push(0);
-        let mut counts = vec![0usize; nodes.len()];
-        for node in nodes {
-            graph.inputs.extend_from_slice(&node.deps);
-            graph.input_at.push(graph.inputs.len());
-            for &dep in &node.deps {
-                counts[dep] += 1;
-            }
-        }
-        // Dependents in plan order, as the inputs are listed.
-        graph.dependent_at = std::iter::once(0)
-            .chain(counts.iter().scan(0, |sum, &c| {
-                *sum += c;
-                Some(*sum)
-            }))
-            .collect();
-        let mut next = graph.dependent_at.clone();
-        graph.dependents = vec![0; graph.inputs.len()];
-        for (id, node) in nodes.iter().enumerate() {
-            for &dep in &node.deps {
-                graph.dependents[next[dep]] = id;
-                next[dep] += 1;
-            }
-        }
-        graph
-    }
 }
 
 /// Why a plan could not be made.
@@ -455,13 +409,12 @@ impl Plan {
 
     /// The nodes node `id` is built from (`nodes[id].deps`).
     pub fn inputs(&self, id: NodeId) -> &[NodeId] {
-        &self.graph.inputs[self.graph.input_at[id]..self.graph.input_at[id + 1]]
+        self.graph.inputs(id)
     }
 
     /// The nodes built from node `id`, in plan order.
     pub fn dependents(&self, id: NodeId) -> &[NodeId] {
-        let at = &self.graph.dependent_at;
-        &self.graph.dependents[at[id]..at[id + 1]]
+        self.graph.dependents(id)
     }
 }
 
