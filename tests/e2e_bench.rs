@@ -637,6 +637,7 @@ fn timeline(t0: Instant, jobs: &[(&str, u64, u64)]) -> Seen {
             created: at(c),
             created_ms: 0,
             finished: Some(at(f)),
+            deleted: None,
             succeeded: Some(true),
             dispatched_by: None,
         };

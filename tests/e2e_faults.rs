@@ -9,7 +9,8 @@
 //! (a kwok node deleted under running builds); the registry down for 30 s as a run starts;
 //! the operator SIGKILLed at 20 random moments of a 500-instance run; 5% of builds failing
 //! transiently at random; every Job delete refused for a while (an admission policy): the
-//! run ends only once its finished Jobs are gone.
+//! run ends only once its finished Jobs are gone; every update of the manifest refused for
+//! a while: no finished Job is deleted before its record is written.
 //!
 //! The faults touch the shared control plane, so the tests of this binary run one at a
 //! time (`SERIAL`); no other binary runs beside them.
@@ -586,21 +587,28 @@ impl Drop for PolicyGone {
     }
 }
 
-/// A policy refusing every delete of a Job in namespace `ns`, and its binding.
-fn no_job_deletes(ns: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
-    let name = format!("e2e-no-job-deletes-{ns}");
+/// A policy refusing `operation` on `resource` (of API group `group`, matching
+/// `object_selector`) in namespace `ns`, and its binding.
+fn refusing(
+    ns: &str,
+    what: &str,
+    (group, resource, operation): (&str, &str, &str),
+    object_selector: serde_json::Value,
+) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+    let name = format!("e2e-no-{what}-{ns}");
     let policy = serde_json::json!({
         "metadata": {"name": name},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "objectSelector": object_selector,
                 "resourceRules": [{
-                    "apiGroups": ["batch"], "apiVersions": ["v1"],
-                    "resources": ["jobs"], "operations": ["DELETE"],
+                    "apiGroups": [group], "apiVersions": ["v1"],
+                    "resources": [resource], "operations": [operation],
                 }],
             },
-            "validations": [{"expression": "false", "message": "Job deletes refused (e2e)"}],
+            "validations": [{"expression": "false", "message": format!("{what} refused (e2e)")}],
         },
     });
     let binding = serde_json::json!({
@@ -611,6 +619,54 @@ fn no_job_deletes(ns: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPo
         serde_json::from_value(policy).unwrap(),
         serde_json::from_value(binding).unwrap(),
     )
+}
+
+/// A policy refusing every delete of a Job in namespace `ns`, and its binding.
+fn no_job_deletes(ns: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+    refusing(
+        ns,
+        "job-deletes",
+        ("batch", "jobs", "DELETE"),
+        serde_json::json!({}),
+    )
+}
+
+/// A policy refusing every update of a manifest shard in namespace `ns`, and its binding.
+fn no_manifest_updates(ns: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+    refusing(
+        ns,
+        "manifest-updates",
+        ("", "configmaps", "UPDATE"),
+        serde_json::json!({"matchLabels": {"app.kubernetes.io/component": "manifest"}}),
+    )
+}
+
+/// Creates `policy` and `binding`; returns once `refused` (a dry run of the refused
+/// request) is refused.
+async fn in_force<F, Fut>(
+    client: kube::Client,
+    policy: &ValidatingAdmissionPolicy,
+    binding: &ValidatingAdmissionPolicyBinding,
+    refused: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client);
+    policies
+        .create(&PostParams::default(), policy)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), binding)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the policy in force", || {
+        let refused = refused();
+        async move { refused.await.then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -626,16 +682,7 @@ async fn job_deletes_refused_hold_the_runs_end_until_its_jobs_are_gone() {
     let client = env.client().await;
     let (policy, binding) = no_job_deletes(&ns.name);
     let _gone = PolicyGone(policy.name_any());
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client);
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    bindings
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
     // In force once a delete of a Job (a suspended one, which runs nothing) is refused.
     let jobs = ns.api::<Job>();
     let probe: Job = serde_json::from_value(serde_json::json!({
@@ -649,14 +696,9 @@ async fn job_deletes_refused_hold_the_runs_end_until_its_jobs_are_gone() {
         dry_run: true,
         ..Default::default()
     };
-    eventually(
-        Duration::from_secs(30),
-        "the policy to refuse deletes",
-        || {
-            let (jobs, dry) = (&jobs, &dry);
-            async move { jobs.delete("probe", dry).await.is_err().then_some(()) }
-        },
-    )
+    in_force(client, &policy, &binding, || async {
+        jobs.delete("probe", &dry).await.is_err()
+    })
     .await;
 
     let _operator = Operator::start(&ns.name);
@@ -714,6 +756,125 @@ async fn job_deletes_refused_hold_the_runs_end_until_its_jobs_are_gone() {
         started.elapsed(),
         &format!(
             "{:.1} s from the deletes allowed again to Succeeded",
+            recovery.as_secs_f64()
+        ),
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn manifest_updates_refused_keep_each_finished_job_until_its_record_is_written() {
+    let _serial = SERIAL.lock().await;
+    let Fixture {
+        env,
+        _logs,
+        ns,
+        runs,
+        seen,
+    } = fixture("e2e-fault-records").await;
+    let client = env.client().await;
+    let (policy, binding) = no_manifest_updates(&ns.name);
+    let _gone = PolicyGone(policy.name_any());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    // In force once an update of a ConfigMap labelled as a shard (a probe) is refused.
+    let cms = ns.api::<ConfigMap>();
+    let probe: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe", "labels": {"app.kubernetes.io/component": "manifest"}},
+    }))
+    .unwrap();
+    let probe = cms.create(&PostParams::default(), &probe).await.unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    in_force(client, &policy, &binding, || async {
+        cms.replace("probe", &dry, &probe).await.is_err()
+    })
+    .await;
+
+    // The first write of the records creates the shard (allowed): the builder's record.
+    // Every later write is refused, and the run's reconciles fail on it and are tried
+    // again (its manifest read again, its finished Jobs harvested again).
+    let _operator = Operator::start(&ns.name);
+    let run = run_of(&env.registry, &ns.name, "unwritten", SMALL, 4, "300ms");
+    let started = Instant::now();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    let finished_unrecorded = || {
+        let s = seen.lock().unwrap();
+        s.jobs
+            .values()
+            .filter(|j| j.succeeded.is_some() && j.deleted.is_none())
+            .count()
+    };
+    eventually(
+        Duration::from_secs(120),
+        "builds finished whose records cannot be written",
+        || async { (finished_unrecorded() >= 4).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // No Job was deleted whose record is not written: a deleted Job is a lost result.
+    let stored = records(&cms, "unwritten").await;
+    let deleted: Vec<String> = {
+        let s = seen.lock().unwrap();
+        s.jobs
+            .values()
+            .filter(|j| j.deleted.is_some())
+            .map(|j| j.name.clone())
+            .collect()
+    };
+    let lost: Vec<&String> = deleted
+        .iter()
+        .filter(|job| !stored.contains_key(*job))
+        .collect();
+    assert!(lost.is_empty(), "Jobs deleted without a record: {lost:?}");
+    let status = runs
+        .get("unwritten")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default();
+    assert_eq!(status.phase, Some(RunPhase::Building), "{status:?}");
+    assert!(
+        stored.len() < SMALL_IMAGES,
+        "{} records written",
+        stored.len()
+    );
+
+    // Updates allowed again: the records are written, the Jobs go and the run ends.
+    let lifted = Instant::now();
+    bindings
+        .delete(&binding.name_any(), &Default::default())
+        .await
+        .unwrap();
+    await_phase(
+        &runs,
+        "unwritten",
+        RunPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let recovery = lifted.elapsed();
+    let of_run = ListParams::default().labels("app.kubernetes.io/managed-by=imagebuild-operator");
+    let left = ns.api::<Job>().list(&of_run).await.unwrap().items.len();
+    assert_eq!(left, 0, "a finished Job left behind by the run's end");
+    let (retried, jobs_made) = verify(
+        "manifest updates refused",
+        &env,
+        &ns,
+        &seen,
+        &run,
+        SMALL_IMAGES,
+    )
+    .await;
+    assert_eq!((retried, jobs_made), (0, SMALL_IMAGES));
+    figures(
+        "every manifest update refused",
+        SMALL_IMAGES,
+        jobs_made,
+        started.elapsed(),
+        &format!(
+            "{:.1} s from the updates allowed again to Succeeded",
             recovery.as_secs_f64()
         ),
     );

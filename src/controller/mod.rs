@@ -22,6 +22,7 @@ mod state;
 pub mod status;
 mod triggers;
 mod trim;
+mod writing;
 
 use std::collections::HashSet;
 use std::sync::Arc;

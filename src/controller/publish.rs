@@ -4,10 +4,12 @@
 //! second per run. Events are told against the status this process last wrote, not the
 //! watch's copy, which may not have caught up with it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::events::Recorder;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -17,7 +19,7 @@ use super::observe::Unschedulable;
 use super::state::RunState;
 use super::status::{self, RecordFacts};
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, PhaseCounts, RunPhase};
-use crate::metrics::RunId;
+use crate::metrics::{Metrics, RunId};
 use crate::plan::Plan;
 use crate::schedule::NodeState;
 
@@ -250,9 +252,40 @@ pub fn current(run: &ImageBuildRun, state: &RunState) -> ImageBuildRunStatus {
     }
 }
 
-/// Writes `new` if it differs from the current status; with `coalesce`, a change of
-/// counts or messages alone waits until a second has passed since the last write, and
-/// the wait is returned.
+/// Whether a status is to be written: the status it replaces, or nothing to write now
+/// (and how long a change that waits for its turn waits).
+enum Due {
+    Now(Box<ImageBuildRunStatus>),
+    Not(Option<Duration>),
+}
+
+/// Whether `new` is to be written: if it differs from the current status; with
+/// `coalesce`, a change of counts or messages alone waits until a second has passed since
+/// the last write.
+fn due(
+    ctx: &Ctx,
+    run: &ImageBuildRun,
+    state: &RunState,
+    new: &ImageBuildRunStatus,
+    coalesce: bool,
+) -> Due {
+    let old = current(run, state);
+    if &old == new || !ctx.config.may_write() {
+        return Due::Not(None);
+    }
+    if coalesce
+        && !status::significant(&old, new)
+        && let Some((_, at)) = &state.written
+        && let Some(wait) = STATUS_INTERVAL.checked_sub(at.elapsed())
+    {
+        return Due::Not(Some(wait));
+    }
+    Due::Now(Box::new(old))
+}
+
+/// Writes `new` if it differs from the current status (after the answer of a write sent
+/// before, see [`send`]); with `coalesce`, a change of counts or messages alone waits
+/// until a second has passed since the last write, and the wait is returned.
 pub async fn write(
     ctx: &Ctx,
     run: &ImageBuildRun,
@@ -260,27 +293,93 @@ pub async fn write(
     new: &ImageBuildRunStatus,
     coalesce: bool,
 ) -> Result<Option<Duration>, Error> {
-    let old = current(run, state);
-    if &old == new || !ctx.config.may_write() {
-        return Ok(None);
-    }
-    if coalesce
-        && !status::significant(&old, new)
-        && let Some((_, at)) = &state.written
-        && let Some(wait) = STATUS_INTERVAL.checked_sub(at.elapsed())
-    {
-        return Ok(Some(wait));
-    }
+    settle(state).await?;
+    let old = match due(ctx, run, state, new, coalesce) {
+        Due::Now(old) => old,
+        Due::Not(wait) => return Ok(wait),
+    };
+    patch(&ctx.client, &ctx.metrics, &ctx.recorder, run, &old, new).await?;
+    state.written = Some((new.clone(), Instant::now()));
+    Ok(None)
+}
+
+/// A status write sent in the background, and the status this process took as written
+/// before it.
+pub struct StatusSend {
+    previous: Option<(ImageBuildRunStatus, Instant)>,
+    handle: tokio::task::JoinHandle<Result<(), kube::Error>>,
+}
+
+/// As [`write`] with `coalesce`, but the write goes in a task of its own: the status is
+/// taken as written from now on, and a reconcile does not hold the run's events for the
+/// API server's answer. `wake` is called if the write fails; the next write (or send)
+/// waits for the answer first, so a run's writes land in the order made, and a failure
+/// is its error (the status written before is the current one again).
+pub async fn send(
+    ctx: &Ctx,
+    run: &Arc<ImageBuildRun>,
+    state: &mut RunState,
+    new: &ImageBuildRunStatus,
+    wake: impl FnOnce() + Send + 'static,
+) -> Result<Option<Duration>, Error> {
+    settle(state).await?;
+    let old = match due(ctx, run, state, new, true) {
+        Due::Now(old) => old,
+        Due::Not(wait) => return Ok(wait),
+    };
+    let previous = state.written.replace((new.clone(), Instant::now()));
+    let (client, metrics, recorder) = (
+        ctx.client.clone(),
+        ctx.metrics.clone(),
+        ctx.recorder.clone(),
+    );
+    let (run, new) = (run.clone(), new.clone());
+    let handle = tokio::spawn(async move {
+        let sent = patch(&client, &metrics, &recorder, &run, &old, &new).await;
+        if sent.is_err() {
+            wake();
+        }
+        sent
+    });
+    state.status_send = Some(StatusSend { previous, handle });
+    Ok(None)
+}
+
+/// Waits for the answer of the status write in flight, if one is; its failure is the
+/// answer, and the status taken as written is the one before it again.
+async fn settle(state: &mut RunState) -> Result<(), Error> {
+    let Some(send) = state.status_send.take() else {
+        return Ok(());
+    };
+    let error = match send.handle.await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(e) => kube::Error::Service(Box::new(e)),
+    };
+    state.written = send.previous;
+    Err(error.into())
+}
+
+/// Patches the run's status from `old` to `new`, sets the gauges that mirror it, and
+/// publishes the Events the change warrants.
+async fn patch(
+    client: &kube::Client,
+    metrics: &Metrics,
+    recorder: &Recorder,
+    run: &ImageBuildRun,
+    old: &ImageBuildRunStatus,
+    new: &ImageBuildRunStatus,
+) -> Result<(), kube::Error> {
     let (ns, name, uid) = (
         run.namespace().unwrap_or_default(),
         run.name_any(),
         run.uid().unwrap_or_default(),
     );
-    let runs: Api<ImageBuildRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let runs: Api<ImageBuildRun> = Api::namespaced(client.clone(), &ns);
     let patch = json!({"status": status::patch_body(new)});
     {
         // The gauges change with the status, never seen apart by a scrape.
-        let _write = ctx.metrics.status_write();
+        let _write = metrics.status_write();
         runs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         let id = RunId {
@@ -288,18 +387,17 @@ pub async fn write(
             name: &name,
             uid: &uid,
         };
-        ctx.metrics.set_status(&id, new);
+        metrics.set_status(&id, new);
     }
-    state.written = Some((new.clone(), Instant::now()));
     let reference = run.object_ref(&());
-    for event in events::transitions(&old, new) {
+    for event in events::transitions(old, new) {
         // The status already says it: an Event that fails to publish is logged, not
         // retried.
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        if let Err(e) = recorder.publish(&event, &reference).await {
             tracing::warn!(run = %name, reason = %event.reason, error = %e, "publishing an Event failed");
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -432,5 +530,67 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
         let wait = write(&ctx, &run, &mut state, &counted, true).await.unwrap();
         assert!(wait.is_some_and(|w| w <= STATUS_INTERVAL), "{wait:?}");
         no_request(&mut handle).await;
+    }
+
+    #[tokio::test]
+    async fn a_status_sent_is_taken_as_written_at_once_and_its_failure_undone_and_told() {
+        let (ctx, mut handle) = ctx();
+        let run = Arc::new(run(RunPhase::Building));
+        let mut state = RunState::default();
+        let mut done = run.status.clone().unwrap();
+        done.phase = Some(RunPhase::Succeeded);
+        let (woken, mut wakes) = tokio::sync::mpsc::unbounded_channel();
+        // Sent without waiting: no request is answered yet.
+        let wait = send(&ctx, &run, &mut state, &done, move || {
+            let _ = woken.send(());
+        })
+        .await
+        .unwrap();
+        assert_eq!(wait, None);
+        assert_eq!(current(&run, &state).phase, Some(RunPhase::Succeeded));
+        // The API server fails it: the run is woken, and the next write says so and
+        // takes the status read as current again.
+        let (request, answer_with) = handle.next_request().await.expect("the patch");
+        assert_eq!(request.method().as_str(), "PATCH");
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "down", "reason": "InternalError", "code": 500});
+        answer_with.send_response(
+            Response::builder()
+                .status(500)
+                .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                .unwrap(),
+        );
+        tokio::time::timeout(Duration::from_secs(5), wakes.recv())
+            .await
+            .expect("woken")
+            .expect("a wake");
+        let failed = write(&ctx, &run, &mut state, &done, true).await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(current(&run, &state).phase, Some(RunPhase::Building));
+        // Written again, in order: the patch, then its Event.
+        let writing = async {
+            let wait = write(&ctx, &run, &mut state, &done, true).await.unwrap();
+            (wait, state)
+        };
+        let server = async {
+            let patch = answer(
+                &mut handle,
+                "PATCH",
+                "/apis/imagebuild.dev/v1alpha1/namespaces/ns/imagebuildruns/r/status",
+                serde_json::to_value(&*run).unwrap(),
+            )
+            .await;
+            assert_eq!(patch["status"]["phase"], "Succeeded");
+            answer(
+                &mut handle,
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/ns/events",
+                json!({}),
+            )
+            .await;
+        };
+        let ((wait, state), ()) = tokio::join!(writing, server);
+        assert_eq!(wait, None);
+        assert_eq!(current(&run, &state).phase, Some(RunPhase::Succeeded));
     }
 }

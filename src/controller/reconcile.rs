@@ -7,13 +7,16 @@
 //! 4. **decide**: the scheduler's actions, within the run's share of the workers (`ledger`);
 //! 5. **apply**: new Jobs whose names are free dispatched, the records the actions make
 //!    written, then the finished Jobs deleted and the retries dispatched (`actions`,
-//!    `apply`; the creates and deletes sent in the background, `sends`): a crash in
+//!    `apply`; the creates and deletes sent in the background, `sends`, and the records
+//!    too, `writing`: their Jobs are deleted once the write is answered): a crash in
 //!    between leaves a Job that is harvested again, never a lost result;
-//! 6. **publish**: the status, its gauges and Events (`publish`).
+//! 6. **publish**: the status, its gauges and Events (`publish`; sent in the background
+//!    but for a final status).
 //!
 //! A run whose final status is of its current spec is left alone: a restart or a new
 //! leader changes nothing of it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,16 +29,17 @@ use super::actions::{self, JobMaking};
 use super::apply;
 use super::context::{Ctx, Error};
 use super::ledger::Decision;
-use super::observe::{observe, ready_since};
+use super::observe::{LiveJob, observe, ready_since};
 use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
 use super::retry;
 use super::status::RecordFacts;
+use super::writing::{Harvested, Writing};
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, Manifest, Record};
 use crate::metrics::{RunId, RunSettings};
 use crate::schedule::{self, Action, NodeState, Policy};
 use crate::validate::{self, Settings};
@@ -188,17 +192,46 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // Observe.
     // Records are kept by plan position: a manifest is used with the plan it was loaded
     // for only.
-    let mut manifest = match state.manifest.take() {
-        Some(m) if Arc::ptr_eq(m.plan(), &plan) => m,
-        _ => Manifest::load(&ctx.client, &run, &plan).await?,
+    // What the run's last write of records in the background left, once answered: its
+    // Jobs go below (`writing`).
+    let mut harvested = Harvested::default();
+    let kept = state
+        .manifest
+        .take()
+        .filter(|m| Arc::ptr_eq(m.plan(), &plan));
+    let mut manifest = match kept {
+        Some(m) => m,
+        None => {
+            // A manifest read while a write is in flight could miss its records.
+            if let Some(writing) = state.writing.take() {
+                answered(writing, None, &mut harvested, &ctx, &id, &run).await?;
+            }
+            Manifest::load(&ctx.client, &run, &plan).await?
+        }
     };
     // A retry request not yet honoured: its records first, then the status that says so.
-    if let Some(request) = run
+    let retry_request = run
         .spec
         .retry_request
         .as_ref()
-        .filter(|r| !run.spec.cancel && old.last_retry.as_ref().map(|l| l.id) != Some(r.id))
+        .filter(|r| !run.spec.cancel && old.last_retry.as_ref().map(|l| l.id) != Some(r.id));
+    // A write answered is taken now; one in flight is waited for only if the records are
+    // written here and now (a retry request's).
+    if let Some(writing) = state
+        .writing
+        .take_if(|w| retry_request.is_some() || w.answered())
     {
+        answered(
+            writing,
+            Some(&mut manifest),
+            &mut harvested,
+            &ctx,
+            &id,
+            &run,
+        )
+        .await?;
+    }
+    if let Some(request) = retry_request {
         let honoured = match state.retry.take().filter(|r| r.id == request.id) {
             // Its records were written by an earlier pass whose status write failed.
             Some(done) => done,
@@ -216,10 +249,27 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     }
     let live = apply::live_jobs(&ctx, &ns, &uid);
     let unseen = state.dispatched.unseen(&live, Instant::now());
+    // A Job whose record is being written, or was just written (it is deleted below), is
+    // read from its record, not harvested again.
+    let unrecorded: BTreeMap<String, LiveJob>;
+    let seen = match (&state.writing, harvested.jobs.is_empty()) {
+        (None, true) => &live,
+        (writing, _) => {
+            unrecorded = live
+                .iter()
+                .filter(|&(name, _)| {
+                    !harvested.jobs.contains(name)
+                        && !writing.as_ref().is_some_and(|w| w.holds(name))
+                })
+                .map(|(name, job)| (name.clone(), job.clone()))
+                .collect();
+            &unrecorded
+        }
+    };
     let mut observed = observe(
         &plan,
         manifest.records(),
-        &live,
+        seen,
         &unseen,
         settings.pending_timeout,
         now,
@@ -297,6 +347,13 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         // first, by the actions decided above).
         actions.extend(actions::stop_all(&observed.states));
     }
+    if let Some(writing) = &state.writing {
+        // No Job is made under the name of one whose record is being written: that Job
+        // is deleted first, once the write is answered.
+        actions.retain(|a| {
+            !matches!(a, Action::CreateJob { node, .. } if writing.holds(&plan.nodes[*node].job_name))
+        });
+    }
     let new_jobs = actions::jobs(&plan, &mut actions, &making);
     let recorded = actions::records(
         &plan,
@@ -319,76 +376,95 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if cancelling {
         actions::stopped(&mut states);
     }
-    // Records are written at most once a second per run: the finished Jobs they harvest
-    // stay until then (a Job is deleted only once its record is written) and are read
-    // again by the next reconcile, which writes them all in one go. Not held: a run that
-    // ends with them, or is cancelled.
+    // Records are written at most once a second per run, and one write at a time: the
+    // finished Jobs they harvest stay until then (a Job is deleted only once its record is
+    // written) and are read again by the next reconcile, which writes them all in one go.
+    // A write goes in the background (`writing`), but for a run that ends with it, or is
+    // cancelled: that write, and one still in flight, are answered here.
     let ending = states.iter().all(NodeState::is_terminal);
+    let now_or_never = ending || cancelling;
+    if now_or_never && let Some(writing) = state.writing.take() {
+        answered(
+            writing,
+            Some(&mut manifest),
+            &mut harvested,
+            &ctx,
+            &id,
+            &run,
+        )
+        .await?;
+    }
     let hold = !recorded.records.is_empty()
-        && !ending
-        && !cancelling
-        && state
-            .manifest_written
-            .is_some_and(|at| at.elapsed() < MANIFEST_WRITE_INTERVAL);
+        && !now_or_never
+        && (state.writing.is_some()
+            || state
+                .manifest_written
+                .is_some_and(|at| at.elapsed() < MANIFEST_WRITE_INTERVAL));
+    let progressed = !recorded.records.is_empty() && !hold;
+    let in_background = progressed && !now_or_never;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let deletes: Vec<String> = actions
+    // The Jobs to delete now: those harvested by records written (or held) later wait.
+    let deferred = |name: &String| (hold || in_background) && recorded.records.contains_key(name);
+    let (waiting, mut deletes): (Vec<String>, Vec<String>) = actions
         .iter()
         .filter_map(|a| match a {
             Action::DeleteJob { node } => Some(plan.nodes[*node].job_name.clone()),
             _ => None,
         })
         .chain(observed.stale_jobs.iter().cloned())
-        .collect();
+        .partition(|name| deferred(name));
+    deletes.extend(std::mem::take(&mut harvested.jobs));
     // The Jobs whose names are free are dispatched before the records are written: a freed
     // slot is taken again without waiting for the write (a crash between the two loses
     // nothing: the finished Jobs are deleted only once their records are written, and are
     // read again). A Job of the same name as one being deleted (a retry) is sent after
-    // that deletion.
+    // that deletion; one of the same name as a Job whose deletion waits for its record
+    // waits too (it is decided again).
     let (late, early): (Vec<_>, Vec<_>) = new_jobs
         .into_iter()
+        .filter(|new| !deferred(&new.job.name_any()))
         .partition(|new| deletes.contains(&new.job.name_any()));
-    let unheld: Vec<String> = match hold {
-        // Only the Jobs no held record harvests go now (stale ones, a cancel's).
-        true => deletes
-            .iter()
-            .filter(|name| !recorded.records.contains_key(*name))
-            .cloned()
-            .collect(),
-        false => Vec::new(),
-    };
-    let progressed = !recorded.records.is_empty() && !hold;
     let wake = || ctx.wakes.waker(&ns, &name);
     state
         .send(&jobs, &[], early, &live, &ctx.metrics, wake())
         .await;
+    // The pods of failed builds stay for their logs (up to the cap), then their Jobs go.
+    let mut keep = std::mem::take(&mut harvested.failed);
     if progressed {
-        manifest.write(&ctx.client, &run, recorded.records).await?;
-        state.manifest_written = Some(Instant::now());
-        for (record, pending) in &recorded.counted {
-            ctx.metrics.count(&id, &actions::counted(record, *pending));
-            actions::log_failure(&run, record);
+        let counted = recorded.counted;
+        if in_background {
+            let staged = manifest.stage(&run, recorded.records)?;
+            let write = Harvested {
+                jobs: waiting.into_iter().collect(),
+                counted,
+                failed,
+            };
+            state.writing = Some(Writing::start(
+                ctx.client.clone(),
+                run.clone(),
+                staged,
+                write,
+                wake(),
+            ));
+        } else {
+            manifest.write(&ctx.client, &run, recorded.records).await?;
+            count(&ctx, &id, &run, &counted);
+            keep.extend(failed);
         }
+        state.manifest_written = Some(Instant::now());
     }
     if progressed || ctx.metrics.medians_unset(&id) {
         let facts = facts(&mut state.facts, &manifest);
         ctx.metrics.set_medians(&id, &facts.medians);
     }
-    if hold {
-        state
-            .send(&jobs, &unheld, Vec::new(), &live, &ctx.metrics, wake())
-            .await;
-    } else {
-        // The pods of failed builds stay for their logs (up to the cap), then the Jobs
-        // go, and the Jobs of the same names as those deleted (retries) are created.
-        apply::keep_pods(&ctx, &run, failed).await;
-        if !ctx.config.may_write() {
-            state.manifest = Some(manifest);
-            return Ok(Requeue::await_change());
-        }
-        state
-            .send(&jobs, &deletes, late, &live, &ctx.metrics, wake())
-            .await;
+    apply::keep_pods(&ctx, &run, keep).await;
+    if !ctx.config.may_write() {
+        state.manifest = Some(manifest);
+        return Ok(Requeue::await_change());
     }
+    state
+        .send(&jobs, &deletes, late, &live, &ctx.metrics, wake())
+        .await;
 
     // Publish.
     let facts = facts(&mut state.facts, &manifest);
@@ -417,7 +493,12 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         state.sends.settle().await;
         state.failed_sends()?;
     }
-    let deferred = publish::write(&ctx, &run, &mut state, &status, true).await?;
+    // A final status is written before the reconcile ends (none follows it); any other
+    // goes in the background.
+    let deferred = match is_final(&status) {
+        true => publish::write(&ctx, &run, &mut state, &status, true).await?,
+        false => publish::send(&ctx, &run, &mut state, &status, wake()).await?,
+    };
     if is_final(&status) {
         // Nothing reads the records of a finished run again unless its spec changes (a
         // retry request): the manifest is read again then.
@@ -454,6 +535,35 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         wait = wait.min(Duration::from_secs(1));
     }
     Ok(Requeue::requeue(wait))
+}
+
+/// Takes the answer of a write of the run's records: the versions its shards were given
+/// (kept in `manifest`, the manifest it was staged in, if given), its records counted for
+/// the metrics, and the Jobs and pods it leaves added to `harvested`.
+async fn answered(
+    writing: Writing,
+    manifest: Option<&mut Manifest>,
+    harvested: &mut Harvested,
+    ctx: &Ctx,
+    id: &RunId<'_>,
+    run: &ImageBuildRun,
+) -> Result<(), Error> {
+    let (written, left) = writing.answer().await?;
+    if let Some(manifest) = manifest {
+        manifest.written(written);
+    }
+    count(ctx, id, run, &left.counted);
+    harvested.jobs.extend(left.jobs);
+    harvested.failed.extend(left.failed);
+    Ok(())
+}
+
+/// Counts records written for the metrics, and logs the failures among them.
+fn count(ctx: &Ctx, id: &RunId<'_>, run: &ImageBuildRun, counted: &[(Record, Option<f64>)]) {
+    for (record, pending) in counted {
+        ctx.metrics.count(id, &actions::counted(record, *pending));
+        actions::log_failure(run, record);
+    }
 }
 
 /// Whether the run ended with its current spec (its final status observed this

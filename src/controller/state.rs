@@ -34,6 +34,8 @@ pub struct RunState {
     /// The status this process last wrote, and when: the base for the next write's
     /// Events and for coalescing writes (the watch may not have delivered it yet).
     pub written: Option<(ImageBuildRunStatus, Instant)>,
+    /// The status write in flight, if one is (`publish::send`).
+    pub status_send: Option<super::publish::StatusSend>,
     /// The generation whose Jobs the API server accepted in a dry run (`preflight`).
     pub preflight: Option<Option<i64>>,
     /// The retry request whose records this process wrote, and what it did: a status
@@ -45,8 +47,10 @@ pub struct RunState {
     pub sends: Sends,
     /// The Jobs this process deleted that its store may still show.
     pub deleted: Deleted,
-    /// When this process last wrote the run's records.
+    /// When this process last wrote (began writing) the run's records.
     pub manifest_written: Option<Instant>,
+    /// The write of the run's records in flight, if one is.
+    pub writing: Option<super::writing::Writing>,
     /// What the status reads of the records, and the manifest version it was read from.
     pub facts: Option<(u64, crate::controller::status::RecordFacts)>,
 }

@@ -14,19 +14,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 mod record;
 mod records;
+mod write;
 
 pub use record::{Digest, Harvest, MAX_MESSAGE, Record, RecordStatus};
 pub use records::Records;
+pub use write::{Staged, Written, send};
 
 use crate::api::{ImageBuildRun, MAX_MANIFESTS};
-use crate::names::{LABEL_RUN, LABEL_RUN_UID, MANAGER, run_label};
+use crate::names::LABEL_RUN_UID;
 use crate::plan::Plan;
 use crate::text::shorten;
 
@@ -71,18 +72,10 @@ pub enum ManifestError {
     /// deleted and is written on the next try.
     #[error("ConfigMap {0} belonged to an earlier run of this name and was deleted")]
     Stale(String),
-}
-
-/// What a write of a shard reads of the API server's answer.
-#[derive(Deserialize)]
-struct Written {
-    metadata: WrittenMeta,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WrittenMeta {
-    resource_version: Option<String>,
+    /// A write sent in the background ended without an answer (its task was cancelled
+    /// or panicked); some shards may have been written.
+    #[error("the write of the manifest ended without an answer: {0}")]
+    Interrupted(String),
 }
 
 /// How many shards a run of `nodes` images has.
@@ -357,101 +350,6 @@ impl Manifest {
         let mut lines: Vec<(&str, &Record)> = planned.chain(moved).collect();
         lines.sort_unstable_by_key(|(job, _)| *job);
         render(lines.iter().copied())
-    }
-
-    /// Adds or replaces `changes` and writes the shards they fall in. On an error the
-    /// manifest must be loaded again.
-    pub async fn write(
-        &mut self,
-        client: &Client,
-        run: &ImageBuildRun,
-        changes: BTreeMap<String, Record>,
-    ) -> Result<(), ManifestError> {
-        let touched = self.apply(changes);
-        let ns = run.namespace().unwrap_or_default();
-        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-        let request = kube::core::Request::new(ConfigMap::url_path(&(), Some(&ns)));
-        for i in touched {
-            let cm = self.shard(run, i, self.render_shard(i))?;
-            let name = shard_name(&run.name_any(), i);
-            let body = serde_json::to_vec(&cm).map_err(kube::Error::SerdeError)?;
-            let pp = PostParams::default();
-            let sent = match &self.versions[i] {
-                Some(_) => request.replace(&name, &pp, body),
-                None => request.create(&pp, body),
-            }
-            .map_err(kube::Error::BuildRequest)?;
-            // Only the new resourceVersion is read back; the shard's text, echoed whole in
-            // the answer, is skipped by the parser.
-            let written = match client.request::<Written>(sent).await {
-                Ok(written) => written,
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    return Err(self.conflict(&cms, run, &name).await);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            self.versions[i] = written.metadata.resource_version;
-        }
-        Ok(())
-    }
-
-    fn shard(
-        &self,
-        run: &ImageBuildRun,
-        i: usize,
-        text: String,
-    ) -> Result<ConfigMap, ManifestError> {
-        // A run read from the API server always has a uid; one without cannot own a shard.
-        let owner = run.controller_owner_ref(&()).ok_or(ManifestError::NoUid)?;
-        let labels = [
-            ("app.kubernetes.io/managed-by", MANAGER.to_string()),
-            ("app.kubernetes.io/component", COMPONENT.to_string()),
-            (LABEL_RUN, run_label(&run.name_any())),
-            (LABEL_RUN_UID, run.uid().unwrap_or_default()),
-        ];
-        Ok(ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(shard_name(&run.name_any(), i)),
-                resource_version: self.versions[i].clone(),
-                labels: Some(
-                    labels
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect(),
-                ),
-                owner_references: Some(vec![owner]),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(KEY.to_string(), text)])),
-            ..Default::default()
-        })
-    }
-
-    /// What a 409 on shard `name` means: a ConfigMap left by an earlier run of the same
-    /// name (deleted here), or a shard changed by someone else.
-    async fn conflict(
-        &self,
-        cms: &Api<ConfigMap>,
-        run: &ImageBuildRun,
-        name: &str,
-    ) -> ManifestError {
-        let existing = match cms.get_opt(name).await {
-            Ok(existing) => existing,
-            Err(e) => return e.into(),
-        };
-        let ours = existing.as_ref().is_some_and(|cm| {
-            cm.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == run.uid().as_ref())
-        });
-        if existing.is_some() && !ours {
-            return match cms.delete(name, &DeleteParams::background()).await {
-                Ok(_) => ManifestError::Stale(name.to_string()),
-                Err(kube::Error::Api(e)) if e.code == 404 => ManifestError::Stale(name.to_string()),
-                Err(e) => e.into(),
-            };
-        }
-        ManifestError::Conflict(name.to_string())
     }
 }
 

@@ -47,6 +47,8 @@ pub struct SeenJob {
     /// Its creationTimestamp (whole seconds, from the API server), in Unix milliseconds.
     pub created_ms: i64,
     pub finished: Option<Instant>,
+    /// When the watcher saw it deleted.
+    pub deleted: Option<Instant>,
     /// Complete (true) or Failed (false), once the Job says so.
     pub succeeded: Option<bool>,
     /// The operator that created it (with leader election).
@@ -161,11 +163,15 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
                         .as_ref()
                         .map_or(0, |t| t.0.as_millisecond()),
                     finished: None,
+                    deleted: None,
                     succeeded: None,
                     dispatched_by: job.annotations().get(ANNOTATION_DISPATCHED_BY).cloned(),
                 });
                 if done.is_some() {
                     entry.succeeded = done;
+                }
+                if deleted {
+                    entry.deleted.get_or_insert_with(Instant::now);
                 }
                 if deleted || done.is_some() {
                     entry.finished.get_or_insert_with(Instant::now);
