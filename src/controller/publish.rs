@@ -310,11 +310,16 @@ pub struct StatusSend {
     handle: tokio::task::JoinHandle<Result<(), kube::Error>>,
 }
 
+/// How long a status due waits while the write before it is in flight (and is tried
+/// again then): a run's writes land in the order made.
+const BEHIND_A_WRITE: Duration = Duration::from_millis(50);
+
 /// As [`write`] with `coalesce`, but the write goes in a task of its own: the status is
 /// taken as written from now on, and a reconcile does not hold the run's events for the
-/// API server's answer. `wake` is called if the write fails; the next write (or send)
-/// waits for the answer first, so a run's writes land in the order made, and a failure
-/// is its error (the status written before is the current one again).
+/// API server's answer. `wake` is called if the write fails. The answer is taken by the
+/// next write, or the next send once it has come: a failure is then its error (the
+/// status written before is the current one again). A status due while the write before
+/// it is in flight is not sent: the wait to try again is returned.
 pub async fn send(
     ctx: &Ctx,
     run: &Arc<ImageBuildRun>,
@@ -322,11 +327,20 @@ pub async fn send(
     new: &ImageBuildRunStatus,
     wake: impl FnOnce() + Send + 'static,
 ) -> Result<Option<Duration>, Error> {
-    settle(state).await?;
+    if state
+        .status_send
+        .as_ref()
+        .is_none_or(|s| s.handle.is_finished())
+    {
+        settle(state).await?;
+    }
     let old = match due(ctx, run, state, new, true) {
         Due::Now(old) => old,
         Due::Not(wait) => return Ok(wait),
     };
+    if state.status_send.is_some() {
+        return Ok(Some(BEHIND_A_WRITE));
+    }
     let previous = state.written.replace((new.clone(), Instant::now()));
     let (client, metrics, recorder) = (
         ctx.client.clone(),
@@ -547,6 +561,12 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
         .await
         .unwrap();
         assert_eq!(wait, None);
+        assert_eq!(current(&run, &state).phase, Some(RunPhase::Succeeded));
+        // Another status due while it is in flight waits its turn, without waiting for it.
+        let mut then = done.clone();
+        then.phase = Some(RunPhase::Failed);
+        let wait = send(&ctx, &run, &mut state, &then, || {}).await.unwrap();
+        assert_eq!(wait, Some(BEHIND_A_WRITE));
         assert_eq!(current(&run, &state).phase, Some(RunPhase::Succeeded));
         // The API server fails it: the run is woken, and the next write says so and
         // takes the status read as current again.
