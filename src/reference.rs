@@ -31,8 +31,8 @@ static GRAMMAR: LazyLock<Option<Regex>> = LazyLock::new(|| {
     Regex::new(&format!("(?-u)^({name})(?::({tag}))?(?:@({digest}))?$")).ok()
 });
 
-/// Parses `text` as [`Reference::from_str`] does: a reference with neither tag nor digest
-/// gets the tag `latest`.
+/// Parses `text` as [`Reference`]'s `from_str` does: a reference with neither tag nor
+/// digest gets the tag `latest`.
 pub fn parse(text: &str) -> Result<Reference, ParseError> {
     if text.is_empty() {
         return Err(ParseError::NameEmpty);

@@ -117,7 +117,7 @@ struct LineOut<'a> {
 }
 
 /// The JSON lines of `records`, in Job-name order, in at most [`MAX_SHARD_BYTES`]: if
-/// they would take more, errors are cut to their last [`SHORT_ERROR`] bytes, then
+/// they would take more, errors are cut to their last `SHORT_ERROR` (128) bytes, then
 /// dropped (the status and the Events still tell the failures).
 pub fn render<'a>(records: impl IntoIterator<Item = (&'a str, &'a Record)> + Clone) -> String {
     let mut out = String::new();

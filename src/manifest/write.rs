@@ -136,7 +136,7 @@ impl Manifest {
     }
 }
 
-/// Writes the staged shards of `run`'s manifest, [`SHARDS_AT_ONCE`] at a time: each
+/// Writes the staged shards of `run`'s manifest, eight at a time (`SHARDS_AT_ONCE`): each
 /// replaced with the resourceVersion it was staged with (created, if it has none yet).
 /// The first error is the answer; the manifest must then be loaded again.
 pub async fn send(
