@@ -669,6 +669,62 @@ async fn in_force<F, Fut>(
     .await;
 }
 
+/// A policy's fault, lifted.
+struct Lifted<'a> {
+    bindings: &'a Api<ValidatingAdmissionPolicyBinding>,
+    binding: &'a ValidatingAdmissionPolicyBinding,
+    /// The fault, as the figures name it.
+    fault: &'a str,
+    /// What the lifting allows again.
+    allowed: &'a str,
+}
+
+impl Lifted<'_> {
+    /// Lifts the policy (its binding deleted); asserts that `run` then succeeds within
+    /// 60 s with no Job of it left, one Job per image and nothing lost (`verify`), and
+    /// prints the figures.
+    async fn then_succeeds(
+        &self,
+        env: &common::cluster::Env,
+        ns: &common::cluster::TestNamespace,
+        seen: &Arc<Mutex<Seen>>,
+        run: &ImageBuildRun,
+        started: Instant,
+    ) {
+        let lifted = Instant::now();
+        self.bindings
+            .delete(&self.binding.name_any(), &Default::default())
+            .await
+            .unwrap();
+        let runs = ns.api::<ImageBuildRun>();
+        await_phase(
+            &runs,
+            &run.name_any(),
+            RunPhase::Succeeded,
+            Duration::from_secs(60),
+        )
+        .await;
+        let recovery = lifted.elapsed();
+        let of_run =
+            ListParams::default().labels("app.kubernetes.io/managed-by=imagebuild-operator");
+        let left = ns.api::<Job>().list(&of_run).await.unwrap().items.len();
+        assert_eq!(left, 0, "a finished Job left behind by the run's end");
+        let (retried, jobs_made) = verify(self.fault, env, ns, seen, run, SMALL_IMAGES).await;
+        assert_eq!((retried, jobs_made), (0, SMALL_IMAGES));
+        figures(
+            self.fault,
+            SMALL_IMAGES,
+            jobs_made,
+            started.elapsed(),
+            &format!(
+                "{:.1} s from {} allowed again to Succeeded",
+                recovery.as_secs_f64(),
+                self.allowed
+            ),
+        );
+    }
+}
+
 #[tokio::test]
 async fn job_deletes_refused_hold_the_runs_end_until_its_jobs_are_gone() {
     let _serial = SERIAL.lock().await;
@@ -731,34 +787,13 @@ async fn job_deletes_refused_hold_the_runs_end_until_its_jobs_are_gone() {
     assert_eq!(left, SMALL_IMAGES, "every finished Job still there");
 
     // Deletes allowed again: the Jobs go and the run ends.
-    let lifted = Instant::now();
-    bindings
-        .delete(&binding.name_any(), &Default::default())
-        .await
-        .unwrap();
-    await_phase(
-        &runs,
-        "undeleted",
-        RunPhase::Succeeded,
-        Duration::from_secs(60),
-    )
-    .await;
-    let recovery = lifted.elapsed();
-    let left = jobs.list(&of_run).await.unwrap().items.len();
-    assert_eq!(left, 0, "a finished Job left behind by the run's end");
-    let (retried, jobs_made) =
-        verify("deletes refused", &env, &ns, &seen, &run, SMALL_IMAGES).await;
-    assert_eq!((retried, jobs_made), (0, SMALL_IMAGES));
-    figures(
-        "every Job delete refused",
-        SMALL_IMAGES,
-        jobs_made,
-        started.elapsed(),
-        &format!(
-            "{:.1} s from the deletes allowed again to Succeeded",
-            recovery.as_secs_f64()
-        ),
-    );
+    let lifted = Lifted {
+        bindings: &bindings,
+        binding: &binding,
+        fault: "every Job delete refused",
+        allowed: "the deletes",
+    };
+    lifted.then_succeeds(&env, &ns, &seen, &run, started).await;
     ns.delete().await;
 }
 
@@ -842,41 +877,12 @@ async fn manifest_updates_refused_keep_each_finished_job_until_its_record_is_wri
     );
 
     // Updates allowed again: the records are written, the Jobs go and the run ends.
-    let lifted = Instant::now();
-    bindings
-        .delete(&binding.name_any(), &Default::default())
-        .await
-        .unwrap();
-    await_phase(
-        &runs,
-        "unwritten",
-        RunPhase::Succeeded,
-        Duration::from_secs(60),
-    )
-    .await;
-    let recovery = lifted.elapsed();
-    let of_run = ListParams::default().labels("app.kubernetes.io/managed-by=imagebuild-operator");
-    let left = ns.api::<Job>().list(&of_run).await.unwrap().items.len();
-    assert_eq!(left, 0, "a finished Job left behind by the run's end");
-    let (retried, jobs_made) = verify(
-        "manifest updates refused",
-        &env,
-        &ns,
-        &seen,
-        &run,
-        SMALL_IMAGES,
-    )
-    .await;
-    assert_eq!((retried, jobs_made), (0, SMALL_IMAGES));
-    figures(
-        "every manifest update refused",
-        SMALL_IMAGES,
-        jobs_made,
-        started.elapsed(),
-        &format!(
-            "{:.1} s from the updates allowed again to Succeeded",
-            recovery.as_secs_f64()
-        ),
-    );
+    let lifted = Lifted {
+        bindings: &bindings,
+        binding: &binding,
+        fault: "every manifest update refused",
+        allowed: "the updates",
+    };
+    lifted.then_succeeds(&env, &ns, &seen, &run, started).await;
     ns.delete().await;
 }

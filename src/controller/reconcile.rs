@@ -36,10 +36,10 @@ use super::publish::{self, Derivation};
 use super::resolve::{self, Step};
 use super::retry;
 use super::status::RecordFacts;
-use super::writing::{Harvested, Writing};
+use super::writing::{Harvested, Writing, answered, count};
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
-use crate::manifest::{self, Manifest, Record};
+use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
 use crate::schedule::{self, Action, NodeState, Policy};
 use crate::validate::{self, Settings};
@@ -535,35 +535,6 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         wait = wait.min(Duration::from_secs(1));
     }
     Ok(Requeue::requeue(wait))
-}
-
-/// Takes the answer of a write of the run's records: the versions its shards were given
-/// (kept in `manifest`, the manifest it was staged in, if given), its records counted for
-/// the metrics, and the Jobs and pods it leaves added to `harvested`.
-async fn answered(
-    writing: Writing,
-    manifest: Option<&mut Manifest>,
-    harvested: &mut Harvested,
-    ctx: &Ctx,
-    id: &RunId<'_>,
-    run: &ImageBuildRun,
-) -> Result<(), Error> {
-    let (written, left) = writing.answer().await?;
-    if let Some(manifest) = manifest {
-        manifest.written(written);
-    }
-    count(ctx, id, run, &left.counted);
-    harvested.jobs.extend(left.jobs);
-    harvested.failed.extend(left.failed);
-    Ok(())
-}
-
-/// Counts records written for the metrics, and logs the failures among them.
-fn count(ctx: &Ctx, id: &RunId<'_>, run: &ImageBuildRun, counted: &[(Record, Option<f64>)]) {
-    for (record, pending) in counted {
-        ctx.metrics.count(id, &actions::counted(record, *pending));
-        actions::log_failure(run, record);
-    }
 }
 
 /// Whether the run ended with its current spec (its final status observed this

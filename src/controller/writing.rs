@@ -18,8 +18,11 @@ use std::sync::Arc;
 use kube::Client;
 use tokio::task::JoinHandle;
 
+use super::actions;
+use super::context::{Ctx, Error};
 use crate::api::ImageBuildRun;
-use crate::manifest::{self, ManifestError, Record, Staged, Written};
+use crate::manifest::{self, Manifest, ManifestError, Record, Staged, Written};
+use crate::metrics::RunId;
 
 /// What a write leaves to the reconcile that takes its answer.
 #[derive(Debug, Default)]
@@ -75,5 +78,34 @@ impl Writing {
             Ok(written) => Ok((written?, self.harvested)),
             Err(e) => Err(ManifestError::Interrupted(e.to_string())),
         }
+    }
+}
+
+/// Takes the answer of a write of the run's records: the versions its shards were given
+/// (kept in `manifest`, the manifest it was staged in, if given), its records counted for
+/// the metrics, and the Jobs and pods it leaves added to `harvested`.
+pub async fn answered(
+    writing: Writing,
+    manifest: Option<&mut Manifest>,
+    harvested: &mut Harvested,
+    ctx: &Ctx,
+    id: &RunId<'_>,
+    run: &ImageBuildRun,
+) -> Result<(), Error> {
+    let (written, left) = writing.answer().await?;
+    if let Some(manifest) = manifest {
+        manifest.written(written);
+    }
+    count(ctx, id, run, &left.counted);
+    harvested.jobs.extend(left.jobs);
+    harvested.failed.extend(left.failed);
+    Ok(())
+}
+
+/// Counts records written for the metrics, and logs the failures among them.
+pub fn count(ctx: &Ctx, id: &RunId<'_>, run: &ImageBuildRun, counted: &[(Record, Option<f64>)]) {
+    for (record, pending) in counted {
+        ctx.metrics.count(id, &actions::counted(record, *pending));
+        actions::log_failure(run, record);
     }
 }

@@ -282,6 +282,16 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
         out
     }
 
+    /// `staged` sent in a task of its own.
+    fn sending(
+        client: &Client,
+        run: &ImageBuildRun,
+        staged: Staged,
+    ) -> tokio::task::JoinHandle<Result<Written, ManifestError>> {
+        let (client, run) = (client.clone(), run.clone());
+        tokio::spawn(async move { send(&client, &run, staged).await })
+    }
+
     fn respond(send: Sender, code: u16, body: serde_json::Value) {
         send.send_response(
             Response::builder()
@@ -307,10 +317,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
 
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "ns");
-        let sending = tokio::spawn({
-            let (client, run) = (client.clone(), run.clone());
-            async move { send(&client, &run, staged).await }
-        });
+        let answer = sending(&client, &run, staged);
         // All three arrive before any is answered.
         let sent = requests(&mut handle, 3).await;
         let seen: Vec<&str> = sent.iter().map(|(s, _)| s.as_str()).collect();
@@ -329,7 +336,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
                 json!({"metadata": {"resourceVersion": format!("1{i}")}}),
             );
         }
-        let written = sending.await.unwrap().unwrap();
+        let written = answer.await.unwrap().unwrap();
         m.written(written);
         assert_eq!(
             m.names("run"),
@@ -337,10 +344,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
         );
         // The next write of each shard carries the version it was given.
         let staged = m.stage(&run, changes(&plan, &[1, 251, 599])).unwrap();
-        let sending = tokio::spawn({
-            let (client, run) = (client.clone(), run.clone());
-            async move { send(&client, &run, staged).await }
-        });
+        let answer = sending(&client, &run, staged);
         let sent = requests(&mut handle, 3).await;
         let seen: Vec<&str> = sent.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(
@@ -374,7 +378,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
             "metadata": {"name": "run-manifest-1", "ownerReferences": [{"apiVersion":
             "imagebuild.dev/v1alpha1", "kind": "ImageBuildRun", "name": "run", "uid": "u1"}]}}),
         );
-        match sending.await.unwrap() {
+        match answer.await.unwrap() {
             Err(ManifestError::Conflict(name)) => assert_eq!(name, "run-manifest-1"),
             other => panic!("{other:?}"),
         }
