@@ -338,6 +338,8 @@ struct Row {
     arrived: Slots,
     reconcile_p50: f64,
     reconcile_p99: f64,
+    /// Reconciles of the run, all told.
+    reconciles: f64,
     /// The operator's mean POST (Jobs created, Events) from sending to the answer, in ms.
     post_mean: f64,
     control_plane: BTreeMap<&'static str, f64>,
@@ -431,6 +433,8 @@ async fn one_run(n: usize, workers: u32) -> Row {
         arrived,
         reconcile_p50: histogram_quantile(&samples, "imagebuild_reconcile_duration_seconds", 0.5),
         reconcile_p99: histogram_quantile(&samples, "imagebuild_reconcile_duration_seconds", 0.99),
+        reconciles: sum(&samples, "imagebuild_reconcile_duration_seconds_count", &[])
+            .unwrap_or(f64::NAN),
         post_mean: {
             let of = |part: &str| {
                 let metric = format!("imagebuild_kubernetes_request_duration_seconds_{part}");
@@ -454,14 +458,14 @@ fn print(rows: &[Row], workers: u32) {
         build_time()
     );
     println!(
-        "| instances | images | wall s | images/s | peak RSS MiB | RSS at 25/50/75/100% MiB | CPU s (% of a core) | API requests per image (reads/writes) | status writes | full slots | slots used | dispatch p50/p99/max (mean) ms | full slots, dispatch p50/p99/max (mean) ms to the create's arrival | API POST mean ms | reconcile p50/p99 ms | control plane CPU s (apiserver/etcd/kcm/kwok) |"
+        "| instances | images | wall s | images/s | peak RSS MiB | RSS at 25/50/75/100% MiB | CPU s (% of a core) | API requests per image (reads/writes) | status writes | full slots | slots used | dispatch p50/p99/max (mean) ms | full slots, dispatch p50/p99/max (mean) ms to the create's arrival | API POST mean ms | reconcile p50/p99 ms (reconciles per image) | control plane CPU s (apiserver/etcd/kcm/kwok) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let quarters: Vec<String> = r.quarters_mib.iter().map(|m| format!("{m:.1}")).collect();
         let cp = |k: &str| r.control_plane.get(k).copied().unwrap_or(0.0);
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} ({:.1}%) | {:.2} ({:.2}/{:.2}) | {} | {:.3} | {:.3} | {:.0}/{:.0}/{:.0} ({:.1}) | {:.3}, {:.0}/{:.0}/{:.0} ({:.1}) | {:.1} | {:.1}/{:.1} | {:.0}/{:.0}/{:.0}/{:.0} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} ({:.1}%) | {:.2} ({:.2}/{:.2}) | {} | {:.3} | {:.3} | {:.0}/{:.0}/{:.0} ({:.1}) | {:.3}, {:.0}/{:.0}/{:.0} ({:.1}) | {:.1} | {:.1}/{:.1} ({:.2}) | {:.0}/{:.0}/{:.0}/{:.0} |",
             r.instances,
             r.images,
             r.wall,
@@ -488,6 +492,7 @@ fn print(rows: &[Row], workers: u32) {
             r.post_mean,
             r.reconcile_p50,
             r.reconcile_p99,
+            r.reconciles / r.images as f64,
             cp("kube-apiserver"),
             cp("etcd"),
             cp("kube-controller"),

@@ -68,26 +68,36 @@ pub fn observe(
         ..Default::default()
     };
     // Jobs and Jobs just made, by node: one pass over each (the plan's index finds the
-    // node), rather than a lookup by name per node. Records are kept by node already.
-    let n = plan.nodes.len();
-    let mut live_of: Vec<Option<&LiveJob>> = vec![None; n];
+    // node), rather than a lookup by name per node; few (the builds in flight), sorted by
+    // node and walked beside the nodes. Records are kept by node already.
     let mut unknown = Vec::new();
+    let mut live_of: Vec<(NodeId, &LiveJob)> = Vec::with_capacity(jobs.len());
     for (name, live) in jobs {
         match plan.node_of(name) {
-            Some(id) => live_of[id] = Some(live),
+            Some(id) => live_of.push((id, live)),
             None => unknown.push(name.clone()),
         }
     }
-    let mut made: Vec<Option<u32>> = vec![None; n];
-    for (name, &attempt) in dispatched {
-        if let Some(id) = plan.node_of(name) {
-            made[id] = Some(attempt);
-        }
-    }
-    for id in 0..n {
+    live_of.sort_unstable_by_key(|&(id, _)| id);
+    let mut made: Vec<(NodeId, u32)> = dispatched
+        .iter()
+        .filter_map(|(name, &attempt)| Some((plan.node_of(name)?, attempt)))
+        .collect();
+    made.sort_unstable_by_key(|&(id, _)| id);
+    let mut live_of = live_of.into_iter().peekable();
+    let mut made = made.into_iter().peekable();
+    for id in 0..plan.nodes.len() {
         let recorded = records.state(id);
-        let live = live_of[id];
-        let unseen = made[id].filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
+        let live = live_of.next_if(|&(at, _)| at == id).map(|(_, live)| live);
+        let made = made
+            .next_if(|&(at, _)| at == id)
+            .map(|(_, attempt)| attempt);
+        if live.is_none() && made.is_none() {
+            // Most nodes: what their record says.
+            observed.states.push(recorded.unwrap_or(NodeState::NEW));
+            continue;
+        }
+        let unseen = made.filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
         let state = match (recorded, live, unseen) {
             (Some(state), live, _) if state.is_terminal() => {
                 if live.is_some() {
@@ -416,6 +426,49 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
             (digest.as_str(), node.as_deref()),
             ("sha256:ff", Some("kwok-large-0"))
         );
+    }
+
+    #[test]
+    fn each_node_reads_its_own_job_whatever_the_names_order() {
+        let (spec, plan) = plan();
+        assert_eq!(plan.nodes.len(), 3);
+        let done = json!({"completionTime": "2026-01-01T00:00:10Z",
+                          "conditions": [{"type": "Complete", "status": "True"}]});
+        // Node 2's Job running, node 0's complete, node 1's just created.
+        let jobs = BTreeMap::from([
+            (
+                plan.nodes[2].job_name.clone(),
+                live(&spec, &plan, 2, json!({}), json!({})),
+            ),
+            (
+                plan.nodes[0].job_name.clone(),
+                live(&spec, &plan, 0, done, json!({})),
+            ),
+        ]);
+        let dispatched = BTreeMap::from([(plan.nodes[1].job_name.clone(), 1)]);
+        let o = observe(
+            &plan,
+            &Records::default(),
+            &jobs,
+            &dispatched,
+            Duration::from_secs(60),
+            Utc::now(),
+        );
+        assert!(
+            matches!(
+                o.states[0],
+                NodeState::Finished {
+                    attempt: 2,
+                    result: Ok(()),
+                    ..
+                }
+            ),
+            "{:?}",
+            o.states[0]
+        );
+        assert_eq!(o.states[1], NodeState::Running { attempt: 1 });
+        assert_eq!(o.states[2], NodeState::Running { attempt: 2 });
+        assert_eq!(o.outcomes.keys().collect::<Vec<_>>(), vec![&0]);
     }
 
     #[test]
