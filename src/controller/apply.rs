@@ -2,8 +2,7 @@
 //! operator's stores, Jobs deleted (finished, stale) and created, a bounded number of
 //! requests at a time.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -32,29 +31,23 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
                 .map(String::as_str)
                 == Some(uid)
     };
-    let mut pods: HashMap<String, Arc<Pod>> = HashMap::new();
-    for pod in ctx.pods.iter().flat_map(|s| s.state()) {
-        if !ours(&pod.metadata) {
-            continue;
-        }
-        if let Some(job) = pod.labels().get("batch.kubernetes.io/job-name") {
-            pods.insert(job.clone(), pod.clone());
-        }
-    }
     let mut jobs = BTreeMap::new();
     for job in ctx.jobs.iter().flat_map(|s| s.state()) {
         if !ours(&job.metadata) || job.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let name = job.name_any();
-        let pod = pods.remove(&name);
-        jobs.insert(
-            name,
-            LiveJob {
-                job: job.clone(),
-                pod,
-            },
-        );
+        let live = LiveJob { job, pod: None };
+        jobs.insert(live.job.name_any(), live);
+    }
+    // Each pod to its Job, found by name: no map of the pods first.
+    for pod in ctx.pods.iter().flat_map(|s| s.state()) {
+        if !ours(&pod.metadata) {
+            continue;
+        }
+        let job = pod.labels().get("batch.kubernetes.io/job-name");
+        if let Some(live) = job.and_then(|name| jobs.get_mut(name)) {
+            live.pod = Some(pod);
+        }
     }
     jobs
 }
