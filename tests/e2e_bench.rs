@@ -16,7 +16,8 @@
 //! later; p50, p99, max and mean). The control plane's share: the
 //! CPU of the API server, etcd, the controller manager and kwok over the run; the
 //! operator's mean POST (its request histogram: a Job created, an Event), the API
-//! server's part of a dispatch; and the operator's own reconcile time (its histogram).
+//! server's part of a dispatch; and the operator's own reconcile time (its histogram) and
+//! reconciles per image.
 //! The same timeline is read again with each Job in flight from the moment its create
 //! reached the API server (the environment's audit log), not from the watcher's seeing
 //! it: full slots and dispatch then without the API server's create and the watch's
