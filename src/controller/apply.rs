@@ -39,13 +39,21 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
         let live = LiveJob { job, pod: None };
         jobs.insert(live.job.name_any(), live);
     }
-    // Each pod to its Job, found by name: no map of the pods first.
+    // Each pod to its Job, found by name (no map of the pods first), if that Job owns it:
+    // the pod of an earlier Job of the name (a retry's) may still be in the store.
     for pod in ctx.pods.iter().flat_map(|s| s.state()) {
         if !ours(&pod.metadata) {
             continue;
         }
         let job = pod.labels().get("batch.kubernetes.io/job-name");
-        if let Some(live) = job.and_then(|name| jobs.get_mut(name)) {
+        let Some(live) = job.and_then(|name| jobs.get_mut(name)) else {
+            continue;
+        };
+        let owner = pod
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true));
+        if owner.is_none_or(|o| live.job.metadata.uid.as_ref() == Some(&o.uid)) {
             live.pod = Some(pod);
         }
     }
@@ -252,6 +260,62 @@ pub(super) mod tests {
         }
         seen.sort();
         seen
+    }
+
+    #[tokio::test]
+    async fn a_job_reads_its_own_pod_not_an_earlier_jobs_of_its_name() {
+        use kube::runtime::{reflector, watcher};
+        let meta = |name: &str, uid: &str, owner: Option<&str>, job: &str| {
+            let mut labels = json!({LABEL_RUN_UID: "run-uid"});
+            if !job.is_empty() {
+                labels["batch.kubernetes.io/job-name"] = json!(job);
+            }
+            let owners: Vec<_> = owner
+                .map(|uid| {
+                    json!({"apiVersion": "batch/v1", "kind": "Job", "name": job,
+                                   "uid": uid, "controller": true})
+                })
+                .into_iter()
+                .collect();
+            json!({"name": name, "namespace": "ns", "uid": uid, "labels": labels,
+                   "ownerReferences": owners})
+        };
+        let job: Job =
+            serde_json::from_value(json!({"metadata": meta("j", "new", None, "")})).unwrap();
+        let pod = |name: &str, owner: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": meta(name, name, Some(owner), "j")})).unwrap()
+        };
+        // Both orders of the store: the earlier Job's pod is never taken.
+        for pods in [
+            [pod("old-pod", "old"), pod("new-pod", "new")],
+            [pod("new-pod", "new"), pod("old-pod", "old")],
+        ] {
+            let (jobs, mut jobs_writer) = reflector::store::<Job>();
+            jobs_writer.apply_watcher_event(&watcher::Event::Apply(job.clone()));
+            let (pod_store, mut pods_writer) = reflector::store::<Pod>();
+            for pod in pods {
+                pods_writer.apply_watcher_event(&watcher::Event::Apply(pod));
+            }
+            let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let config = crate::controller::context::Config {
+                registry_concurrency: 1,
+                registry_stall: std::time::Duration::from_secs(30),
+                kept_failed_pods: 0,
+                max_total_workers: None,
+                fence: crate::leader::Fence::new(false),
+                identity: None,
+            };
+            let ctx = Ctx::new(
+                kube::Client::new(service, "ns"),
+                vec![jobs],
+                vec![pod_store],
+                config,
+                std::sync::Arc::new(crate::metrics::Metrics::new()),
+            );
+            let live = live_jobs(&ctx, "ns", "run-uid");
+            let pod = live["j"].pod.as_ref().map(|p| p.name_any());
+            assert_eq!(pod.as_deref(), Some("new-pod"));
+        }
     }
 
     #[tokio::test]
