@@ -296,22 +296,8 @@ pub(super) mod tests {
             for pod in pods {
                 pods_writer.apply_watcher_event(&watcher::Event::Apply(pod));
             }
-            let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-            let config = crate::controller::context::Config {
-                registry_concurrency: 1,
-                registry_stall: std::time::Duration::from_secs(30),
-                kept_failed_pods: 0,
-                max_total_workers: None,
-                fence: crate::leader::Fence::new(false),
-                identity: None,
-            };
-            let ctx = Ctx::new(
-                kube::Client::new(service, "ns"),
-                vec![jobs],
-                vec![pod_store],
-                config,
-                std::sync::Arc::new(crate::metrics::Metrics::new()),
-            );
+            let (ctx, _handle) =
+                crate::controller::context::tests::ctx(vec![jobs], vec![pod_store]);
             let live = live_jobs(&ctx, "ns", "run-uid");
             let pod = live["j"].pod.as_ref().map(|p| p.name_any());
             assert_eq!(pod.as_deref(), Some("new-pod"));

@@ -176,3 +176,31 @@ impl Ctx {
         self.ledger().remove(key);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+
+    /// The other end of a test context's API client.
+    pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    /// A context over `jobs` and `pods` with default settings; its API requests go to the
+    /// handle.
+    pub fn ctx(jobs: Vec<Store<Job>>, pods: Vec<Store<Pod>>) -> (Ctx, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let config = Config {
+            registry_concurrency: 1,
+            registry_stall: Duration::from_secs(30),
+            kept_failed_pods: 0,
+            max_total_workers: None,
+            fence: crate::leader::Fence::new(false),
+            identity: None,
+        };
+        let client = Client::new(service, "ns");
+        let ctx = Ctx::new(client, jobs, pods, config, Arc::new(Metrics::new()));
+        (ctx, handle)
+    }
+}

@@ -418,14 +418,11 @@ async fn patch(
 mod tests {
     use std::sync::Arc;
 
-    use http::{Request, Response};
+    use http::Response;
     use kube::client::Body;
 
     use super::*;
-    use crate::controller::context::Config;
-    use crate::metrics::Metrics;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    use crate::controller::context::tests::Handle;
 
     fn run(phase: RunPhase) -> ImageBuildRun {
         let mut run: ImageBuildRun = serde_json::from_value(json!({
@@ -448,18 +445,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
     }
 
     fn ctx() -> (Ctx, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "ns");
-        let config = Config {
-            registry_concurrency: 1,
-            registry_stall: Duration::from_secs(30),
-            kept_failed_pods: 0,
-            max_total_workers: None,
-            fence: crate::leader::Fence::new(false),
-            identity: None,
-        };
-        let ctx = Ctx::new(client, vec![], vec![], config, Arc::new(Metrics::new()));
-        (ctx, handle)
+        crate::controller::context::tests::ctx(vec![], vec![])
     }
 
     /// Answers the next request with `body` after checking its method and path; the
