@@ -42,8 +42,13 @@ enum Command {
     },
 }
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: imagebuild_operator::memory::Allocator =
+    imagebuild_operator::memory::Allocator {};
+
 fn main() -> ExitCode {
-    imagebuild_operator::memory::one_arena();
+    imagebuild_operator::memory::tune();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

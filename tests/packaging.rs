@@ -385,7 +385,7 @@ fn the_release_workflow_builds_the_kubectl_plugin_and_releases_its_archives() {
         let script = scripts(job);
         assert!(
             script.contains(&format!(
-                r#"cargo build --release --locked --bin {PLUGIN} --target "${{{{ matrix.target }}}}""#
+                r#"cargo build --release --locked --no-default-features --bin {PLUGIN} --target "${{{{ matrix.target }}}}""#
             )),
             "job {name}: {script}"
         );

@@ -262,7 +262,8 @@ impl Operator {
             rand::random::<u32>()
         ));
         let file = std::fs::File::create(&log).unwrap();
-        // A profiler to run it under (`e2e/bench` says how), e.g. `heaptrack -o FILE`.
+        // A profiler to run it under (`e2e/bench` says how), e.g. `heaptrack -o FILE` (with
+        // the operator built `--no-default-features`: heaptrack sees only malloc's calls).
         let wrapper = std::env::var("IMAGEBUILD_OPERATOR_WRAPPER").unwrap_or_default();
         let mut command: Vec<&str> = wrapper.split_whitespace().collect();
         command.push(env!("CARGO_BIN_EXE_imagebuild-operator"));
