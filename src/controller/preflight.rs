@@ -75,6 +75,36 @@ pub async fn dry_run(api: &Api<Job>, jobs: &[Job]) -> Result<Verdict, Error> {
     Ok(Verdict::Accepted)
 }
 
+/// The whole check for a run's spec: its sample Jobs made and sent with `dryRun=All`, then,
+/// if they are accepted, its wrapper ConfigMap made. A dry run that cannot be made says
+/// nothing of the spec (a quota full while builds run, an admission webhook down): it is
+/// logged, and the spec accepted.
+pub async fn check(
+    client: &kube::Client,
+    plan: &crate::plan::Plan,
+    inputs: &JobInputs<'_>,
+    attempts: u32,
+) -> Result<Verdict, Error> {
+    let verdict = match sample_jobs(plan, inputs, attempts) {
+        Ok(jobs) => {
+            let api: Api<Job> = Api::namespaced(client.clone(), inputs.namespace);
+            dry_run(&api, &jobs).await.unwrap_or_else(|e| {
+                tracing::warn!(
+                    run = %format!("{}/{}", inputs.namespace, inputs.run_name),
+                    error = %e,
+                    "the dry run of the build Jobs failed; going ahead without it"
+                );
+                Verdict::Accepted
+            })
+        }
+        Err(message) => Verdict::Refused(message),
+    };
+    if verdict == Verdict::Accepted {
+        wrapper(client, inputs).await?;
+    }
+    Ok(verdict)
+}
+
 /// Creates the run's wrapper ConfigMap, which its build Jobs mount (see
 /// [`crate::job::wrapper_config_map`]); one there already (made before a restart) is fine.
 pub async fn wrapper(client: &kube::Client, inputs: &JobInputs<'_>) -> Result<(), Error> {

@@ -139,35 +139,16 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
 
     // Before the first Job of this generation: would the API server take its Jobs? Then
     // the script they mount.
+    let inputs = JobInputs {
+        run_name: &name,
+        namespace: &ns,
+        run_uid: &uid,
+        spec: &run.spec,
+        build_timeout: settings.build_timeout,
+    };
     if state.preflight != Some(generation) {
-        let inputs = JobInputs {
-            run_name: &name,
-            namespace: &ns,
-            run_uid: &uid,
-            spec: &run.spec,
-            build_timeout: settings.build_timeout,
-        };
-        let verdict = match preflight::sample_jobs(&plan, &inputs, settings.attempts) {
-            Ok(jobs) => {
-                let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-                match preflight::dry_run(&api, &jobs).await {
-                    Ok(verdict) => verdict,
-                    // A dry run that cannot be made (a quota full while builds run, an
-                    // admission webhook down) says nothing of the spec: the creates go
-                    // ahead, and a refusal of theirs still fails the run.
-                    Err(e) => {
-                        tracing::warn!(run = %key, error = %e, "the dry run of the build Jobs failed; going ahead without it");
-                        Verdict::Accepted
-                    }
-                }
-            }
-            Err(message) => Verdict::Refused(message),
-        };
-        match verdict {
-            Verdict::Accepted => {
-                preflight::wrapper(&ctx.client, &inputs).await?;
-                state.preflight = Some(generation);
-            }
+        match preflight::check(&ctx.client, &plan, &inputs, settings.attempts).await? {
+            Verdict::Accepted => state.preflight = Some(generation),
             Verdict::Refused(message) => {
                 publish::fail(&mut status, "InvalidSpec", &message, generation, now);
                 publish::write(&ctx, &run, &mut state, &status, false).await?;
@@ -331,13 +312,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // the background (`sends`).
     let run_started = status.started_at.unwrap_or(now);
     let making = JobMaking {
-        inputs: JobInputs {
-            run_name: &name,
-            namespace: &ns,
-            run_uid: &uid,
-            spec: &run.spec,
-            build_timeout: settings.build_timeout,
-        },
+        inputs,
         identity: ctx.config.identity.as_deref(),
         ready_since: &|node| ready_since(&plan, manifest.records(), node, run_started),
         now,
