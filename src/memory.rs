@@ -4,8 +4,8 @@
 //!
 //! With the `jemalloc` feature (the default) the operator binary allocates with jemalloc
 //! ([`Allocator`], set as its global allocator in `main`): at 10,000 instances it spent
-//! less CPU than glibc's malloc for the same work (docs/architecture.md, Where the memory
-//! goes). Without it, the system's malloc: on glibc, held to one arena ([`tune`]).
+//! less CPU than glibc's malloc for the same work (docs/architecture.md, Watches, wakes
+//! and memory). Without it, the system's malloc: on glibc, held to one arena ([`tune`]).
 
 /// The operator binary's global allocator.
 #[cfg(feature = "jemalloc")]

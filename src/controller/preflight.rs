@@ -78,7 +78,7 @@ pub async fn dry_run(api: &Api<Job>, jobs: &[Job]) -> Result<Verdict, Error> {
 /// The whole check for a run's spec: its sample Jobs made and sent with `dryRun=All`, then,
 /// if they are accepted, its wrapper ConfigMap made. A dry run that cannot be made says
 /// nothing of the spec (a quota full while builds run, an admission webhook down): it is
-/// logged, and the spec accepted.
+/// logged, and the spec accepted (a create then refused as invalid still fails the run).
 pub async fn check(
     client: &kube::Client,
     plan: &crate::plan::Plan,
