@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 use super::context::{Ctx, Error};
 use super::observe::LiveJob;
 use crate::api::ImageBuildRun;
-use crate::names::{LABEL_KEPT_LOG, LABEL_RUN_UID};
+use crate::names::LABEL_KEPT_LOG;
 use crate::plan::Plan;
 use crate::schedule::{Action, NodeState};
 
@@ -22,55 +22,47 @@ pub(super) const API_CONCURRENCY: usize = 16;
 
 /// The run's Jobs (and their pods) from the stores, by name.
 pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
-    let ours = |meta: &kube::api::ObjectMeta| {
-        meta.namespace.as_deref() == Some(ns)
-            && meta
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_RUN_UID))
-                .map(String::as_str)
-                == Some(uid)
-    };
     let mut jobs = BTreeMap::new();
-    for job in ctx.jobs.iter().flat_map(|s| s.state()) {
-        if !ours(&job.metadata) || job.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let live = LiveJob { job, pod: None };
-        jobs.insert(live.job.name_any(), live);
+    for store in &ctx.jobs {
+        store.for_run(ns, uid, |name, job| {
+            if job.metadata.deletion_timestamp.is_none() {
+                let live = LiveJob {
+                    job: job.clone(),
+                    pod: None,
+                };
+                jobs.insert(name.to_string(), live);
+            }
+        });
     }
-    // Each pod to its Job, found by name (no map of the pods first), if that Job owns it:
-    // the pod of an earlier Job of the name (a retry's) may still be in the store.
-    for pod in ctx.pods.iter().flat_map(|s| s.state()) {
-        if !ours(&pod.metadata) {
-            continue;
-        }
-        let job = pod.labels().get("batch.kubernetes.io/job-name");
-        let Some(live) = job.and_then(|name| jobs.get_mut(name)) else {
-            continue;
-        };
-        let owner = pod
-            .owner_references()
-            .iter()
-            .find(|o| o.controller == Some(true));
-        if owner.is_none_or(|o| live.job.metadata.uid.as_ref() == Some(&o.uid)) {
-            live.pod = Some(pod);
-        }
+    // Each pod to its Job, found by name, if that Job owns it: the pod of an earlier Job
+    // of the name (a retry's) may still be in the store.
+    for store in &ctx.pods {
+        store.for_run(ns, uid, |_, pod| {
+            let job = pod.labels().get("batch.kubernetes.io/job-name");
+            let Some(live) = job.and_then(|name| jobs.get_mut(name)) else {
+                return;
+            };
+            let owner = pod
+                .owner_references()
+                .iter()
+                .find(|o| o.controller == Some(true));
+            if owner.is_none_or(|o| live.job.metadata.uid.as_ref() == Some(&o.uid)) {
+                live.pod = Some(pod.clone());
+            }
+        });
     }
     jobs
 }
 
 /// The run's pods kept for their logs, from the store.
 fn kept_pods(ctx: &Ctx, ns: &str, uid: &str) -> usize {
-    ctx.pods
-        .iter()
-        .flat_map(|s| s.state())
-        .filter(|p| {
-            p.metadata.namespace.as_deref() == Some(ns)
-                && p.labels().get(LABEL_RUN_UID).map(String::as_str) == Some(uid)
-                && p.labels().contains_key(LABEL_KEPT_LOG)
-        })
-        .count()
+    let mut kept = 0;
+    for store in &ctx.pods {
+        store.for_run(ns, uid, |_, pod| {
+            kept += usize::from(pod.labels().contains_key(LABEL_KEPT_LOG));
+        });
+    }
+    kept
 }
 
 /// The `(job, pod)` of each failed build whose Job `actions` delete.
@@ -264,7 +256,9 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn a_job_reads_its_own_pod_not_an_earlier_jobs_of_its_name() {
-        use kube::runtime::{reflector, watcher};
+        use crate::controller::runstore;
+        use crate::names::LABEL_RUN_UID;
+        use kube::runtime::watcher;
         let meta = |name: &str, uid: &str, owner: Option<&str>, job: &str| {
             let mut labels = json!({LABEL_RUN_UID: "run-uid"});
             if !job.is_empty() {
@@ -290,11 +284,11 @@ pub(super) mod tests {
             [pod("old-pod", "old"), pod("new-pod", "new")],
             [pod("new-pod", "new"), pod("old-pod", "old")],
         ] {
-            let (jobs, mut jobs_writer) = reflector::store::<Job>();
-            jobs_writer.apply_watcher_event(&watcher::Event::Apply(job.clone()));
-            let (pod_store, mut pods_writer) = reflector::store::<Pod>();
+            let (jobs, mut jobs_writer) = runstore::store::<Job>();
+            jobs_writer.apply(&watcher::Event::Apply(job.clone()));
+            let (pod_store, mut pods_writer) = runstore::store::<Pod>();
             for pod in pods {
-                pods_writer.apply_watcher_event(&watcher::Event::Apply(pod));
+                pods_writer.apply(&watcher::Event::Apply(pod));
             }
             let (ctx, _handle) =
                 crate::controller::context::tests::ctx(vec![jobs], vec![pod_store]);

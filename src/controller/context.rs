@@ -10,9 +10,10 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 
 use super::readable::Watched;
+use super::runstore::RunStore;
 
 use super::ledger::Ledger;
 use super::state::RunTable;
@@ -76,10 +77,10 @@ impl Config {
 pub struct Ctx {
     /// The API client.
     pub client: Client,
-    /// Jobs the operator manages.
-    pub jobs: Vec<Store<Job>>,
-    /// Their pods.
-    pub pods: Vec<Store<Pod>>,
+    /// Jobs the operator manages, by run.
+    pub jobs: Vec<RunStore<Job>>,
+    /// Their pods, by run.
+    pub pods: Vec<RunStore<Pod>>,
     /// Settings.
     pub config: Config,
     /// The operator's metrics.
@@ -126,8 +127,8 @@ impl Ctx {
     /// A context over the given stores.
     pub fn new(
         client: Client,
-        jobs: Vec<Store<Job>>,
-        pods: Vec<Store<Pod>>,
+        jobs: Vec<RunStore<Job>>,
+        pods: Vec<RunStore<Pod>>,
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Ctx {
@@ -189,7 +190,7 @@ pub(crate) mod tests {
 
     /// A context over `jobs` and `pods` with default settings; its API requests go to the
     /// handle.
-    pub fn ctx(jobs: Vec<Store<Job>>, pods: Vec<Store<Pod>>) -> (Ctx, Handle) {
+    pub fn ctx(jobs: Vec<RunStore<Job>>, pods: Vec<RunStore<Pod>>) -> (Ctx, Handle) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let config = Config {
             registry_concurrency: 1,

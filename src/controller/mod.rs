@@ -17,6 +17,7 @@ mod readable;
 pub mod reconcile;
 mod resolve;
 mod retry;
+pub mod runstore;
 mod sends;
 mod state;
 pub mod status;
@@ -39,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::metrics::server::Health;
 use crate::names::MANAGER;
 use readable::Watched;
+use runstore::RunStore;
 use triggers::{JobTriggers, PodTriggers};
 use trim::Lean;
 
@@ -71,11 +73,11 @@ fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"))
 }
 
-/// Starts a reflector for `K` objects carrying the operator's label in `ns` (or all
+/// Starts a watch of `K` objects carrying the operator's label in `ns` (or all
 /// namespaces), each object read as its [`Lean`] form (only the kept fields); returns its
-/// store, and hands each event, once the store has it, to `then`. Runs until the process
+/// store (by run), and hands each event, once the store has it, to `then`. Runs until the process
 /// ends, or until `then` returns false.
-fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, mut then: F) -> Store<K>
+fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, mut then: F) -> RunStore<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
@@ -91,11 +93,11 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let (reader, writer) = reflector::store();
+    let (reader, mut writer) = runstore::store();
     let stream = watcher(api, managed())
         .default_backoff()
         .map_ok(unwrap_lean)
-        .reflect(writer);
+        .inspect_ok(move |event| writer.apply(event));
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -161,9 +163,8 @@ pub async fn run(
         let (job_store, tx) = (jobs.clone(), pod_tx);
         let wake = move |event| {
             let job = waiting.wakes(event).and_then(|pod| {
-                let name = pod.labels().get("batch.kubernetes.io/job-name")?.clone();
-                let ns = pod.namespace()?;
-                job_store.get(&reflector::ObjectRef::new(&name).within(&ns))
+                let name = pod.labels().get("batch.kubernetes.io/job-name")?;
+                job_store.get(pod.metadata.namespace.as_deref()?, name)
             });
             let sent = job.is_none_or(|job| tx.unbounded_send(Ok((*job).clone())).is_ok());
             std::future::ready(sent)
