@@ -49,7 +49,10 @@ static ALLOCATOR: imagebuild_operator::memory::Allocator =
 
 fn main() -> ExitCode {
     imagebuild_operator::memory::tune();
-    match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the operator's work per event is small (a few percent of a core at
+    // 10,000 instances), and one thread spares the wakes and hand-offs between threads
+    // of a multi-threaded runtime (docs/architecture.md, "The runtime: one thread").
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
