@@ -16,8 +16,8 @@ pub type Allocator = tikv_jemallocator::Jemalloc;
 /// jemalloc needs nothing. glibc's malloc is held to one arena: it gives each thread that
 /// allocates an arena of its own, and an arena keeps the peak of the transient buffers
 /// made in it (a manifest shard rendered, a list response parsed) long after they are
-/// freed (in a 1,000-instance run, two runtime threads' arenas held 25 of the 33 MiB of
-/// anonymous memory).
+/// freed (in a 1,000-instance run, on the two-thread runtime the operator then had, two
+/// runtime threads' arenas held 25 of the 33 MiB of anonymous memory).
 pub fn tune() {
     #[cfg(all(not(feature = "jemalloc"), target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a malloc parameter.
