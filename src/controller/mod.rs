@@ -75,8 +75,8 @@ fn managed() -> watcher::Config {
 
 /// Starts a watch of `K` objects carrying the operator's label in `ns` (or all
 /// namespaces), each object read as its [`Lean`] form (only the kept fields); returns its
-/// store (by run), and hands each event, once the store has it, to `then`. Runs until the process
-/// ends, or until `then` returns false.
+/// store (kept by run), and hands each event, once the store has it, to `then`. Runs until
+/// the process ends, or until `then` returns false.
 fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, mut then: F) -> RunStore<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
