@@ -274,9 +274,9 @@ pub(super) mod tests {
             json!({"name": name, "namespace": "ns", "uid": uid, "labels": labels,
                    "ownerReferences": owners})
         };
-        let job: Job =
+        let job: std::sync::Arc<Job> =
             serde_json::from_value(json!({"metadata": meta("j", "new", None, "")})).unwrap();
-        let pod = |name: &str, owner: &str| -> Pod {
+        let pod = |name: &str, owner: &str| -> std::sync::Arc<Pod> {
             serde_json::from_value(json!({"metadata": meta(name, name, Some(owner), "j")})).unwrap()
         };
         // Both orders of the store: the earlier Job's pod is never taken.

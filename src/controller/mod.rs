@@ -75,8 +75,9 @@ fn managed() -> watcher::Config {
 
 /// Starts a watch of `K` objects carrying the operator's label in `ns` (or all
 /// namespaces), each object read as its [`Lean`] form (only the kept fields); returns its
-/// store (kept by run), and hands each event, once the store has it, to `then`. Runs until
-/// the process ends, or until `then` returns false.
+/// store (kept by run), and hands each event, once the store has it, to `then` (the store
+/// and `then` share each object). Runs until the process ends, or until `then` returns
+/// false.
 fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, mut then: F) -> RunStore<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
@@ -86,7 +87,7 @@ where
         + Sync
         + 'static,
     Lean<K>: serde::de::DeserializeOwned,
-    F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
+    F: FnMut(watcher::Event<Arc<K>>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let api: Api<Lean<K>> = match ns {
@@ -112,14 +113,14 @@ where
     reader
 }
 
-/// The watch's event with the kept object itself.
-fn unwrap_lean<K>(event: watcher::Event<Lean<K>>) -> watcher::Event<K> {
+/// The watch's event with the kept object itself, shared.
+fn unwrap_lean<K>(event: watcher::Event<Lean<K>>) -> watcher::Event<Arc<K>> {
     use watcher::Event;
     match event {
-        Event::Apply(o) => Event::Apply(o.0),
-        Event::Delete(o) => Event::Delete(o.0),
+        Event::Apply(o) => Event::Apply(Arc::new(o.0)),
+        Event::Delete(o) => Event::Delete(Arc::new(o.0)),
         Event::Init => Event::Init,
-        Event::InitApply(o) => Event::InitApply(o.0),
+        Event::InitApply(o) => Event::InitApply(Arc::new(o.0)),
         Event::InitDone => Event::InitDone,
     }
 }
@@ -154,7 +155,7 @@ pub async fn run(
         let wake = move |event| {
             let sent = triggers
                 .wakes(event)
-                .is_none_or(|job| tx.unbounded_send(Ok(job)).is_ok());
+                .is_none_or(|job| tx.unbounded_send(Ok(Arc::unwrap_or_clone(job))).is_ok());
             std::future::ready(sent)
         };
         let jobs = reflect(&client, scope.as_deref(), wake);

@@ -41,7 +41,7 @@ impl<K> Default for Objects<K> {
 }
 
 impl<K: Resource> Objects<K> {
-    fn insert(&mut self, object: K) {
+    fn insert(&mut self, object: Arc<K>) {
         let meta = object.meta();
         let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
             return;
@@ -56,22 +56,18 @@ impl<K: Resource> Objects<K> {
             None => self.0.entry(ns.to_string()).or_default(),
         };
         // The common case, an object changed in its run: replaced in place, nothing
-        // allocated but the object's own Arc.
+        // allocated.
         if namespace.run_of.get(name).map(String::as_str) == Some(run)
             && let Some(slot) = namespace.runs.get_mut(run).and_then(|r| r.get_mut(name))
         {
-            *slot = Arc::new(object);
+            *slot = object;
             return;
         }
         let (name, run) = (name.to_string(), run.to_string());
         if let Some(earlier) = namespace.run_of.insert(name.clone(), run.clone()) {
             remove_from(&mut namespace.runs, &earlier, &name);
         }
-        namespace
-            .runs
-            .entry(run)
-            .or_default()
-            .insert(name, Arc::new(object));
+        namespace.runs.entry(run).or_default().insert(name, object);
     }
 
     fn remove(&mut self, object: &K) {
@@ -140,9 +136,9 @@ pub fn store<K>() -> (RunStore<K>, Writer<K>) {
     (reader, writer)
 }
 
-impl<K: Resource + Clone> Writer<K> {
-    /// Takes in one event of the watch.
-    pub fn apply(&mut self, event: &Event<K>) {
+impl<K: Resource> Writer<K> {
+    /// Takes in one event of the watch: the store shares its object, never copies it.
+    pub fn apply(&mut self, event: &Event<Arc<K>>) {
         match event {
             Event::Apply(object) => write(&self.objects).insert(object.clone()),
             Event::Delete(object) => write(&self.objects).remove(object),
@@ -207,9 +203,9 @@ mod tests {
 
     use super::*;
 
-    fn job(ns: &str, name: &str, run: Option<&str>, generation: i64) -> Job {
+    fn job(ns: &str, name: &str, run: Option<&str>, generation: i64) -> Arc<Job> {
         let labels = run.map(|uid| BTreeMap::from([(LABEL_RUN_UID.to_string(), uid.to_string())]));
-        Job {
+        Arc::new(Job {
             metadata: ObjectMeta {
                 namespace: Some(ns.into()),
                 name: Some(name.into()),
@@ -218,7 +214,7 @@ mod tests {
                 ..ObjectMeta::default()
             },
             ..Job::default()
-        }
+        })
     }
 
     fn of_run(store: &RunStore<Job>, ns: &str, uid: &str) -> Vec<(String, i64)> {

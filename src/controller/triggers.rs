@@ -2,6 +2,7 @@
 //! reconcile decides on, and waking the run for each was most of its reconciles.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -23,7 +24,7 @@ pub(super) struct JobTriggers {
 }
 
 impl JobTriggers {
-    pub(super) fn wakes(&mut self, event: watcher::Event<Job>) -> Option<Job> {
+    pub(super) fn wakes(&mut self, event: watcher::Event<Arc<Job>>) -> Option<Arc<Job>> {
         match event {
             // A new list (a start, or a watch that lost its place): every end is told again.
             watcher::Event::Init => {
@@ -52,7 +53,7 @@ pub(super) struct PodTriggers {
 }
 
 impl PodTriggers {
-    pub(super) fn wakes(&mut self, event: watcher::Event<Pod>) -> Option<Pod> {
+    pub(super) fn wakes(&mut self, event: watcher::Event<Arc<Pod>>) -> Option<Arc<Pod>> {
         match event {
             watcher::Event::Init => {
                 self.told.clear();
@@ -75,7 +76,7 @@ impl PodTriggers {
 mod tests {
     use super::*;
 
-    fn job(uid: &str, condition: Option<&str>) -> Job {
+    fn job(uid: &str, condition: Option<&str>) -> Arc<Job> {
         let conditions: Vec<serde_json::Value> = condition
             .map(|c| serde_json::json!({"type": c, "status": "True"}))
             .into_iter()
@@ -90,7 +91,7 @@ mod tests {
     #[test]
     fn a_pod_wakes_its_run_once_when_it_cannot_be_placed() {
         use watcher::Event::{Apply, Delete, Init};
-        let pod = |scheduled: &str| -> Pod {
+        let pod = |scheduled: &str| -> Arc<Pod> {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "p", "uid": "p"},
                 "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled",
