@@ -312,13 +312,18 @@ pub fn decide(
     if !policy.suspend {
         let slots = policy.max_workers.saturating_sub(in_flight) as usize;
         // Only the `slots` first in priority order are wanted: selected in linear time,
-        // then sorted (thousands can be ready in a large run, a few slots free).
+        // then sorted (thousands can be ready in a large run, a few slots free). Each
+        // node's priority is read once, not at every comparison.
+        let mut ready: Vec<_> = ready
+            .into_iter()
+            .map(|(id, attempt)| (priority(plan, id), attempt))
+            .collect();
         if slots < ready.len() {
-            ready.select_nth_unstable_by_key(slots, |&(id, _)| priority(plan, id));
+            ready.select_nth_unstable(slots);
             ready.truncate(slots);
         }
-        ready.sort_unstable_by_key(|&(id, _)| priority(plan, id));
-        for (node, attempt) in ready {
+        ready.sort_unstable();
+        for ((_, _, node), attempt) in ready {
             actions.push(Action::CreateJob { node, attempt });
         }
     }
