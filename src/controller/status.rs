@@ -136,8 +136,8 @@ fn unschedulable_failures(count: usize, first: &Record) -> String {
 pub struct RecordFacts {
     /// The most recent failures (see [`failures`]).
     pub failures: Vec<FailureRecord>,
-    /// The Stalled message for images failed as unschedulable (see
-    /// [`unschedulable_failures`]).
+    /// The Stalled message for images failed as unschedulable (for good, or waiting for a
+    /// retry): how many, and what the scheduler said of the first.
     pub unschedulable: Option<String>,
     /// The attempts of each image of the plan that failed for good with a transient
     /// failure.
