@@ -52,6 +52,7 @@ fn main() {
             let live = LiveJob {
                 job: Arc::new(job),
                 pod: None,
+                listed: None,
             };
             (node.job_name.clone(), live)
         })

@@ -3,6 +3,7 @@
 //! requests at a time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -20,7 +21,8 @@ use crate::schedule::{Action, NodeState};
 /// API requests a reconcile has in flight at once.
 pub(super) const API_CONCURRENCY: usize = 16;
 
-/// The run's Jobs (and their pods) from the stores, by name.
+/// The run's Jobs (and their pods) from the stores, by name: a pod that ended (the
+/// watch's) over one waiting for a node (the last list's, which may be older).
 pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
     let mut jobs = BTreeMap::new();
     for store in &ctx.jobs {
@@ -29,29 +31,40 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
                 let live = LiveJob {
                     job: job.clone(),
                     pod: None,
+                    listed: None,
                 };
                 jobs.insert(name.to_string(), live);
             }
         });
     }
-    // Each pod to its Job, found by name, if that Job owns it: the pod of an earlier Job
-    // of the name (a retry's) may still be in the store.
+    for unplaced in &ctx.unplaced {
+        unplaced.for_run(ns, uid, |pod, at| attach(&mut jobs, pod, Some(at)));
+    }
     for store in &ctx.pods {
-        store.for_run(ns, uid, |_, pod| {
-            let job = pod.labels().get("batch.kubernetes.io/job-name");
-            let Some(live) = job.and_then(|name| jobs.get_mut(name)) else {
-                return;
-            };
-            let owner = pod
-                .owner_references()
-                .iter()
-                .find(|o| o.controller == Some(true));
-            if owner.is_none_or(|o| live.job.metadata.uid.as_ref() == Some(&o.uid)) {
-                live.pod = Some(pod.clone());
-            }
-        });
+        store.for_run(ns, uid, |_, pod| attach(&mut jobs, pod, None));
     }
     jobs
+}
+
+/// Gives `pod` to its Job, found by name, if that Job owns it: the pod of an earlier Job
+/// of the name (a retry's) may still be in the store.
+fn attach(
+    jobs: &mut BTreeMap<String, LiveJob>,
+    pod: &Arc<Pod>,
+    listed: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    let job = pod.labels().get("batch.kubernetes.io/job-name");
+    let Some(live) = job.and_then(|name| jobs.get_mut(name)) else {
+        return;
+    };
+    let owner = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true));
+    if owner.is_none_or(|o| live.job.metadata.uid.as_ref() == Some(&o.uid)) {
+        live.pod = Some(pod.clone());
+        live.listed = listed;
+    }
 }
 
 /// The run's pods kept for their logs, from the store.
@@ -296,6 +309,46 @@ pub(super) mod tests {
             let pod = live["j"].pod.as_ref().map(|p| p.name_any());
             assert_eq!(pod.as_deref(), Some("new-pod"));
         }
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_ended_stands_over_its_listing_as_waiting() {
+        use crate::controller::runstore;
+        use crate::controller::unplaced::Unplaced;
+        use crate::names::LABEL_RUN_UID;
+        use kube::runtime::watcher;
+        let object = |name: &str, phase: &str| {
+            json!({"metadata": {"name": name, "namespace": "ns", "uid": name,
+                "labels": {LABEL_RUN_UID: "run-uid", "batch.kubernetes.io/job-name": name}},
+                "status": {"phase": phase}})
+        };
+        let (jobs, mut jobs_writer) = runstore::store::<Job>();
+        for name in ["waiting", "ended"] {
+            let job = serde_json::from_value(object(name, "")).unwrap();
+            jobs_writer.apply(&watcher::Event::Apply(Arc::new(job)));
+        }
+        let pod = |name: &str, phase: &str| -> Arc<Pod> {
+            Arc::new(serde_json::from_value(object(name, phase)).unwrap())
+        };
+        // The list (older) has both pods waiting; the watch has since told one's end.
+        let unplaced = Unplaced::default();
+        let at = chrono::Utc::now();
+        unplaced.replace(at, vec![pod("waiting", "Pending"), pod("ended", "Pending")]);
+        let (pods, mut pods_writer) = runstore::store::<Pod>();
+        pods_writer.apply(&watcher::Event::Apply(pod("ended", "Failed")));
+        let (mut ctx, _handle) = crate::controller::context::tests::ctx(vec![jobs], vec![pods]);
+        ctx.unplaced = vec![unplaced];
+        let live = live_jobs(&ctx, "ns", "run-uid");
+        let seen = |name: &str| {
+            let live = &live[name];
+            let phase = live
+                .pod
+                .as_ref()
+                .and_then(|p| p.status.as_ref()?.phase.clone());
+            (phase.unwrap_or_default(), live.listed)
+        };
+        assert_eq!(seen("waiting"), ("Pending".into(), Some(at)));
+        assert_eq!(seen("ended"), ("Failed".into(), None));
     }
 
     #[tokio::test]

@@ -79,8 +79,10 @@ pub struct Ctx {
     pub client: Client,
     /// Jobs the operator manages, by run.
     pub jobs: Vec<RunStore<Job>>,
-    /// Their pods, by run.
+    /// Their pods that ended, by run.
     pub pods: Vec<RunStore<Pod>>,
+    /// Their pods waiting for a node, as last listed.
+    pub(super) unplaced: Vec<super::unplaced::Unplaced>,
     /// Settings.
     pub config: Config,
     /// The operator's metrics.
@@ -141,6 +143,7 @@ impl Ctx {
             client,
             jobs,
             pods,
+            unplaced: Vec::new(),
             config,
             metrics,
             runs: RunTable::default(),

@@ -23,6 +23,7 @@ mod state;
 pub mod status;
 mod triggers;
 mod trim;
+mod unplaced;
 mod writing;
 
 use std::collections::HashSet;
@@ -34,14 +35,14 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 
 use crate::metrics::Metrics;
 use crate::metrics::server::Health;
 use crate::names::MANAGER;
 use readable::Watched;
 use runstore::RunStore;
-use triggers::{JobTriggers, PodTriggers};
+use triggers::JobTriggers;
 use trim::Lean;
 
 /// How often caches and metrics of deleted runs are dropped.
@@ -73,12 +74,21 @@ fn managed() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"))
 }
 
-/// Starts a watch of `K` objects carrying the operator's label in `ns` (or all
-/// namespaces), each object read as its [`Lean`] form (only the kept fields); returns its
-/// store (kept by run), and hands each event, once the store has it, to `then` (the store
-/// and `then` share each object). Runs until the process ends, or until `then` returns
-/// false.
-fn reflect<K, F, Fut>(client: &Client, ns: Option<&str>, mut then: F) -> RunStore<K>
+/// The pods the pod watch follows: those that ended. A pod's creation, placement and
+/// start (three of its seven events) are progress no reconcile reads; the pods waiting
+/// for a node are listed apart (`unplaced`).
+const ENDED_PODS: &str = "status.phase!=Pending,status.phase!=Running";
+
+/// Starts a watch of the `K` objects `config` selects in `ns` (or all namespaces), each
+/// object read as its [`Lean`] form (only the kept fields); returns its store (kept by
+/// run), and hands each event, once the store has it, to `then` (the store and `then`
+/// share each object). Runs until the process ends, or until `then` returns false.
+fn reflect<K, F, Fut>(
+    client: &Client,
+    ns: Option<&str>,
+    config: watcher::Config,
+    mut then: F,
+) -> RunStore<K>
 where
     K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
         + Clone
@@ -95,7 +105,7 @@ where
         None => Api::all(client.clone()),
     };
     let (reader, mut writer) = runstore::store();
-    let stream = watcher(api, managed())
+    let stream = watcher(api, config)
         .default_backoff()
         .map_ok(unwrap_lean)
         .inspect_ok(move |event| writer.apply(event));
@@ -148,9 +158,8 @@ pub async fn run(
         // ready before the controller starts, and a full channel would stop the first list
         // short of that. Once running, the controller drains the channel as events come
         // (it keeps one wake per run); before, it holds at most one event per ended Job
-        // and unplaceable pod listed.
+        // listed.
         let (tx, rx) = mpsc::unbounded();
-        let pod_tx = tx.clone();
         let mut triggers = JobTriggers::default();
         let wake = move |event| {
             let sent = triggers
@@ -158,20 +167,13 @@ pub async fn run(
                 .is_none_or(|job| tx.unbounded_send(Ok(Arc::unwrap_or_clone(job))).is_ok());
             std::future::ready(sent)
         };
-        let jobs = reflect(&client, scope.as_deref(), wake);
-        // A pod the scheduler cannot place wakes its run through its Job.
-        let mut waiting = PodTriggers::default();
-        let (job_store, tx) = (jobs.clone(), pod_tx);
-        let wake = move |event| {
-            let job = waiting.wakes(event).and_then(|pod| {
-                let name = pod.labels().get("batch.kubernetes.io/job-name")?;
-                job_store.get(pod.metadata.namespace.as_deref()?, name)
-            });
-            let sent = job.is_none_or(|job| tx.unbounded_send(Ok((*job).clone())).is_ok());
-            std::future::ready(sent)
-        };
-        pod_stores.push(reflect(&client, scope.as_deref(), wake));
-        job_stores.push(jobs);
+        job_stores.push(reflect(&client, scope.as_deref(), managed(), wake));
+        // The pods that ended, which wake nothing: their Jobs' ends do.
+        let ended = managed().fields(ENDED_PODS);
+        let pods = reflect(&client, scope.as_deref(), ended, |_| {
+            std::future::ready(true)
+        });
+        pod_stores.push(pods);
         job_triggers.push(rx);
     }
     for store in &job_stores {
@@ -202,6 +204,19 @@ pub async fn run(
         metrics.clone(),
     );
     ctx.wakes = context::Wakes::new(wake_senders);
+    ctx.unplaced = scopes
+        .iter()
+        .map(|_| unplaced::Unplaced::default())
+        .collect();
+    for ((scope, unplaced), jobs) in scopes.iter().zip(&ctx.unplaced).zip(&ctx.jobs) {
+        tokio::spawn(unplaced::list_every(
+            client.clone(),
+            scope.clone(),
+            unplaced.clone(),
+            jobs.clone(),
+            ctx.wakes.clone(),
+        ));
+    }
     let ctx = Arc::new(ctx);
     let mut run_stores = Vec::new();
     let triggers = job_triggers.into_iter().zip(wake_receivers);

@@ -22,6 +22,9 @@ pub struct LiveJob {
     pub job: Arc<Job>,
     /// Its (only) pod.
     pub pod: Option<Arc<Pod>>,
+    /// When the pod was last listed as waiting for a node, if that list is where it
+    /// comes from: the pod is as it was then. `None` for a pod the watch told.
+    pub listed: Option<DateTime<Utc>>,
 }
 
 /// A pod the scheduler cannot place.
@@ -33,6 +36,8 @@ pub struct Unschedulable {
     pub message: String,
     /// Since when.
     pub since: DateTime<Utc>,
+    /// When it was seen so (the time of the list it comes from, or now).
+    pub seen: DateTime<Utc>,
 }
 
 /// The world in the scheduler's terms.
@@ -146,13 +151,17 @@ fn job_state(
         };
     }
     if let Some((message, since)) = live.pod.as_deref().and_then(unschedulable) {
+        // Waited out as of when the pod was seen so: a list taken before the timeout
+        // says nothing of the time since (the pod may have been placed meanwhile).
+        let seen = live.listed.unwrap_or(now);
         observed.unschedulable.push(Unschedulable {
             node: id,
             message: message.clone(),
             since,
+            seen,
         });
         let limit = chrono::Duration::from_std(pending_timeout).unwrap_or(chrono::Duration::MAX);
-        if now - since >= limit {
+        if seen - since >= limit {
             let failure = Failure::new(FailureClass::Unschedulable, message);
             let outcome = Outcome::Failed {
                 failure: failure.clone(),
@@ -335,6 +344,7 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         LiveJob {
             job: Arc::new(job),
             pod: Some(Arc::new(pod)),
+            listed: None,
         }
     }
 
@@ -554,6 +564,40 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/asm:{{ instanceId }}"
         };
         assert_eq!(f.class, FailureClass::Unschedulable);
         assert_eq!(f.message, "0/4 nodes are available");
+    }
+
+    #[test]
+    fn a_listed_pod_fails_its_node_only_if_its_list_came_after_the_pending_timeout() {
+        let (spec, plan) = plan();
+        let now = Utc::now();
+        let since = now - chrono::Duration::seconds(20);
+        let pod_status = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/4 nodes are available", "lastTransitionTime": since.to_rfc3339()}]});
+        let observed = |listed: chrono::Duration| {
+            let mut live = live(&spec, &plan, 0, json!({}), pod_status.clone());
+            live.listed = Some(since + listed);
+            let jobs = BTreeMap::from([(plan.nodes[0].job_name.clone(), live)]);
+            let timeout = Duration::from_secs(15);
+            observe(
+                &plan,
+                &Records::default(),
+                &jobs,
+                &BTreeMap::new(),
+                timeout,
+                now,
+            )
+        };
+        // Listed 10 s after it was found unplaceable: 20 s ago, but the list says nothing
+        // of the last 10 s (it may have been placed since).
+        let early = observed(chrono::Duration::seconds(10));
+        assert_eq!(early.states[0], NodeState::Running { attempt: 2 });
+        assert_eq!(early.unschedulable.len(), 1, "still told as waiting");
+        // A list past the timeout still showed it unplaced: it failed.
+        let late = observed(chrono::Duration::seconds(15));
+        let NodeState::Finished { result: Err(f), .. } = &late.states[0] else {
+            panic!("{:?}", late.states[0]);
+        };
+        assert_eq!(f.class, FailureClass::Unschedulable);
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
     let stalled = d
         .unschedulable
         .iter()
-        .find(|u| now - u.since >= pending_limit)
+        .find(|u| u.seen - u.since >= pending_limit)
         .map(|u| u.message.clone())
         .or_else(|| facts.unschedulable.clone());
     if d.cancelled && status.phase == Some(RunPhase::Building) {
@@ -446,6 +446,54 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
 
     fn ctx() -> (Ctx, Handle) {
         crate::controller::context::tests::ctx(vec![], vec![])
+    }
+
+    #[test]
+    fn stalled_says_a_pod_waited_too_long_only_as_of_when_it_was_seen_waiting() {
+        let run = run(RunPhase::Building);
+        let raw = [crate::instances::RawInstance {
+            id: "a__a-1".into(),
+            image: None,
+        }];
+        let plan = crate::plan::build("r", &run.spec, &raw).unwrap();
+        let states = vec![NodeState::Running { attempt: 1 }; plan.nodes.len()];
+        let facts = RecordFacts::default();
+        let now = Utc::now();
+        let since = now - chrono::Duration::seconds(20);
+        let stalled = |seen_after: i64| {
+            let unschedulable = [Unschedulable {
+                node: 0,
+                message: "0/4 nodes are available".into(),
+                since,
+                seen: since + chrono::Duration::seconds(seen_after),
+            }];
+            let mut status = run.status.clone().unwrap();
+            derive(
+                &mut status,
+                &Derivation {
+                    plan: &plan,
+                    states: &states,
+                    facts: &facts,
+                    manifests: vec![],
+                    attempts: 1,
+                    suspended: false,
+                    cancelled: false,
+                    registry_error: None,
+                    unschedulable: &unschedulable,
+                    pending_timeout: Duration::from_secs(15),
+                    workers: 1,
+                    generation: Some(1),
+                    now,
+                },
+            );
+            let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled");
+            stalled.map(|c| (c.status.clone(), c.message.clone()))
+        };
+        // Waiting 20 s by now, but last seen waiting 10 s in: not yet too long.
+        assert_eq!(stalled(10), Some(("False".into(), String::new())));
+        // Seen still waiting past the timeout: the scheduler's message says why.
+        let message = "0/4 nodes are available".to_string();
+        assert_eq!(stalled(15), Some(("True".into(), message)));
     }
 
     /// Answers the next request with `body` after checking its method and path; the

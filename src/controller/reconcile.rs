@@ -486,7 +486,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         ctx.ledger().remove(&key);
         return Ok(Requeue::await_change());
     }
-    // Wake for the next retry, or to watch pending pods and the run deadline.
+    // Wake for the next retry, or the run deadline. (A pod the scheduler cannot place
+    // wakes its run at each list of the pods waiting for a node: `unplaced`.)
     let mut wait = Duration::from_secs(30);
     if let Some(at) = state.manifest_written.filter(|_| hold) {
         wait = wait
@@ -497,9 +498,6 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         .chain(policy.deadline)
     {
         wait = wait.min((at - now).to_std().unwrap_or_default() + Duration::from_millis(100));
-    }
-    if !observed.unschedulable.is_empty() {
-        wait = wait.min(Duration::from_secs(5));
     }
     if let Some(deferred) = deferred {
         // A change waits for its write.

@@ -454,6 +454,7 @@ pub(super) mod tests {
             let live = super::super::observe::LiveJob {
                 job: Arc::new(job),
                 pod: None,
+                listed: None,
             };
             (name.to_string(), live)
         }));

@@ -354,6 +354,7 @@ mod tests {
             let live = LiveJob {
                 job: Arc::new(job),
                 pod: None,
+                listed: None,
             };
             (name.to_string(), live)
         };

@@ -1,15 +1,12 @@
-//! What wakes a run from the Job and pod watches: most of their events are progress no
-//! reconcile decides on, and waking the run for each was most of its reconciles.
+//! What wakes a run from the Job watch: most of its events are progress no reconcile
+//! decides on, and waking the run for each was most of its reconciles.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::watcher;
-
-use super::observe;
 
 /// Which Job events wake the Job's run: its end (once), and its deletion before an end
 /// was told (deleted by hand, or the end missed). A Job's creation and its progress
@@ -43,35 +40,6 @@ impl JobTriggers {
     }
 }
 
-/// Which pod events wake the pod's run: a pod the scheduler cannot place, once (the
-/// run's `Stalled` condition and its pending timeout start there). A reconcile that sees
-/// such a pod looks again every few seconds until it is placed or fails.
-#[derive(Default)]
-pub(super) struct PodTriggers {
-    /// The uids of the pods told as unschedulable.
-    told: HashSet<String>,
-}
-
-impl PodTriggers {
-    pub(super) fn wakes(&mut self, event: watcher::Event<Arc<Pod>>) -> Option<Arc<Pod>> {
-        match event {
-            watcher::Event::Init => {
-                self.told.clear();
-                None
-            }
-            watcher::Event::InitDone => None,
-            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                let waiting = observe::unschedulable(&pod).is_some();
-                (waiting && self.told.insert(pod.uid().unwrap_or_default())).then_some(pod)
-            }
-            watcher::Event::Delete(pod) => {
-                self.told.remove(&pod.uid().unwrap_or_default());
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,29 +54,6 @@ mod tests {
             "status": {"active": 1, "conditions": conditions},
         }))
         .unwrap()
-    }
-
-    #[test]
-    fn a_pod_wakes_its_run_once_when_it_cannot_be_placed() {
-        use watcher::Event::{Apply, Delete, Init};
-        let pod = |scheduled: &str| -> Arc<Pod> {
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "p", "uid": "p"},
-                "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled",
-                    "status": scheduled, "reason": "Unschedulable", "message": "0/4 nodes",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
-            }))
-            .unwrap()
-        };
-        let mut t = PodTriggers::default();
-        let mut wakes = |e| t.wakes(e).is_some();
-        assert!(!wakes(Apply(pod("True"))));
-        assert!(wakes(Apply(pod("False"))));
-        assert!(!wakes(Apply(pod("False"))), "told once");
-        assert!(!wakes(Delete(pod("False"))));
-        assert!(wakes(Apply(pod("False"))), "forgotten once deleted");
-        assert!(!wakes(Init));
-        assert!(wakes(Apply(pod("False"))), "a new list tells it again");
     }
 
     #[test]

@@ -253,6 +253,7 @@ placement: {podAnnotations: {"sim.imagebuild.dev/duration": "2s"}}
         LiveJob {
             job: Arc::new(job),
             pod: Some(Arc::new(pod)),
+            listed: None,
         }
     }
 
@@ -267,6 +268,7 @@ placement: {podAnnotations: {"sim.imagebuild.dev/duration": "2s"}}
         LiveJob {
             job: Arc::new(job.0),
             pod: pod.map(|p| Arc::new(p.0)),
+            listed: live.listed,
         }
     }
 
