@@ -24,7 +24,9 @@ pub(super) const API_CONCURRENCY: usize = 16;
 /// The run's Jobs (and their pods) from the stores, by name: a pod that ended (the
 /// watch's) over one waiting for a node (the last list's, which may be older).
 pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
-    let mut jobs = BTreeMap::new();
+    // Gathered in the stores' name order, then built in one pass (`from_iter` sorts, and
+    // a sorted list is one run), rather than a search down the tree per Job.
+    let mut gathered = Vec::new();
     for store in &ctx.jobs {
         store.for_run(ns, uid, |name, job| {
             if job.metadata.deletion_timestamp.is_none() {
@@ -33,10 +35,11 @@ pub fn live_jobs(ctx: &Ctx, ns: &str, uid: &str) -> BTreeMap<String, LiveJob> {
                     pod: None,
                     listed: None,
                 };
-                jobs.insert(name.to_string(), live);
+                gathered.push((name.to_string(), live));
             }
         });
     }
+    let mut jobs = BTreeMap::from_iter(gathered);
     for unplaced in &ctx.unplaced {
         unplaced.for_run(ns, uid, |pod, at| attach(&mut jobs, pod, Some(at)));
     }
