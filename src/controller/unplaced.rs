@@ -117,11 +117,12 @@ pub async fn list_every(
                 continue;
             }
         };
+        // The list in before the wakes: a woken reconcile reads this one.
         let waiting = waiting_runs(&pods, &jobs);
+        unplaced.replace(at, pods);
         for (ns, run) in told.union(&waiting) {
             wakes.wake(ns, run);
         }
-        unplaced.replace(at, pods);
         told = waiting;
     }
 }
