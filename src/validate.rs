@@ -27,7 +27,7 @@ fn err(field: &str, message: impl Into<String>) -> SpecError {
 }
 
 /// The run's execution settings with durations parsed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
     /// Build Jobs in flight at once.
     pub max_workers: u32,

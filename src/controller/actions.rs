@@ -11,7 +11,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 
 use crate::api::ImageBuildRun;
-use crate::job::{JobInputs, build_job};
+use crate::job::{JobInputs, build_job, job_value};
 use crate::manifest::{Harvest, Record, RecordStatus, Records};
 use crate::metrics::{Counted, Outcome};
 use crate::names::ANNOTATION_DISPATCHED_BY;
@@ -20,8 +20,12 @@ use crate::schedule::{Action, Failure, FailureClass, NodeState};
 
 /// A Job to create, and what the metrics learn when it is.
 pub struct NewJob {
-    /// The Job.
-    pub job: Job,
+    /// Its name.
+    pub name: String,
+    /// The attempt it makes.
+    pub attempt: u32,
+    /// The Job, as sent.
+    pub job: serde_json::Value,
     /// Its image's phase.
     pub phase: Phase,
     /// How long its image waited for it (ready to created).
@@ -43,14 +47,13 @@ pub struct JobMaking<'a> {
 /// The Jobs of the `CreateJob` actions. An action whose Job the spec cannot make (e.g. its
 /// pod annotations fail to render for this attempt: `retry.attempts` was raised past what
 /// the plan checked) becomes `MarkFailed` with `InvalidSpec`, so the image says why.
-pub fn jobs(plan: &Plan, actions: &mut [Action], making: &JobMaking<'_>) -> Vec<NewJob> {
-    let creates = actions
-        .iter()
-        .any(|a| matches!(a, Action::CreateJob { .. }));
-    if !creates {
-        return Vec::new();
-    }
-    let annotations = PodAnnotations::compile(making.inputs.spec);
+/// `annotations` are the spec's pod annotations compiled ([`compile_annotations`]).
+pub fn jobs(
+    plan: &Plan,
+    actions: &mut [Action],
+    making: &JobMaking<'_>,
+    annotations: &Compiled,
+) -> Vec<NewJob> {
     let mut out = Vec::new();
     for action in actions.iter_mut() {
         let Action::CreateJob { node: id, attempt } = *action else {
@@ -59,20 +62,21 @@ pub fn jobs(plan: &Plan, actions: &mut [Action], making: &JobMaking<'_>) -> Vec<
         let node = &plan.nodes[id];
         let made = annotations
             .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|a| make_job(a, &making.inputs, node, attempt));
+            .map_err(String::clone)
+            .and_then(|a| make_value(a, &making.inputs, node, attempt));
         match made {
             Ok(mut job) => {
-                if let Some(identity) = making.identity {
-                    job.metadata
-                        .annotations
-                        .get_or_insert_default()
-                        .insert(ANNOTATION_DISPATCHED_BY.into(), identity.to_string());
+                if let Some(identity) = making.identity
+                    && let Some(annotations) = job["metadata"]["annotations"].as_object_mut()
+                {
+                    annotations.insert(ANNOTATION_DISPATCHED_BY.into(), identity.into());
                 }
                 let waited = (making.now - (making.ready_since)(id))
                     .to_std()
                     .unwrap_or_default();
                 out.push(NewJob {
+                    name: node.job_name.clone(),
+                    attempt,
                     job,
                     phase: node.phase,
                     waited,
@@ -92,6 +96,15 @@ pub fn jobs(plan: &Plan, actions: &mut [Action], making: &JobMaking<'_>) -> Vec<
     out
 }
 
+/// A spec's pod annotations compiled, or why they cannot be.
+pub type Compiled = Result<PodAnnotations, String>;
+
+/// The pod annotations of `spec` compiled (once per generation of the spec: the
+/// templates' environment takes longer to make than a Job).
+pub fn compile_annotations(spec: &crate::api::ImageBuildRunSpec) -> Compiled {
+    PodAnnotations::compile(spec).map_err(|e| e.to_string())
+}
+
 /// The Job of `node`'s attempt `attempt`, its pod annotations rendered; why not, if the
 /// spec cannot make it.
 pub fn make_job(
@@ -104,6 +117,19 @@ pub fn make_job(
         .render(node, attempt)
         .map_err(|e| e.to_string())?;
     build_job(inputs, node, attempt, &pod).map_err(|e| e.to_string())
+}
+
+/// [`make_job`]'s Job as the JSON to send.
+fn make_value(
+    annotations: &PodAnnotations,
+    inputs: &JobInputs<'_>,
+    node: &Node,
+    attempt: u32,
+) -> Result<serde_json::Value, String> {
+    let pod = annotations
+        .render(node, attempt)
+        .map_err(|e| e.to_string())?;
+    job_value(inputs, node, attempt, &pod).map_err(|e| e.to_string())
 }
 
 /// What the actions record.
@@ -311,9 +337,18 @@ placement: {{podAnnotations: {annotations}}}
                 attempt: 3,
             },
         ];
-        let made = jobs(&plan, &mut actions, &making(&spec));
+        let made = jobs(
+            &plan,
+            &mut actions,
+            &making(&spec),
+            &compile_annotations(&spec),
+        );
         assert_eq!(made.len(), 1);
-        let job = &made[0].job;
+        let job: Job = serde_json::from_value(made[0].job.clone()).unwrap();
+        // Named and numbered as the Job it sends.
+        let attempt = super::super::observe::attempt_of(&job);
+        assert_eq!((job.name_any(), attempt), (made[0].name.clone(), 2));
+        assert_eq!(made[0].attempt, attempt);
         assert_eq!(
             job.metadata.annotations.as_ref().unwrap()[ANNOTATION_DISPATCHED_BY],
             "operator-0"

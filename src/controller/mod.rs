@@ -24,6 +24,7 @@ pub mod status;
 mod triggers;
 mod trim;
 mod unplaced;
+mod working;
 mod writing;
 
 use std::collections::HashSet;

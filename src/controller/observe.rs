@@ -52,6 +52,8 @@ pub struct Observed {
     pub stale_jobs: Vec<String>,
     /// Pods waiting for a node, however long.
     pub unschedulable: Vec<Unschedulable>,
+    /// The nodes whose state was read from a Job (or a Job just made), not a record.
+    pub overlaid: Vec<NodeId>,
 }
 
 /// Builds the states. A Job unschedulable for longer than `pending_timeout` counts as
@@ -68,13 +70,28 @@ pub fn observe(
     pending_timeout: Duration,
     now: DateTime<Utc>,
 ) -> Observed {
+    let mut states = records.states().to_vec();
+    // (Records of no plan, as in a test, say nothing of any node.)
+    states.resize(plan.nodes.len(), NodeState::NEW);
+    over(plan, states, jobs, dispatched, pending_timeout, now)
+}
+
+/// [`observe`], over `states`: every node's state as its record gives it (a reconcile's
+/// are kept from the one before, `working`). Only the nodes with a Job, or a Job just
+/// made, are read here: few (the builds in flight), each found by the plan's index,
+/// sorted by node and merged.
+pub fn over(
+    plan: &Plan,
+    states: Vec<NodeState>,
+    jobs: &BTreeMap<String, LiveJob>,
+    dispatched: &BTreeMap<String, u32>,
+    pending_timeout: Duration,
+    now: DateTime<Utc>,
+) -> Observed {
     let mut observed = Observed {
-        states: Vec::with_capacity(plan.nodes.len()),
+        states,
         ..Default::default()
     };
-    // Jobs and Jobs just made, by node: one pass over each (the plan's index finds the
-    // node), rather than a lookup by name per node; few (the builds in flight), sorted by
-    // node and walked beside the nodes. Records are kept by node already.
     let mut unknown = Vec::new();
     let mut live_of: Vec<(NodeId, &LiveJob)> = Vec::with_capacity(jobs.len());
     for (name, live) in jobs {
@@ -91,30 +108,34 @@ pub fn observe(
     made.sort_unstable_by_key(|&(id, _)| id);
     let mut live_of = live_of.into_iter().peekable();
     let mut made = made.into_iter().peekable();
-    for id in 0..plan.nodes.len() {
-        let recorded = records.state(id);
+    loop {
+        let id = match (live_of.peek(), made.peek()) {
+            (Some(&(a, _)), Some(&(b, _))) => a.min(b),
+            (Some(&(a, _)), None) => a,
+            (None, Some(&(b, _))) => b,
+            (None, None) => break,
+        };
         let live = live_of.next_if(|&(at, _)| at == id).map(|(_, live)| live);
         let made = made
             .next_if(|&(at, _)| at == id)
             .map(|(_, attempt)| attempt);
-        if live.is_none() && made.is_none() {
-            // Most nodes: what their record says.
-            observed.states.push(recorded.unwrap_or(NodeState::NEW));
+        let Some(slot) = observed.states.get_mut(id) else {
             continue;
-        }
+        };
         let unseen = made.filter(|&attempt| live.is_none_or(|l| attempt_of(&l.job) < attempt));
-        let state = match (recorded, live, unseen) {
-            (Some(state), live, _) if state.is_terminal() => {
+        let state = match (slot.is_terminal(), live, unseen) {
+            (true, live, _) => {
                 if live.is_some() {
                     observed.stale_jobs.push(plan.nodes[id].job_name.clone());
                 }
-                state
+                continue;
             }
-            (_, _, Some(attempt)) => NodeState::Running { attempt },
-            (_, Some(live), None) => job_state(id, live, pending_timeout, now, &mut observed),
-            (recorded, None, None) => recorded.unwrap_or(NodeState::NEW),
+            (false, _, Some(attempt)) => NodeState::Running { attempt },
+            (false, Some(live), None) => job_state(id, live, pending_timeout, now, &mut observed),
+            (false, None, None) => continue,
         };
-        observed.states.push(state);
+        observed.states[id] = state;
+        observed.overlaid.push(id);
     }
     // Jobs of no node of the plan (an older plan's) go too.
     observed.stale_jobs.extend(unknown);
@@ -138,7 +159,7 @@ fn job_state(
     if let Some(outcome) = outcome(&live.job, live.pod.as_deref()) {
         let result = match &outcome {
             Outcome::Succeeded { .. } => Ok(()),
-            Outcome::Failed { failure, .. } => Err(failure.clone()),
+            Outcome::Failed { failure, .. } => Err(Box::new(failure.clone())),
         };
         let finished = finished_at(&live.job);
         observed
@@ -173,7 +194,7 @@ fn job_state(
             return NodeState::Finished {
                 attempt,
                 at: now,
-                result: Err(failure),
+                result: Err(Box::new(failure)),
             };
         }
     }

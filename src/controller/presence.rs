@@ -449,7 +449,7 @@ mod tests {
         assert_eq!(p.due(&plan, &states, t0 + RECHECK), vec![a1]);
         // The image it could not check failed meanwhile (an input failed): nothing
         // wanted is unknown any more, so the registry is no longer a problem.
-        states[a1] = NodeState::Failed(Failure::new(FailureClass::DependencyFailed, "x"));
+        states[a1] = NodeState::Failed(Box::new(Failure::new(FailureClass::DependencyFailed, "x")));
         p.collect(&plan, &states, t0 + Duration::from_secs(2), STALL);
         assert_eq!(p.error(), None);
         assert!(p.due(&plan, &states, t0 + RECHECK).is_empty());

@@ -29,7 +29,7 @@ use super::actions::{self, JobMaking};
 use super::apply;
 use super::context::{Ctx, Error};
 use super::ledger::Decision;
-use super::observe::{LiveJob, observe, ready_since};
+use super::observe::{self, LiveJob, ready_since};
 use super::preflight::{self, Verdict};
 use super::presence::{self, Presence};
 use super::publish::{self, Derivation};
@@ -89,8 +89,16 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     status.observed_generation = generation;
     status.started_at.get_or_insert(now);
 
-    let settings = match validate::validate(&run.spec) {
-        Ok(s) => s,
+    // A spec is read once per generation (the spec is all it reads).
+    let validated = match (generation, &state.validated) {
+        (Some(g), Some((at, settings))) if *at == g => Ok(*settings),
+        _ => validate::validate(&run.spec),
+    };
+    let settings = match validated {
+        Ok(s) => {
+            state.validated = generation.map(|g| (g, s));
+            s
+        }
         Err(e) if is_final(&old) => {
             // A finished run keeps its outcome: an invalid edit of a mutable field changes
             // nothing of what was built (the CRD's rules refuse such edits; an object
@@ -247,14 +255,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             &unrecorded
         }
     };
-    let mut observed = observe(
-        &plan,
-        manifest.records(),
-        seen,
-        &unseen,
-        settings.pending_timeout,
-        now,
-    );
+    // The records' states, kept from the reconcile before (`working`), read over.
+    let states = state.working.take(&mut manifest);
+    let mut observed = observe::over(&plan, states, seen, &unseen, settings.pending_timeout, now);
 
     // Check presence.
     let presence = state
@@ -329,7 +332,25 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             !matches!(a, Action::CreateJob { node, .. } if writing.holds(&plan.nodes[*node].job_name))
         });
     }
-    let new_jobs = actions::jobs(&plan, &mut actions, &making);
+    let creates = actions
+        .iter()
+        .any(|a| matches!(a, Action::CreateJob { .. }));
+    let new_jobs = if creates {
+        // Compiled once per generation of the spec.
+        if state
+            .annotations
+            .as_ref()
+            .is_some_and(|(at, _)| *at != generation)
+        {
+            state.annotations = None;
+        }
+        let (_, compiled) = state
+            .annotations
+            .get_or_insert_with(|| (generation, actions::compile_annotations(&run.spec)));
+        actions::jobs(&plan, &mut actions, &making, compiled)
+    } else {
+        Vec::new()
+    };
     let recorded = actions::records(
         &plan,
         &observed.states,
@@ -397,8 +418,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // waits too (it is decided again).
     let (late, early): (Vec<_>, Vec<_>) = new_jobs
         .into_iter()
-        .filter(|new| !deferred(&new.job.name_any()))
-        .partition(|new| deletes.contains(&new.job.name_any()));
+        .filter(|new| !deferred(&new.name))
+        .partition(|new| deletes.contains(&new.name));
     let wake = || ctx.wakes.waker(&ns, &name);
     state
         .send(&jobs, &[], early, &live, &ctx.metrics, wake())
@@ -461,6 +482,13 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             now,
         },
     );
+    let next_retry = schedule::next_wakeup(&states);
+    // The states are kept for the next reconcile; one that cancels the run changed
+    // every node in flight, and the next makes them anew.
+    match cancelling {
+        false => state.working.keep(states, &observed.overlaid, &actions),
+        true => state.working.forget(),
+    }
     if is_final(&status) {
         // A run that ends is not reconciled again: its last deletes are answered first,
         // and one that failed is this reconcile's error (its Job deleted again next
@@ -493,10 +521,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
         wait = wait
             .min(MANIFEST_WRITE_INTERVAL.saturating_sub(at.elapsed()) + Duration::from_millis(10));
     }
-    for at in schedule::next_wakeup(&states)
-        .into_iter()
-        .chain(policy.deadline)
-    {
+    for at in next_retry.into_iter().chain(policy.deadline) {
         wait = wait.min((at - now).to_std().unwrap_or_default() + Duration::from_millis(100));
     }
     if let Some(deferred) = deferred {

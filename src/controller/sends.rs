@@ -29,14 +29,13 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use kube::Api;
 use kube::api::PostParams;
-use kube::{Api, ResourceExt};
 use tokio::sync::mpsc;
 
 use super::actions::NewJob;
 use super::apply::{API_CONCURRENCY, delete, send};
 use super::context::Error;
-use super::observe::attempt_of;
 use super::state::{Deleted, Dispatched};
 use crate::metrics::Metrics;
 
@@ -101,7 +100,7 @@ impl Sends {
         }
         let now = Instant::now();
         for new in &jobs {
-            dispatched.note(new.job.name_any(), attempt_of(&new.job), now);
+            dispatched.note(new.name.clone(), new.attempt, now);
         }
         let (api, metrics, send) = (api.clone(), metrics.clone(), self.send.clone());
         let names = deletes.iter().map(|(name, _)| name.clone()).collect();
@@ -131,12 +130,11 @@ impl Sends {
                     _ => None,
                 })
                 .collect();
-            let (unsent, jobs): (Vec<_>, Vec<_>) = jobs
-                .into_iter()
-                .partition(|new| kept.contains(&new.job.name_any()));
+            let (unsent, jobs): (Vec<_>, Vec<_>) =
+                jobs.into_iter().partition(|new| kept.contains(&new.name));
             failures.extend(unsent.into_iter().map(|new| Failed::Unsent {
-                name: new.job.name_any(),
-                attempt: attempt_of(&new.job),
+                name: new.name,
+                attempt: new.attempt,
             }));
             let creates = futures::stream::iter(jobs)
                 .map(|new| create(&api, &url, new, &metrics))
@@ -217,7 +215,7 @@ async fn create(
     new: NewJob,
     metrics: &Metrics,
 ) -> Option<Failed> {
-    let (name, attempt) = (new.job.name_any(), attempt_of(&new.job));
+    let (name, attempt) = (new.name, new.attempt);
     let result = match serde_json::to_vec(&new.job) {
         Ok(body) => send(api, url.create(&PostParams::default(), body)).await,
         Err(e) => Err(kube::Error::SerdeError(e)),
@@ -260,7 +258,9 @@ pub(super) mod tests {
             "annotations": {crate::names::ANNOTATION_ATTEMPT: attempt.to_string()},
         }});
         NewJob {
-            job: serde_json::from_value(job).unwrap(),
+            name: name.into(),
+            attempt,
+            job,
             phase: Phase::Assembly,
             waited: Duration::from_secs(3),
         }

@@ -36,6 +36,10 @@ pub struct RunState {
     pub written: Option<(ImageBuildRunStatus, Instant)>,
     /// The status write in flight, if one is (`publish::send`).
     pub status_send: Option<super::publish::StatusSend>,
+    /// The generation whose spec was found valid, and the settings read from it.
+    pub validated: Option<(i64, crate::validate::Settings)>,
+    /// The generation whose pod annotations were compiled, and what came of it.
+    pub annotations: Option<(Option<i64>, super::actions::Compiled)>,
     /// The generation whose Jobs the API server accepted in a dry run (`preflight`).
     pub preflight: Option<Option<i64>>,
     /// The retry request whose records this process wrote, and what it did: a status
@@ -51,6 +55,8 @@ pub struct RunState {
     pub manifest_written: Option<Instant>,
     /// The write of the run's records in flight, if one is.
     pub writing: Option<super::writing::Writing>,
+    /// Its node states as the last reconcile left them.
+    pub working: super::working::Working,
     /// What the status reads of the records, and the manifest version it was read from.
     pub facts: Option<(u64, crate::controller::status::RecordFacts)>,
 }
@@ -169,11 +175,8 @@ impl RunState {
         metrics: &Arc<crate::metrics::Metrics>,
         wake: impl FnOnce() + Send + 'static,
     ) {
-        use kube::ResourceExt;
         if deletes.iter().any(|name| self.dispatched.has(name))
-            || jobs
-                .iter()
-                .any(|new| self.sends.deleting(&new.job.name_any()))
+            || jobs.iter().any(|new| self.sends.deleting(&new.name))
         {
             self.sends.settle().await;
         }

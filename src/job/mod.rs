@@ -148,6 +148,22 @@ pub fn build_job(
     attempt: u32,
     pod_annotations: &BTreeMap<String, String>,
 ) -> Result<Job, JobError> {
+    let job = job_value(inputs, node, attempt, pod_annotations)?;
+    serde_json::from_value(job).map_err(|e| JobError::Malformed {
+        node: node.job_name.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// [`build_job`]'s Job as the JSON sent to the API server, not read back into a `Job`:
+/// what a dispatch creates (the first Job of each phase is read as a `Job`, and sent in
+/// a dry run, before any: `controller::preflight`).
+pub fn job_value(
+    inputs: &JobInputs<'_>,
+    node: &Node,
+    attempt: u32,
+    pod_annotations: &BTreeMap<String, String>,
+) -> Result<Value, JobError> {
     let spec = inputs.spec;
     let build =
         PhaseBuild::of(spec, node.phase).ok_or_else(|| JobError::NoPhase(node.job_name.clone()))?;
@@ -298,8 +314,5 @@ pub fn build_job(
             },
         },
     });
-    serde_json::from_value(job).map_err(|e| JobError::Malformed {
-        node: node.job_name.clone(),
-        reason: e.to_string(),
-    })
+    Ok(job)
 }

@@ -28,7 +28,7 @@ pub use write::{Staged, Written, send};
 
 use crate::api::{ImageBuildRun, MAX_MANIFESTS};
 use crate::names::LABEL_RUN_UID;
-use crate::plan::Plan;
+use crate::plan::{NodeId, Plan};
 use crate::text::shorten;
 
 /// The data key of a shard.
@@ -208,6 +208,10 @@ pub struct Manifest {
     versions: Vec<Option<String>>,
     /// Changes with every change of the records (see [`Manifest::version`]).
     version: u64,
+    /// The plan's nodes whose records changed since version `changed_since` (see
+    /// [`Manifest::take_changes`]).
+    changed: Vec<NodeId>,
+    changed_since: u64,
 }
 
 /// The version the next manifest made or changed in this process takes.
@@ -234,11 +238,14 @@ impl Manifest {
             .max()
             .unwrap_or(0)
             .max(shard_count(plan.nodes.len()));
+        let version = NEXT_VERSION.fetch_add(1, Ordering::Relaxed);
         let mut manifest = Manifest {
             records: Records::new(plan),
             moved: HashMap::new(),
             versions: vec![None; shards],
-            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+            version,
+            changed: Vec::new(),
+            changed_since: version,
         };
         for (i, version, records) in read {
             manifest.versions[i] = version;
@@ -326,10 +333,22 @@ impl Manifest {
             if self.planned_home(&job) != Some(i) {
                 self.moved.insert(job.clone(), i);
             }
+            if let Some(id) = self.records.plan().node_of(&job) {
+                self.changed.push(id);
+            }
             self.records.insert(job, record);
         }
         self.version = NEXT_VERSION.fetch_add(1, Ordering::Relaxed);
         touched
+    }
+
+    /// The plan's nodes whose records changed since the version this returns (the
+    /// manifest's when it was read, or when this was last called; a node may be named
+    /// more than once), and forgets them: what keeps a copy of the records' states
+    /// brings those nodes up to date, if its copy is of that version.
+    pub fn take_changes(&mut self) -> (u64, Vec<NodeId>) {
+        let since = std::mem::replace(&mut self.changed_since, self.version);
+        (since, std::mem::take(&mut self.changed))
     }
 
     /// The text of shard `i`: the records of the plan's nodes at its positions that were

@@ -286,7 +286,7 @@ impl Record {
     /// The scheduler's view of this record.
     pub fn state(&self) -> NodeState {
         match self.status {
-            RecordStatus::Failed => NodeState::Failed(self.failure()),
+            RecordStatus::Failed => NodeState::Failed(Box::new(self.failure())),
             RecordStatus::Retrying => NodeState::Waiting {
                 attempts: self.attempt_count,
                 not_before: self.not_before,
@@ -373,7 +373,7 @@ mod tests {
             ),
             (
                 Record::failed(&node(), &f, 3, None, now),
-                NodeState::Failed(f.clone()),
+                NodeState::Failed(Box::new(f.clone())),
             ),
             (
                 Record::failed(&node(), &f, 1, Some(now), now),

@@ -23,6 +23,10 @@ pub struct Records {
     /// The status of each node's record, packed: the passes over every node read this,
     /// not the records (328 bytes each, a cache miss apiece at 20,000 nodes).
     statuses: Vec<Option<RecordStatus>>,
+    /// The state each node's record gives it ([`Records::state`]; new without a record),
+    /// kept as records come: a reconcile copies these whole and reads only the nodes
+    /// with a Job, rather than make each node's state again from its record.
+    states: Vec<NodeState>,
     /// The records of Jobs not in the plan.
     others: BTreeMap<String, Record>,
     /// The Kubernetes nodes named by records, one copy each.
@@ -36,6 +40,7 @@ impl Records {
         Records {
             slots: vec![None; plan.nodes.len()],
             statuses: vec![None; plan.nodes.len()],
+            states: vec![NodeState::NEW; plan.nodes.len()],
             plan,
             ..Default::default()
         }
@@ -67,6 +72,12 @@ impl Records {
             Some(id) => self.slots[id].as_ref(),
             None => self.others.get(job),
         }
+    }
+
+    /// Every node's state as its record gives it, indexed like the plan's nodes: what
+    /// [`Records::state`] says, or new.
+    pub fn states(&self) -> &[NodeState] {
+        &self.states
     }
 
     /// The record of node `id` of the plan.
@@ -107,6 +118,7 @@ impl Records {
             Some(id) => {
                 share(&self.plan.nodes[id], &mut record);
                 self.statuses[id] = Some(record.status);
+                self.states[id] = record.state();
                 self.slots[id].replace(record)
             }
             None => self.others.insert(job, record),
@@ -226,12 +238,21 @@ mod tests {
             })
         );
         assert!((5..n).all(|id| records.status(id).is_none() && records.state(id).is_none()));
-        // A record replaced: its status follows.
+        // The states kept for every node say the same, and new for a node without one.
+        let kept = |records: &Records| -> Vec<NodeState> {
+            (0..n)
+                .map(|id| records.state(id).unwrap_or(NodeState::NEW))
+                .collect()
+        };
+        assert_eq!(records.states(), kept(&records));
+        // A record replaced: its status and state follow.
         records.insert(
             plan.nodes[3].job_name.clone(),
             Record::built(&plan.nodes[3], 3, now),
         );
         assert_eq!(records.state(3), Some(NodeState::Succeeded));
+        assert_eq!(records.states()[3], NodeState::Succeeded);
+        assert_eq!(records.states(), kept(&records));
         let failed: Vec<_> = records
             .planned_of(RecordStatus::Retrying)
             .map(|(id, _)| id)

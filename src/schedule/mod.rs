@@ -61,15 +61,16 @@ pub enum NodeState {
         attempt: u32,
         /// When it ended.
         at: DateTime<Utc>,
-        /// Success, or the classified failure.
-        result: Result<(), Failure>,
+        /// Success, or the classified failure (boxed: a node's state is read by every pass
+        /// over the nodes, and most are not failures).
+        result: Result<(), Box<Failure>>,
     },
     /// Built and pushed.
     Succeeded,
     /// Not built.
     Skipped(SkipReason),
-    /// Failed for good.
-    Failed(Failure),
+    /// Failed for good (boxed, as above).
+    Failed(Box<Failure>),
 }
 
 impl NodeState {
@@ -149,6 +150,20 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The node the action is of.
+    pub fn node(&self) -> NodeId {
+        match self {
+            Action::CreateJob { node, .. }
+            | Action::DeleteJob { node }
+            | Action::RetryAt { node, .. }
+            | Action::MarkSucceeded { node }
+            | Action::MarkFailed { node, .. }
+            | Action::MarkSkipped { node, .. } => *node,
+        }
+    }
+}
+
 /// Whether a node's image will be needed, from the registry and its dependents.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Demand {
@@ -166,7 +181,7 @@ pub fn backoff(policy: &Policy, attempt: u32) -> Duration {
         .min(policy.backoff_max)
 }
 
-fn priority(plan: &Plan, node: NodeId) -> (u8, std::cmp::Reverse<usize>, NodeId) {
+fn priority(plan: &Plan, node: NodeId) -> Priority {
     let rank = match plan.phase(node) {
         Phase::Builder => 0,
         Phase::PostAssembly => 1,
@@ -220,7 +235,13 @@ pub fn decide(
     let mut done = vec![false; n];
     let mut failed = vec![false; n];
     let mut in_flight = 0u32;
-    let mut ready = Vec::new();
+    // The ready nodes first in priority order, kept as they come: thousands can be ready in
+    // a large run, a few slots free (counted once the pass has seen every Job in flight).
+    let mut ready = Ready::new(if policy.suspend {
+        0
+    } else {
+        policy.max_workers as usize
+    });
     for id in 0..n {
         match &states[id] {
             NodeState::Succeeded | NodeState::Skipped(_) => done[id] = true,
@@ -257,13 +278,13 @@ pub fn decide(
                             at: at
                                 .checked_add_signed(wait)
                                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
-                            failure: f.clone(),
+                            failure: Failure::clone(f),
                         });
                     }
                     Err(f) => {
                         actions.push(Action::MarkFailed {
                             node: id,
-                            failure: f.clone(),
+                            failure: Failure::clone(f),
                         });
                         failed[id] = true;
                     }
@@ -303,7 +324,7 @@ pub fn decide(
                     && deps.iter().all(|&d| done[d])
                     && not_before.is_none_or(|t| now >= t)
                 {
-                    ready.push((id, attempts + 1));
+                    ready.push(priority(plan, id), attempts + 1);
                 }
             }
         }
@@ -311,23 +332,48 @@ pub fn decide(
 
     if !policy.suspend {
         let slots = policy.max_workers.saturating_sub(in_flight) as usize;
-        // Only the `slots` first in priority order are wanted: selected in linear time,
-        // then sorted (thousands can be ready in a large run, a few slots free). Each
-        // node's priority is read once, not at every comparison.
-        let mut ready: Vec<_> = ready
-            .into_iter()
-            .map(|(id, attempt)| (priority(plan, id), attempt))
-            .collect();
-        if slots < ready.len() {
-            ready.select_nth_unstable(slots);
-            ready.truncate(slots);
-        }
-        ready.sort_unstable();
-        for ((_, _, node), attempt) in ready {
+        for ((_, _, node), attempt) in ready.first(slots) {
             actions.push(Action::CreateJob { node, attempt });
         }
     }
     actions
+}
+
+/// A node's priority: the lowest goes first.
+type Priority = (u8, std::cmp::Reverse<usize>, NodeId);
+
+/// The ready nodes of one pass first in priority order, with the attempt each would make:
+/// at most `cap` of them (the most that can be dispatched), the worst on top of the heap,
+/// so that a node worse than all it holds costs one comparison.
+struct Ready {
+    cap: usize,
+    best: std::collections::BinaryHeap<(Priority, u32)>,
+}
+
+impl Ready {
+    fn new(cap: usize) -> Ready {
+        Ready {
+            cap,
+            best: std::collections::BinaryHeap::with_capacity(cap.min(1024) + 1),
+        }
+    }
+
+    fn push(&mut self, priority: Priority, attempt: u32) {
+        if self.best.len() < self.cap {
+            self.best.push((priority, attempt));
+        } else if let Some(mut worst) = self.best.peek_mut()
+            && priority < worst.0
+        {
+            *worst = (priority, attempt);
+        }
+    }
+
+    /// The `slots` first in priority order, in that order.
+    fn first(self, slots: usize) -> Vec<(Priority, u32)> {
+        let mut first = self.best.into_sorted_vec();
+        first.truncate(slots);
+        first
+    }
 }
 
 /// The state change an action records. The reconciler persists the same change.
@@ -349,7 +395,9 @@ pub fn apply(states: &mut [NodeState], action: &Action) {
             };
         }
         Action::MarkSucceeded { node } => states[*node] = NodeState::Succeeded,
-        Action::MarkFailed { node, failure } => states[*node] = NodeState::Failed(failure.clone()),
+        Action::MarkFailed { node, failure } => {
+            states[*node] = NodeState::Failed(Box::new(failure.clone()))
+        }
         Action::MarkSkipped { node, reason } => states[*node] = NodeState::Skipped(*reason),
     }
 }
@@ -363,4 +411,62 @@ pub fn next_wakeup(states: &[NodeState]) -> Option<DateTime<Utc>> {
             _ => None,
         })
         .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cmp::Reverse;
+
+    #[test]
+    fn the_ready_nodes_kept_are_the_first_in_priority_order_whatever_their_arrival() {
+        let mut ready = Ready::new(4);
+        let arrivals = [7, 3, 9, 1, 8, 2, 6, 0, 5, 4];
+        for id in arrivals {
+            // Among equal ranks, more dependents first; then the lower node.
+            ready.push((2, Reverse(id % 3), id), id as u32);
+        }
+        let first: Vec<NodeId> = ready.first(3).iter().map(|((_, _, id), _)| *id).collect();
+        assert_eq!(first, [2, 5, 8]);
+        // No room: nothing kept.
+        let mut none = Ready::new(0);
+        none.push((0, Reverse(0), 1), 1);
+        assert!(none.first(0).is_empty());
+    }
+
+    #[test]
+    fn the_free_slots_go_to_the_first_ready_nodes_in_priority_order() {
+        let plan = crate::plan::fixture(&["a__a-1", "b__b-2", "c__c-3", "d__d-4", "e__e-5"]);
+        let n = plan.nodes.len();
+        let bases: Vec<NodeId> = (0..n).filter(|&id| plan.phase(id) == Phase::Base).collect();
+        assert_eq!(bases.len(), 5);
+        let mut states = vec![NodeState::NEW; n];
+        let builder = (0..n).find(|&id| plan.phase(id) == Phase::Builder).unwrap();
+        states[builder] = NodeState::Succeeded;
+        states[bases[1]] = NodeState::Running { attempt: 1 };
+        let policy = Policy {
+            max_workers: 3,
+            attempts: 3,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(1),
+            force_rebuild: false,
+            suspend: false,
+            deadline: None,
+        };
+        let registry = vec![Registry::Missing; n];
+        let created: Vec<NodeId> = decide(&plan, &registry, &states, &policy, Utc::now())
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::CreateJob { node, attempt: 1 } => Some(node),
+                _ => None,
+            })
+            .collect();
+        // Two slots free (one base in flight): the two first bases not in flight.
+        assert_eq!(created, [bases[0], bases[2]]);
+        let suspended = Policy {
+            suspend: true,
+            ..policy
+        };
+        assert!(decide(&plan, &registry, &states, &suspended, Utc::now()).is_empty());
+    }
 }

@@ -135,9 +135,10 @@ pub fn simulate(
             if matches!(states[node], NodeState::Running { .. }) {
                 let result = match failure {
                     None => Ok(()),
-                    Some(class) => {
-                        Err(Failure::new(class, format!("simulated {}", class.as_str())))
-                    }
+                    Some(class) => Err(Box::new(Failure::new(
+                        class,
+                        format!("simulated {}", class.as_str()),
+                    ))),
                 };
                 states[node] = NodeState::Finished {
                     attempt,
