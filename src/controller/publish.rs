@@ -20,7 +20,6 @@ use super::state::RunState;
 use super::status::{self, RecordFacts};
 use crate::api::{ImageBuildRun, ImageBuildRunStatus, PhaseCounts, RunPhase};
 use crate::metrics::{Metrics, RunId};
-use crate::plan::Plan;
 use crate::schedule::NodeState;
 
 /// The recent window `imagesPerHour` is measured over.
@@ -32,10 +31,10 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the status of a building run is derived from.
 pub struct Derivation<'a> {
-    /// The plan.
-    pub plan: &'a Plan,
     /// Every node's state, after this reconcile's actions.
     pub states: &'a [NodeState],
+    /// What `states` count, by phase.
+    pub counts: [PhaseCounts; 4],
     /// What the status reads of the manifest's records.
     pub facts: &'a RecordFacts,
     /// The manifest's shards, as the status names them.
@@ -64,7 +63,7 @@ pub struct Derivation<'a> {
 /// drift by clock alone) from `d`.
 pub fn derive(status: &mut ImageBuildRunStatus, d: &Derivation<'_>) {
     let old = status.clone();
-    let counts = status::counts(d.plan, d.states);
+    let counts = d.counts;
     let builder_retrying = matches!(
         d.states.first(),
         Some(NodeState::Waiting { attempts, .. }) if *attempts > 0
@@ -471,8 +470,8 @@ assembly: {context: {inline: "FROM scratch"}, image: "r.io/a:{{ instanceId | low
             derive(
                 &mut status,
                 &Derivation {
-                    plan: &plan,
                     states: &states,
+                    counts: super::status::counts(&plan, &states),
                     facts: &facts,
                     manifests: vec![],
                     attempts: 1,

@@ -41,7 +41,7 @@ use crate::api::{ImageBuildRun, ImageBuildRunStatus, RunPhase};
 use crate::job::JobInputs;
 use crate::manifest::{self, Manifest};
 use crate::metrics::{RunId, RunSettings};
-use crate::schedule::{self, Action, NodeState, Policy};
+use crate::schedule::{self, Action, Policy, Tally};
 use crate::validate::{self, Settings};
 
 /// The least time between two manifest writes of a run (see the apply step).
@@ -372,12 +372,22 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     if cancelling {
         actions::stopped(&mut states);
     }
+    // What the states count, from the records' tally and the nodes this reconcile changed
+    // (counted whole after a cancel, which changed every node in flight).
+    let tally = match cancelling {
+        false => state
+            .working
+            .tally(&manifest, &states, &observed.overlaid, &actions),
+        true => None,
+    }
+    .unwrap_or_else(|| Tally::of(&plan, &states));
+    debug_assert_eq!(tally, Tally::of(&plan, &states));
     // Records are written at most once a second per run, and one write at a time: the
     // finished Jobs they harvest stay until then (a Job is deleted only once its record is
     // written) and are read again by the next reconcile, which writes them all in one go.
     // A write goes in the background (`writing`), but for a run that ends with it, or is
     // cancelled: that write, and one still in flight, are answered here.
-    let ending = states.iter().all(NodeState::is_terminal);
+    let ending = tally.all_final();
     let now_or_never = ending || cancelling;
     if now_or_never && let Some(writing) = state.writing.take() {
         answered(
@@ -467,8 +477,8 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     publish::derive(
         &mut status,
         &Derivation {
-            plan: &plan,
             states: &states,
+            counts: tally.counts(),
             facts,
             manifests: manifest.names(&name),
             attempts: run.spec.retry.attempts,
@@ -482,7 +492,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
             now,
         },
     );
-    let next_retry = schedule::next_wakeup(&states);
+    let next_retry = tally.next_wakeup(&states);
     // The states are kept for the next reconcile; one that cancels the run changed
     // every node in flight, and the next makes them anew.
     match cancelling {

@@ -6,33 +6,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{FailureRecord, ImageBuildRunStatus, MAX_FAILURE_RECORDS, PhaseCounts, RunPhase};
 use crate::manifest::{Record, RecordStatus, Records};
-use crate::plan::{NodeId, Phase, Plan};
-use crate::schedule::NodeState;
+use crate::plan::{NodeId, Plan};
+use crate::schedule::{NodeState, tally};
 
 /// Counts of every phase.
 pub fn counts(plan: &Plan, states: &[NodeState]) -> [PhaseCounts; 4] {
-    let mut out = [PhaseCounts::default(); 4];
-    for (&phase, state) in plan.phases().iter().zip(states) {
-        let c = &mut out[index(phase)];
-        c.total += 1;
-        match state {
-            NodeState::Waiting { .. } => c.pending += 1,
-            NodeState::Running { .. } | NodeState::Finished { .. } => c.running += 1,
-            NodeState::Succeeded => c.succeeded += 1,
-            NodeState::Skipped(_) => c.skipped += 1,
-            NodeState::Failed(_) => c.failed += 1,
-        }
-    }
-    out
-}
-
-fn index(phase: Phase) -> usize {
-    match phase {
-        Phase::Builder => 0,
-        Phase::Base => 1,
-        Phase::Assembly => 2,
-        Phase::PostAssembly => 3,
-    }
+    crate::schedule::Tally::of(plan, states).counts()
 }
 
 /// The run's phase once every node is final, or `Building`.
@@ -172,12 +151,12 @@ impl RecordFacts {
             if r.status != RecordStatus::Built {
                 continue;
             }
-            durations[index(r.phase)].extend(r.duration_seconds);
+            durations[tally::index(r.phase)].extend(r.duration_seconds);
             let Some(start) = r.started_at else {
                 continue;
             };
             let end = r.finished_at.unwrap_or(r.time);
-            let (sum, n) = &mut build_seconds[index(r.phase)];
+            let (sum, n) = &mut build_seconds[tally::index(r.phase)];
             *sum += (end - start).num_milliseconds().max(0) as f64 / 1000.0;
             *n += 1;
         }
@@ -339,6 +318,7 @@ pub fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Phase;
 
     /// The plan of `n` instances `r__r-00`, `r__r-01`, ... with one base each.
     fn small_plan(n: usize) -> Plan {

@@ -6,7 +6,7 @@
 
 use crate::manifest::Manifest;
 use crate::plan::NodeId;
-use crate::schedule::{Action, NodeState};
+use crate::schedule::{Action, NodeState, Tally};
 
 /// The states a reconcile left, and which of them may not be their records'.
 #[derive(Default)]
@@ -48,6 +48,40 @@ impl Working {
         self.touched.extend_from_slice(overlaid);
         self.touched.extend(actions.iter().map(Action::node));
         self.states = states;
+    }
+
+    /// The tally of `states`, the states taken from `manifest` changed at the nodes
+    /// `overlaid` and those the `actions` applied to them name: the records' tally, set
+    /// right at those nodes and at those whose records changed since the take. `None` if
+    /// `manifest` is not the one they were taken from, or has changes it no longer holds
+    /// (taken since): then only a count of every node says.
+    pub fn tally(
+        &self,
+        manifest: &Manifest,
+        states: &[NodeState],
+        overlaid: &[NodeId],
+        actions: &[Action],
+    ) -> Option<Tally> {
+        let (since, changed) = manifest.changes();
+        let records = manifest.records();
+        let base = records.states();
+        if self.synced != Some(since) || base.len() != states.len() {
+            return None;
+        }
+        let mut nodes: Vec<NodeId> = overlaid
+            .iter()
+            .copied()
+            .chain(actions.iter().map(Action::node))
+            .chain(changed.iter().copied())
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut tally = records.tally().clone();
+        let plan = records.plan();
+        for id in nodes {
+            tally.change(plan.phase(id), id, &base[id], &states[id]);
+        }
+        Some(tally)
     }
 
     /// Forgets the states (a change that named no node in particular): the next
@@ -127,6 +161,13 @@ mod tests {
             crate::schedule::apply(&mut states, action);
         }
         manifest.stage(&run, built(&plan, &[5])).unwrap();
+        // Its tally: the records' (node 5 built), set right at the nodes it changed.
+        let tally = working.tally(&manifest, &states, &[2], &actions);
+        assert_eq!(tally, Some(Tally::of(&plan, &states)));
+        assert_eq!(tally.unwrap().counts()[1].running, 2);
+        // Not of another manifest.
+        let other = Manifest::from_shards(plan.clone(), vec![]);
+        assert_eq!(working.tally(&other, &states, &[2], &actions), None);
         working.keep(states, &[2], &actions);
 
         // Next: the records' states again, node 5 built.

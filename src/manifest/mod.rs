@@ -342,6 +342,11 @@ impl Manifest {
         touched
     }
 
+    /// What [`Manifest::take_changes`] would return, left in place.
+    pub fn changes(&self) -> (u64, &[NodeId]) {
+        (self.changed_since, &self.changed)
+    }
+
     /// The plan's nodes whose records changed since the version this returns (the
     /// manifest's when it was read, or when this was last called; a node may be named
     /// more than once), and forgets them: what keeps a copy of the records' states

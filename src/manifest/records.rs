@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::{Record, RecordStatus};
 use crate::plan::{Node, NodeId, Plan};
-use crate::schedule::NodeState;
+use crate::schedule::{NodeState, Tally};
 
 /// The records of a run, by node of its plan and by Job name.
 #[derive(Clone, Debug, Default)]
@@ -27,6 +27,8 @@ pub struct Records {
     /// kept as records come: a reconcile copies these whole and reads only the nodes
     /// with a Job, rather than make each node's state again from its record.
     states: Vec<NodeState>,
+    /// The tally of `states`, kept with them.
+    tally: Tally,
     /// The records of Jobs not in the plan.
     others: BTreeMap<String, Record>,
     /// The Kubernetes nodes named by records, one copy each.
@@ -41,6 +43,7 @@ impl Records {
             slots: vec![None; plan.nodes.len()],
             statuses: vec![None; plan.nodes.len()],
             states: vec![NodeState::NEW; plan.nodes.len()],
+            tally: Tally::of(&plan, &vec![NodeState::NEW; plan.nodes.len()]),
             plan,
             ..Default::default()
         }
@@ -78,6 +81,11 @@ impl Records {
     /// [`Records::state`] says, or new.
     pub fn states(&self) -> &[NodeState] {
         &self.states
+    }
+
+    /// The tally of [`Records::states`].
+    pub fn tally(&self) -> &Tally {
+        &self.tally
     }
 
     /// The record of node `id` of the plan.
@@ -118,7 +126,10 @@ impl Records {
             Some(id) => {
                 share(&self.plan.nodes[id], &mut record);
                 self.statuses[id] = Some(record.status);
-                self.states[id] = record.state();
+                let state = record.state();
+                self.tally
+                    .change(self.plan.phase(id), id, &self.states[id], &state);
+                self.states[id] = state;
                 self.slots[id].replace(record)
             }
             None => self.others.insert(job, record),
@@ -245,6 +256,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(records.states(), kept(&records));
+        assert_eq!(*records.tally(), Tally::of(&plan, &kept(&records)));
+        assert_eq!(records.tally().next_wakeup(records.states()), Some(later));
         // A record replaced: its status and state follow.
         records.insert(
             plan.nodes[3].job_name.clone(),
@@ -252,6 +265,7 @@ mod tests {
         );
         assert_eq!(records.state(3), Some(NodeState::Succeeded));
         assert_eq!(records.states()[3], NodeState::Succeeded);
+        assert_eq!(*records.tally(), Tally::of(&plan, &kept(&records)));
         assert_eq!(records.states(), kept(&records));
         let failed: Vec<_> = records
             .planned_of(RecordStatus::Retrying)
