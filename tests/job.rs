@@ -332,3 +332,56 @@ fn the_build_pod_runs_the_wrapper_from_the_runs_configmap() {
     );
     assert!(cut.contains("-wrapper-"), "{cut}");
 }
+
+#[test]
+fn one_template_makes_every_job_of_its_phase_as_one_made_for_each_would() {
+    use imagebuild_operator::names::{ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, LABEL_NODE};
+    let (mut run, plan) = swebench();
+    // The plain-HTTP registries are the one field put in the middle of a list.
+    run.spec.registry.insecure = true;
+    let inputs = swebench_inputs(&run.spec);
+    let annotations = BTreeMap::from([("example.com/team".to_string(), "evals".to_string())]);
+    for phase in [Phase::Builder, Phase::Base, Phase::Assembly] {
+        let template = job::JobTemplate::new(&inputs, phase).unwrap();
+        let nodes: Vec<_> = plan.nodes.iter().filter(|n| n.phase == phase).collect();
+        assert!(!nodes.is_empty());
+        for (i, node) in nodes.iter().enumerate() {
+            let attempt = 1 + i as u32 % 3;
+            let job = template.job(&inputs, node, attempt, &annotations).unwrap();
+            let fresh = job::job_value(&inputs, node, attempt, &annotations).unwrap();
+            assert_eq!(job, fresh, "{}", node.job_name);
+            // The node's own fields, on the Job and on its pod.
+            assert_eq!(job["metadata"]["name"], node.job_name.as_str());
+            for meta in [&job["metadata"], &job["spec"]["template"]["metadata"]] {
+                assert_eq!(meta["labels"][LABEL_NODE], job::node_label(node).as_str());
+                assert_eq!(meta["annotations"][ANNOTATION_IMAGE], &*node.image);
+                assert_eq!(
+                    meta["annotations"][ANNOTATION_ATTEMPT],
+                    attempt.to_string().as_str()
+                );
+            }
+            let pod = &job["spec"]["template"];
+            assert_eq!(pod["metadata"]["annotations"]["example.com/team"], "evals");
+            let container = &pod["spec"]["containers"][0];
+            let build = PhaseBuild::of(&run.spec, phase).unwrap();
+            let args: Vec<_> = container["command"].as_array().unwrap()[2..]
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(args, buildctl_args(&build, node));
+            let http: Vec<_> = container["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["name"] == "IMAGEBUILD_HTTP_REGISTRIES")
+                .map(|e| e["value"].as_str().unwrap().to_string())
+                .collect();
+            let hosts = job::http_registries(node);
+            let expected: Vec<String> = match hosts.is_empty() {
+                true => vec![],
+                false => vec![hosts.join(" ")],
+            };
+            assert_eq!(http, expected);
+        }
+    }
+}

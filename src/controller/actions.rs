@@ -11,12 +11,12 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 
 use crate::api::ImageBuildRun;
-use crate::job::{JobInputs, build_job, job_value};
+use crate::job::{JobError, JobInputs, JobTemplate, build_job};
 use crate::manifest::{Harvest, Record, RecordStatus, Records};
 use crate::metrics::{Counted, Outcome};
 use crate::names::ANNOTATION_DISPATCHED_BY;
 use crate::plan::{Node, NodeId, Phase, Plan, PodAnnotations};
-use crate::schedule::{Action, Failure, FailureClass, NodeState};
+use crate::schedule::{Action, Failure, FailureClass, NodeState, tally};
 
 /// A Job to create, and what the metrics learn when it is.
 pub struct NewJob {
@@ -47,12 +47,12 @@ pub struct JobMaking<'a> {
 /// The Jobs of the `CreateJob` actions. An action whose Job the spec cannot make (e.g. its
 /// pod annotations fail to render for this attempt: `retry.attempts` was raised past what
 /// the plan checked) becomes `MarkFailed` with `InvalidSpec`, so the image says why.
-/// `annotations` are the spec's pod annotations compiled ([`compile_annotations`]).
+/// `compiled` is what the spec's Jobs are made with ([`Compiled::new`]).
 pub fn jobs(
     plan: &Plan,
     actions: &mut [Action],
     making: &JobMaking<'_>,
-    annotations: &Compiled,
+    compiled: &mut Compiled,
 ) -> Vec<NewJob> {
     let mut out = Vec::new();
     for action in actions.iter_mut() {
@@ -60,10 +60,7 @@ pub fn jobs(
             continue;
         };
         let node = &plan.nodes[id];
-        let made = annotations
-            .as_ref()
-            .map_err(String::clone)
-            .and_then(|a| make_value(a, &making.inputs, node, attempt));
+        let made = compiled.job(&making.inputs, node, attempt);
         match made {
             Ok(mut job) => {
                 if let Some(identity) = making.identity
@@ -96,13 +93,43 @@ pub fn jobs(
     out
 }
 
-/// A spec's pod annotations compiled, or why they cannot be.
-pub type Compiled = Result<PodAnnotations, String>;
+/// What one generation of a spec makes its Jobs with, made once: its pod annotations
+/// compiled (their templates' environment takes longer to make than a Job), or why they
+/// cannot be, and each phase's Job template ([`JobTemplate`]) once a Job needs it.
+pub struct Compiled {
+    annotations: Result<PodAnnotations, String>,
+    /// By phase: `Some(None)` if the spec does not define it.
+    templates: [Option<Option<JobTemplate>>; 4],
+}
 
-/// The pod annotations of `spec` compiled (once per generation of the spec: the
-/// templates' environment takes longer to make than a Job).
-pub fn compile_annotations(spec: &crate::api::ImageBuildRunSpec) -> Compiled {
-    PodAnnotations::compile(spec).map_err(|e| e.to_string())
+impl Compiled {
+    /// The pod annotations of `spec` compiled; no template made yet.
+    pub fn new(spec: &crate::api::ImageBuildRunSpec) -> Compiled {
+        Compiled {
+            annotations: PodAnnotations::compile(spec).map_err(|e| e.to_string()),
+            templates: Default::default(),
+        }
+    }
+
+    /// The Job of `node`'s attempt `attempt` in the run of `inputs` (of the spec this
+    /// was compiled from), as the JSON to send; why not, if the spec cannot make it.
+    fn job(
+        &mut self,
+        inputs: &JobInputs<'_>,
+        node: &Node,
+        attempt: u32,
+    ) -> Result<serde_json::Value, String> {
+        let annotations = self.annotations.as_ref().map_err(String::clone)?;
+        let pod = annotations
+            .render(node, attempt)
+            .map_err(|e| e.to_string())?;
+        self.templates[tally::index(node.phase)]
+            .get_or_insert_with(|| JobTemplate::new(inputs, node.phase))
+            .as_ref()
+            .ok_or_else(|| JobError::NoPhase(node.job_name.clone()))
+            .and_then(|template| template.job(inputs, node, attempt, &pod))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The Job of `node`'s attempt `attempt`, its pod annotations rendered; why not, if the
@@ -117,19 +144,6 @@ pub fn make_job(
         .render(node, attempt)
         .map_err(|e| e.to_string())?;
     build_job(inputs, node, attempt, &pod).map_err(|e| e.to_string())
-}
-
-/// [`make_job`]'s Job as the JSON to send.
-fn make_value(
-    annotations: &PodAnnotations,
-    inputs: &JobInputs<'_>,
-    node: &Node,
-    attempt: u32,
-) -> Result<serde_json::Value, String> {
-    let pod = annotations
-        .render(node, attempt)
-        .map_err(|e| e.to_string())?;
-    job_value(inputs, node, attempt, &pod).map_err(|e| e.to_string())
 }
 
 /// What the actions record.
@@ -341,7 +355,7 @@ placement: {{podAnnotations: {annotations}}}
             &plan,
             &mut actions,
             &making(&spec),
-            &compile_annotations(&spec),
+            &mut Compiled::new(&spec),
         );
         assert_eq!(made.len(), 1);
         let job: Job = serde_json::from_value(made[0].job.clone()).unwrap();

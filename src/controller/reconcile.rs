@@ -338,15 +338,15 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let new_jobs = if creates {
         // Compiled once per generation of the spec.
         if state
-            .annotations
+            .compiled
             .as_ref()
             .is_some_and(|(at, _)| *at != generation)
         {
-            state.annotations = None;
+            state.compiled = None;
         }
         let (_, compiled) = state
-            .annotations
-            .get_or_insert_with(|| (generation, actions::compile_annotations(&run.spec)));
+            .compiled
+            .get_or_insert_with(|| (generation, actions::Compiled::new(&run.spec)));
         actions::jobs(&plan, &mut actions, &making, compiled)
     } else {
         Vec::new()

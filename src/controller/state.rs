@@ -38,8 +38,9 @@ pub struct RunState {
     pub status_send: Option<super::publish::StatusSend>,
     /// The generation whose spec was found valid, and the settings read from it.
     pub validated: Option<(i64, crate::validate::Settings)>,
-    /// The generation whose pod annotations were compiled, and what came of it.
-    pub annotations: Option<(Option<i64>, super::actions::Compiled)>,
+    /// The generation whose Jobs' making was compiled (pod annotations, Job templates),
+    /// and what came of it.
+    pub compiled: Option<(Option<i64>, super::actions::Compiled)>,
     /// The generation whose Jobs the API server accepted in a dry run (`preflight`).
     pub preflight: Option<Option<i64>>,
     /// The retry request whose records this process wrote, and what it did: a status

@@ -22,7 +22,7 @@ use crate::names::{
     ANNOTATION_ATTEMPT, ANNOTATION_IMAGE, ANNOTATION_INSTANCE, LABEL_NODE, LABEL_PHASE, LABEL_RUN,
     LABEL_RUN_UID, MANAGER, run_label, sha256_hex,
 };
-use crate::plan::Node;
+use crate::plan::{Node, Phase};
 
 /// The wrapper script the build container runs (`sh /imagebuild/build.sh <buildctl
 /// args>`), from the run's wrapper ConfigMap ([`wrapper_config_map`]).
@@ -164,155 +164,230 @@ pub fn job_value(
     attempt: u32,
     pod_annotations: &BTreeMap<String, String>,
 ) -> Result<Value, JobError> {
-    let spec = inputs.spec;
-    let build =
-        PhaseBuild::of(spec, node.phase).ok_or_else(|| JobError::NoPhase(node.job_name.clone()))?;
-    let labels = json!({
-        "app.kubernetes.io/managed-by": MANAGER,
-        "app.kubernetes.io/name": "imagebuild",
-        LABEL_RUN: run_label(inputs.run_name),
-        LABEL_RUN_UID: inputs.run_uid,
-        LABEL_PHASE: node.phase.as_str(),
-        LABEL_NODE: node_label(node),
-    });
-    let mut annotations = serde_json::Map::new();
-    annotations.insert(ANNOTATION_ATTEMPT.into(), attempt.to_string().into());
-    annotations.insert(ANNOTATION_IMAGE.into(), node.image.to_string().into());
-    if let Some(id) = &node.instance_id {
-        annotations.insert(ANNOTATION_INSTANCE.into(), id.to_string().into());
-    }
-    let mut pod_ann = annotations.clone();
-    for (k, v) in pod_annotations {
-        pod_ann.insert(k.clone(), v.clone().into());
-    }
+    JobTemplate::new(inputs, node.phase)
+        .ok_or_else(|| JobError::NoPhase(node.job_name.clone()))?
+        .job(inputs, node, attempt, pod_annotations)
+}
 
-    let rootless = spec.executor.mode == ExecutorMode::Rootless;
-    // The wrapper starts buildkitd (through rootlesskit in rootless mode) for this one
-    // build, runs buildctl with these arguments, and stops it after.
-    let mut command = vec!["sh".to_string(), format!("{WRAPPER_DIR}/{WRAPPER_KEY}")];
-    command.extend(buildctl_args(&build, node));
+/// What the build Jobs of one phase of a run share: a Job is a copy of this with its
+/// node's own fields set ([`JobTemplate::job`]). Made once per phase and generation of the
+/// spec (`controller::actions`): building each Job whole took tens of microseconds, most
+/// of them on what every Job of the phase says alike.
+#[derive(Clone, Debug)]
+pub struct JobTemplate {
+    /// The Job, its node's fields empty: its name, node label, annotations and command.
+    job: Value,
+    /// Where the node's plain-HTTP registries go in the build container's environment,
+    /// if the run's registry is insecure.
+    http_registries_at: Option<usize>,
+}
 
-    let (mode, state_dir) = if rootless {
-        ("rootless", "/home/user/.local/share/buildkit")
-    } else {
-        ("privileged", "/var/lib/buildkit")
-    };
-    let mut env = vec![
-        json!({"name": "IMAGEBUILD_EXECUTOR_MODE", "value": mode}),
-        json!({"name": "IMAGEBUILD_BUILDKIT_ROOT", "value": state_dir}),
-        // BuildKit clips a step's output at 2 MiB, and at 200 KiB/s: a pip or conda
-        // failure needs its whole log (the kubelet rotates container logs past 10 MiB).
-        json!({"name": "BUILDKIT_STEP_LOG_MAX_SIZE", "value": STEP_LOG_MAX_SIZE}),
-        json!({"name": "BUILDKIT_STEP_LOG_MAX_SPEED", "value": STEP_LOG_MAX_SPEED}),
-    ];
-    let mut mounts = vec![
-        json!({"name": "work", "mountPath": WORK_DIR}),
-        json!({"name": "buildkit", "mountPath": state_dir}),
-        json!({"name": "wrapper", "mountPath": WRAPPER_DIR, "readOnly": true}),
-    ];
-    let mut volumes = vec![
-        json!({"name": "work", "emptyDir": {}}),
-        json!({"name": "buildkit", "emptyDir": {"sizeLimit": spec.placement.ephemeral_storage}}),
-        json!({"name": "wrapper", "configMap": {
-            "name": wrapper_config_map(inputs),
-            "items": [{"key": WRAPPER_KEY, "path": WRAPPER_KEY}]}}),
-    ];
-    if rootless {
-        // BuildKit's rootless mode cannot create its own process sandbox in a pod.
-        env.push(json!({"name": "BUILDKITD_FLAGS", "value": "--oci-worker-no-process-sandbox"}));
-    }
-    if let Some(inline) = &build.context.inline {
-        env.push(json!({"name": "IMAGEBUILD_DOCKERFILE", "value": inline}));
-    }
-    if spec.registry.insecure {
-        // The run's own registry, to pull the images it built (a base, the builder) over
-        // plain HTTP too; upstream images keep HTTPS.
-        let hosts = http_registries(node);
-        if !hosts.is_empty() {
-            env.push(json!({"name": "IMAGEBUILD_HTTP_REGISTRIES", "value": hosts.join(" ")}));
+impl JobTemplate {
+    /// The template of `phase`'s Jobs in the run of `inputs`; `None` if the spec does not
+    /// define the phase.
+    pub fn new(inputs: &JobInputs<'_>, phase: Phase) -> Option<JobTemplate> {
+        let spec = inputs.spec;
+        let build = PhaseBuild::of(spec, phase)?;
+        let labels = json!({
+            "app.kubernetes.io/managed-by": MANAGER,
+            "app.kubernetes.io/name": "imagebuild",
+            LABEL_RUN: run_label(inputs.run_name),
+            LABEL_RUN_UID: inputs.run_uid,
+            LABEL_PHASE: phase.as_str(),
+        });
+        let rootless = spec.executor.mode == ExecutorMode::Rootless;
+        let (mode, state_dir) = if rootless {
+            ("rootless", "/home/user/.local/share/buildkit")
+        } else {
+            ("privileged", "/var/lib/buildkit")
+        };
+        let mut env = vec![
+            json!({"name": "IMAGEBUILD_EXECUTOR_MODE", "value": mode}),
+            json!({"name": "IMAGEBUILD_BUILDKIT_ROOT", "value": state_dir}),
+            // BuildKit clips a step's output at 2 MiB, and at 200 KiB/s: a pip or conda
+            // failure needs its whole log (the kubelet rotates container logs past 10 MiB).
+            json!({"name": "BUILDKIT_STEP_LOG_MAX_SIZE", "value": STEP_LOG_MAX_SIZE}),
+            json!({"name": "BUILDKIT_STEP_LOG_MAX_SPEED", "value": STEP_LOG_MAX_SPEED}),
+        ];
+        let mut mounts = vec![
+            json!({"name": "work", "mountPath": WORK_DIR}),
+            json!({"name": "buildkit", "mountPath": state_dir}),
+            json!({"name": "wrapper", "mountPath": WRAPPER_DIR, "readOnly": true}),
+        ];
+        let mut volumes = vec![
+            json!({"name": "work", "emptyDir": {}}),
+            json!({"name": "buildkit", "emptyDir": {"sizeLimit": spec.placement.ephemeral_storage}}),
+            json!({"name": "wrapper", "configMap": {
+                "name": wrapper_config_map(inputs),
+                "items": [{"key": WRAPPER_KEY, "path": WRAPPER_KEY}]}}),
+        ];
+        if rootless {
+            // BuildKit's rootless mode cannot create its own process sandbox in a pod.
+            env.push(
+                json!({"name": "BUILDKITD_FLAGS", "value": "--oci-worker-no-process-sandbox"}),
+            );
         }
-    }
-    if let Some(cm) = &build.context.config_map {
-        mounts.push(json!({"name": "context", "mountPath": CONTEXT_DIR, "readOnly": true}));
-        volumes.push(json!({"name": "context", "configMap": {
-            "name": cm.name, "items": [{"key": cm.key, "path": "Dockerfile"}]}}));
-    }
-    if let Some(secret) = &spec.registry.push_secret_ref {
-        env.push(json!({"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}));
-        mounts.push(
-            json!({"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": true}),
-        );
-        volumes.push(json!({"name": "docker-config", "secret": {
-            "secretName": secret.name,
-            "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}}));
-    }
-    let security = if rootless {
-        // What rootlesskit needs: its own user namespace, so no seccomp or AppArmor
-        // confinement, and a non-root user; nothing privileged.
-        json!({
-            "runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": true,
-            "seccompProfile": {"type": "Unconfined"},
-            "appArmorProfile": {"type": "Unconfined"},
+        if let Some(inline) = &build.context.inline {
+            env.push(json!({"name": "IMAGEBUILD_DOCKERFILE", "value": inline}));
+        }
+        // The run's own registry, to pull the images it built (a base, the builder) over
+        // plain HTTP too; upstream images keep HTTPS. Its hosts are each node's.
+        let http_registries_at = spec.registry.insecure.then_some(env.len());
+        if let Some(cm) = &build.context.config_map {
+            mounts.push(json!({"name": "context", "mountPath": CONTEXT_DIR, "readOnly": true}));
+            volumes.push(json!({"name": "context", "configMap": {
+                "name": cm.name, "items": [{"key": cm.key, "path": "Dockerfile"}]}}));
+        }
+        if let Some(secret) = &spec.registry.push_secret_ref {
+            env.push(json!({"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}));
+            mounts.push(
+                json!({"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": true}),
+            );
+            volumes.push(json!({"name": "docker-config", "secret": {
+                "secretName": secret.name,
+                "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}}));
+        }
+        let security = if rootless {
+            // What rootlesskit needs: its own user namespace, so no seccomp or AppArmor
+            // confinement, and a non-root user; nothing privileged.
+            json!({
+                "runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": true,
+                "seccompProfile": {"type": "Unconfined"},
+                "appArmorProfile": {"type": "Unconfined"},
+            })
+        } else {
+            json!({"privileged": true})
+        };
+        let placement = &spec.placement;
+        let mut pod_spec = json!({
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "enableServiceLinks": false,
+            "containers": [{
+                "name": "build",
+                "image": spec.executor.image,
+                "command": [],
+                "env": env,
+                "resources": {
+                    "requests": {
+                        "cpu": placement.cpu,
+                        "memory": placement.memory,
+                        "ephemeral-storage": placement.ephemeral_storage,
+                    },
+                    "limits": {
+                        "memory": placement.memory,
+                        "ephemeral-storage": placement.ephemeral_storage,
+                    },
+                },
+                "securityContext": security,
+                "volumeMounts": mounts,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }],
+            "volumes": volumes,
+        });
+        if !placement.node_selector.is_empty() {
+            pod_spec["nodeSelector"] = json!(placement.node_selector);
+        }
+        if !placement.tolerations.is_empty() {
+            pod_spec["tolerations"] = json!(placement.tolerations);
+        }
+        if let Some(affinity) = &placement.affinity {
+            pod_spec["affinity"] = json!(affinity);
+        }
+        let job: Value = json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": "",
+                "namespace": inputs.namespace,
+                "labels": labels,
+                "annotations": {},
+                "ownerReferences": [owner(inputs)],
+            },
+            "spec": {
+                // The operator decides retries: one pod per Job.
+                "backoffLimit": 0,
+                // An int64 on the wire; validation bounds it to a week.
+                "activeDeadlineSeconds": inputs.build_timeout.as_secs().clamp(1, i64::MAX as u64),
+                "template": {
+                    "metadata": {"labels": labels, "annotations": {}},
+                    "spec": pod_spec,
+                },
+            },
+        });
+        Some(JobTemplate {
+            job,
+            http_registries_at,
         })
-    } else {
-        json!({"privileged": true})
-    };
-    let placement = &spec.placement;
-    let mut pod_spec = json!({
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": false,
-        "enableServiceLinks": false,
-        "containers": [{
-            "name": "build",
-            "image": spec.executor.image,
-            "command": command,
-            "env": env,
-            "resources": {
-                "requests": {
-                    "cpu": placement.cpu,
-                    "memory": placement.memory,
-                    "ephemeral-storage": placement.ephemeral_storage,
-                },
-                "limits": {
-                    "memory": placement.memory,
-                    "ephemeral-storage": placement.ephemeral_storage,
-                },
-            },
-            "securityContext": security,
-            "volumeMounts": mounts,
-            "terminationMessagePolicy": "FallbackToLogsOnError",
-        }],
-        "volumes": volumes,
-    });
-    if !placement.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(placement.node_selector);
     }
-    if !placement.tolerations.is_empty() {
-        pod_spec["tolerations"] = json!(placement.tolerations);
+
+    /// The Job that builds `node` (of this template's phase) in attempt `attempt`, with
+    /// `pod_annotations` on its pod.
+    pub fn job(
+        &self,
+        inputs: &JobInputs<'_>,
+        node: &Node,
+        attempt: u32,
+        pod_annotations: &BTreeMap<String, String>,
+    ) -> Result<Value, JobError> {
+        let build = PhaseBuild::of(inputs.spec, node.phase)
+            .ok_or_else(|| JobError::NoPhase(node.job_name.clone()))?;
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(ANNOTATION_ATTEMPT.into(), attempt.to_string().into());
+        annotations.insert(ANNOTATION_IMAGE.into(), node.image.to_string().into());
+        if let Some(id) = &node.instance_id {
+            annotations.insert(ANNOTATION_INSTANCE.into(), id.to_string().into());
+        }
+        let mut on_pod = annotations.clone();
+        for (k, v) in pod_annotations {
+            on_pod.insert(k.clone(), v.clone().into());
+        }
+        // The wrapper starts buildkitd (through rootlesskit in rootless mode) for this one
+        // build, runs buildctl with these arguments, and stops it after.
+        let mut command = vec!["sh".to_string(), format!("{WRAPPER_DIR}/{WRAPPER_KEY}")];
+        command.extend(buildctl_args(&build, node));
+        let label = node_label(node);
+
+        let mut job = self.job.clone();
+        let malformed = || JobError::Malformed {
+            node: node.job_name.clone(),
+            reason: "its template lacks a field".into(),
+        };
+        let meta = job.get_mut("metadata").ok_or_else(malformed)?;
+        meta["name"] = node.job_name.clone().into();
+        object(meta, "labels")
+            .ok_or_else(malformed)?
+            .insert(LABEL_NODE.into(), label.clone().into());
+        meta["annotations"] = annotations.into();
+        let pod = job.pointer_mut("/spec/template").ok_or_else(malformed)?;
+        let pod_meta = pod.get_mut("metadata").ok_or_else(malformed)?;
+        object(pod_meta, "labels")
+            .ok_or_else(malformed)?
+            .insert(LABEL_NODE.into(), label.into());
+        pod_meta["annotations"] = on_pod.into();
+        let container = pod
+            .pointer_mut("/spec/containers/0")
+            .ok_or_else(malformed)?;
+        container["command"] = command.into();
+        if let Some(at) = self.http_registries_at {
+            let hosts = http_registries(node);
+            let env = container
+                .get_mut("env")
+                .and_then(Value::as_array_mut)
+                .filter(|env| at <= env.len())
+                .ok_or_else(malformed)?;
+            if !hosts.is_empty() {
+                env.insert(
+                    at,
+                    json!({"name": "IMAGEBUILD_HTTP_REGISTRIES", "value": hosts.join(" ")}),
+                );
+            }
+        }
+        Ok(job)
     }
-    if let Some(affinity) = &placement.affinity {
-        pod_spec["affinity"] = json!(affinity);
-    }
-    let job: Value = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": node.job_name,
-            "namespace": inputs.namespace,
-            "labels": labels,
-            "annotations": annotations,
-            "ownerReferences": [owner(inputs)],
-        },
-        "spec": {
-            // The operator decides retries: one pod per Job.
-            "backoffLimit": 0,
-            // An int64 on the wire; validation bounds it to a week.
-            "activeDeadlineSeconds": inputs.build_timeout.as_secs().clamp(1, i64::MAX as u64),
-            "template": {
-                "metadata": {"labels": labels, "annotations": pod_ann},
-                "spec": pod_spec,
-            },
-        },
-    });
-    Ok(job)
+}
+
+/// The object at `key` of `value`, if it is one.
+fn object<'a>(value: &'a mut Value, key: &str) -> Option<&'a mut serde_json::Map<String, Value>> {
+    value.get_mut(key).and_then(Value::as_object_mut)
 }
