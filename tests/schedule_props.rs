@@ -1,5 +1,6 @@
 //! Property tests of the scheduler over random plans, registry contents, durations and
-//! failures: the rules hold on every step of every trace, and every run ends.
+//! failures: the rules hold on every step of every trace, every decision kept up from the
+//! one before is the one made whole, and every run ends.
 
 mod common;
 
@@ -9,7 +10,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use imagebuild_operator::plan::{Phase, Plan};
 use imagebuild_operator::schedule::sim::{Attempt, Step, simulate};
 use imagebuild_operator::schedule::{
-    Action, FailureClass, NodeState, Policy, Registry, SkipReason, apply, backoff,
+    Action, FailureClass, NodeState, Policy, Registry, SkipReason, apply, backoff, decide,
 };
 use proptest::prelude::*;
 
@@ -121,6 +122,10 @@ proptest! {
         let mut failed_at: Vec<Option<DateTime<Utc>>> = vec![None; n];
         let mut violations: Vec<String> = Vec::new();
         let observe = |step: &Step<'_>| {
+            // The simulator keeps each decision up from the one before (`decide_from`).
+            if step.actions != decide(&plan, &registry, step.before, policy, step.now) {
+                violations.push(format!("at {} a decision kept up is not the whole one: {:?} {:?} on {:?}", step.now, step.actions, decide(&plan, &registry, step.before, policy, step.now), step.before));
+            }
             let mut after = step.before.to_vec();
             for a in step.actions {
                 apply(&mut after, a);

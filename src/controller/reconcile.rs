@@ -287,8 +287,25 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     let cancelling = run.spec.cancel;
     let mut policy = policy(&run, &settings, &status);
     policy.suspend |= cancelling;
-    let mut actions = match ctx.config.max_total_workers {
-        None => schedule::decide(&plan, &registry, &observed.states, &policy, now),
+    // Kept up from the last decision where it can be: only the nodes set back to their
+    // records since, and those read from a Job, changed.
+    let (frontier, changed) = match state.working.since_decided() {
+        Some((frontier, mut changed)) => {
+            changed.extend_from_slice(&observed.overlaid);
+            (Some(frontier), Some(changed))
+        }
+        None => (None, None),
+    };
+    let (mut actions, frontier) = match ctx.config.max_total_workers {
+        None => schedule::decide_from(
+            frontier,
+            changed.as_deref(),
+            &plan,
+            &registry,
+            &observed.states,
+            &policy,
+            now,
+        ),
         Some(cap) => {
             let decision = Decision {
                 plan: &plan,
@@ -296,7 +313,7 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
                 states: &observed.states,
                 now,
             };
-            ctx.ledger().decide(&key, cap, &decision, &mut policy)
+            (ctx.ledger().decide(&key, cap, &decision, &mut policy), None)
         }
     };
     ctx.metrics.set_settings(
@@ -496,7 +513,9 @@ pub async fn reconcile(run: Arc<ImageBuildRun>, ctx: Arc<Ctx>) -> Result<Requeue
     // The states are kept for the next reconcile; one that cancels the run changed
     // every node in flight, and the next makes them anew.
     match cancelling {
-        false => state.working.keep(states, &observed.overlaid, &actions),
+        false => state
+            .working
+            .keep(states, &observed.overlaid, &actions, frontier),
         true => state.working.forget(),
     }
     if is_final(&status) {

@@ -3,10 +3,12 @@
 //! anew for each reconcile, that is a copy of every node's state (20,001 at 10,000
 //! instances) where a few changed. Kept instead, only the nodes the last reconcile
 //! changed, and those whose records changed since, are set back to their records' states.
+//! The last decision's frontier is kept with them: the next decision reads only the nodes
+//! set back and those read from a Job (`schedule::frontier`).
 
 use crate::manifest::Manifest;
 use crate::plan::NodeId;
-use crate::schedule::{Action, NodeState, Tally};
+use crate::schedule::{Action, Frontier, NodeState, Tally};
 
 /// The states a reconcile left, and which of them may not be their records'.
 #[derive(Default)]
@@ -18,6 +20,11 @@ pub struct Working {
     /// The manifest version whose changes are in `states` (see
     /// [`Manifest::take_changes`]); `None`: nothing to go on.
     synced: Option<u64>,
+    /// The frontier of the last decision on the states kept, given back with them.
+    frontier: Option<Frontier>,
+    /// The nodes the last take set back to their records' states (`None` if it made
+    /// them whole).
+    reset: Option<Vec<NodeId>>,
 }
 
 impl Working {
@@ -30,24 +37,45 @@ impl Working {
         if self.synced != Some(since) || states.len() != base.len() {
             // Another manifest (read again), or states not given back: made whole.
             states = base.to_vec();
+            self.frontier = None;
+            self.reset = None;
         } else {
-            for id in self.touched.drain(..).chain(changed) {
+            let mut reset = std::mem::take(&mut self.touched);
+            reset.extend(changed);
+            for &id in &reset {
                 states[id] = base[id].clone();
             }
+            self.reset = Some(reset);
         }
         self.touched.clear();
         self.synced = Some(manifest.version());
         states
     }
 
+    /// The last decision's frontier and the nodes the take set back since (to which the
+    /// nodes then read from a Job add); taken, to be given back with [`Working::keep`].
+    /// `None` if the take made the states whole, or no frontier was given back.
+    pub fn since_decided(&mut self) -> Option<(Frontier, Vec<NodeId>)> {
+        let frontier = self.frontier.take()?;
+        Some((frontier, self.reset.take()?))
+    }
+
     /// Keeps `states` for the next reconcile: the records' states taken, changed at the
     /// nodes `overlaid` (the nodes with a Job) and those the `actions` applied to them
-    /// name. The records changed meanwhile are known to the manifest.
-    pub fn keep(&mut self, states: Vec<NodeState>, overlaid: &[NodeId], actions: &[Action]) {
+    /// name. The records changed meanwhile are known to the manifest. `frontier` is the
+    /// decision's on the states before the actions.
+    pub fn keep(
+        &mut self,
+        states: Vec<NodeState>,
+        overlaid: &[NodeId],
+        actions: &[Action],
+        frontier: Option<Frontier>,
+    ) {
         self.touched.clear();
         self.touched.extend_from_slice(overlaid);
         self.touched.extend(actions.iter().map(Action::node));
         self.states = states;
+        self.frontier = frontier;
     }
 
     /// The tally of `states`, the states taken from `manifest` changed at the nodes
@@ -168,7 +196,7 @@ mod tests {
         // Not of another manifest.
         let other = Manifest::from_shards(plan.clone(), vec![]);
         assert_eq!(working.tally(&other, &states, &[2], &actions), None);
-        working.keep(states, &[2], &actions);
+        working.keep(states, &[2], &actions, None);
 
         // Next: the records' states again, node 5 built.
         let states = working.take(&mut manifest);
@@ -184,7 +212,7 @@ mod tests {
         // Kept from another manifest (read again): made whole from the new one.
         let mut broken = states;
         broken[0] = NodeState::Running { attempt: 9 };
-        working.keep(broken, &[], &[]);
+        working.keep(broken, &[], &[], None);
         let mut again = Manifest::from_shards(plan.clone(), vec![]);
         again.stage(&run, built(&plan, &[3])).unwrap();
         let states = working.take(&mut again);
@@ -194,7 +222,7 @@ mod tests {
         // Forgotten (a cancel): made whole.
         let mut cancelled = states;
         cancelled[1] = NodeState::Running { attempt: 2 };
-        working.keep(cancelled, &[], &[]);
+        working.keep(cancelled, &[], &[], None);
         working.forget();
         assert_eq!(working.take(&mut again), records(&again));
     }

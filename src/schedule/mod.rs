@@ -9,6 +9,7 @@
 
 mod failure;
 mod fair;
+pub mod frontier;
 pub mod sim;
 pub mod tally;
 
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 pub use failure::{Failure, FailureClass};
 pub use fair::fair_shares;
+pub use frontier::{Frontier, decide_from};
 pub use tally::Tally;
 
 use crate::plan::{NodeId, Phase, Plan};
@@ -232,37 +234,19 @@ pub fn decide(
                 attempt,
                 at,
                 result,
-            } => {
-                actions.push(Action::DeleteJob { node: id });
-                match result {
-                    Ok(()) => {
-                        actions.push(Action::MarkSucceeded { node: id });
-                        done[id] = true;
-                    }
-                    Err(f)
-                        if f.class.is_transient()
-                            && *attempt < policy.attempts
-                            && !past_deadline =>
-                    {
-                        let wait = chrono::Duration::from_std(backoff(policy, *attempt))
-                            .unwrap_or_default();
-                        actions.push(Action::RetryAt {
-                            node: id,
-                            at: at
-                                .checked_add_signed(wait)
-                                .unwrap_or(DateTime::<Utc>::MAX_UTC),
-                            failure: Failure::clone(f),
-                        });
-                    }
-                    Err(f) => {
-                        actions.push(Action::MarkFailed {
-                            node: id,
-                            failure: Failure::clone(f),
-                        });
-                        failed[id] = true;
-                    }
-                }
-            }
+            } => match finished(
+                policy,
+                past_deadline,
+                id,
+                *attempt,
+                *at,
+                result,
+                &mut actions,
+            ) {
+                End::Built => done[id] = true,
+                End::Retry => {}
+                End::Failed => failed[id] = true,
+            },
             NodeState::Waiting { .. } => waiting.push(id),
         }
     }
@@ -350,6 +334,52 @@ pub fn decide(
         }
     }
     actions
+}
+
+/// How a node whose Job ended goes on.
+enum End {
+    Built,
+    Retry,
+    Failed,
+}
+
+/// The actions for node `id`, whose Job of `attempt` ended at `at` with `result`: the Job
+/// deleted, and the node built, retried after its backoff (a transient failure with
+/// attempts left before the deadline), or failed.
+fn finished(
+    policy: &Policy,
+    past_deadline: bool,
+    id: NodeId,
+    attempt: u32,
+    at: DateTime<Utc>,
+    result: &Result<(), Box<Failure>>,
+    actions: &mut Vec<Action>,
+) -> End {
+    actions.push(Action::DeleteJob { node: id });
+    match result {
+        Ok(()) => {
+            actions.push(Action::MarkSucceeded { node: id });
+            End::Built
+        }
+        Err(f) if f.class.is_transient() && attempt < policy.attempts && !past_deadline => {
+            let wait = chrono::Duration::from_std(backoff(policy, attempt)).unwrap_or_default();
+            actions.push(Action::RetryAt {
+                node: id,
+                at: at
+                    .checked_add_signed(wait)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC),
+                failure: Failure::clone(f),
+            });
+            End::Retry
+        }
+        Err(f) => {
+            actions.push(Action::MarkFailed {
+                node: id,
+                failure: Failure::clone(f),
+            });
+            End::Failed
+        }
+    }
 }
 
 /// A node's priority: the lowest goes first.

@@ -1,5 +1,6 @@
-//! A discrete-event simulator that drives [`decide`] the way the reconciler does, with Job
-//! durations and failures from an oracle. Property tests check the scheduler's rules on its
+//! A discrete-event simulator that drives the scheduler the way the reconciler does (each
+//! decision kept up from the one before, [`decide_from`]), with Job durations and failures
+//! from an oracle. Property tests check the scheduler's rules on its
 //! traces; the benchmark measures makespans with it. No clock, no cluster.
 
 use std::cmp::Reverse;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::{
-    Action, Failure, FailureClass, NodeState, Policy, Registry, apply, decide, next_wakeup,
+    Action, Failure, FailureClass, NodeState, Policy, Registry, apply, decide_from, next_wakeup,
 };
 use crate::plan::{NodeId, Phase, Plan};
 
@@ -39,9 +40,12 @@ pub struct Report {
     pub makespan_seconds: f64,
     /// Final state of every node.
     pub states: Vec<NodeState>,
-    /// Calls of `decide`.
+    /// Decisions made.
     pub decisions: u64,
-    /// Wall-clock time spent inside `decide`.
+    /// Decisions kept up from the one before rather than made whole (see
+    /// [`super::frontier`]).
+    pub kept_up: u64,
+    /// Wall-clock time spent deciding.
     pub decide_time: Duration,
     /// Jobs created, retries included.
     pub jobs_created: u64,
@@ -83,19 +87,33 @@ pub fn simulate(
     let n = plan.nodes.len();
     let mut states = vec![NodeState::NEW; n];
     let mut running: BinaryHeap<Reverse<InFlight>> = BinaryHeap::new();
-    let (mut now, mut decisions, mut jobs_created) = (start, 0u64, 0u64);
+    let (mut now, mut decisions, mut jobs_created, mut kept_up) = (start, 0u64, 0u64, 0u64);
     let mut decide_time = Duration::ZERO;
     let limit = 64 * (n as u64 + 1) * u64::from(policy.attempts.max(1));
+    // The last decision's frontier, and the nodes changed since (`None` before the first).
+    let mut frontier = None;
+    let mut changed: Option<Vec<NodeId>> = None;
     loop {
         let clock = Instant::now();
-        let actions = decide(plan, registry, &states, policy, now);
+        let (actions, kept) = decide_from(
+            frontier.take(),
+            changed.as_deref(),
+            plan,
+            registry,
+            &states,
+            policy,
+            now,
+        );
         decide_time += clock.elapsed();
         decisions += 1;
+        kept_up += u64::from(kept.as_ref().is_some_and(|f| f.kept_up()));
+        frontier = kept;
         observe(&Step {
             now,
             before: &states,
             actions: &actions,
         });
+        let changed = changed.insert(actions.iter().map(Action::node).collect());
         for action in &actions {
             apply(&mut states, action);
             if let Action::CreateJob { node, attempt } = action {
@@ -145,6 +163,7 @@ pub fn simulate(
                     at,
                     result,
                 };
+                changed.push(node);
             }
         }
     }
@@ -152,6 +171,7 @@ pub fn simulate(
         makespan_seconds: (now - start).num_milliseconds() as f64 / 1000.0,
         states,
         decisions,
+        kept_up,
         decide_time,
         jobs_created,
     })
