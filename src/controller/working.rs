@@ -226,4 +226,72 @@ mod tests {
         working.forget();
         assert_eq!(working.take(&mut again), records(&again));
     }
+
+    #[test]
+    fn the_frontier_comes_back_with_every_node_set_back_since_its_decision() {
+        let ids: Vec<String> = (0..4).map(|i| format!("r__r-{i}")).collect();
+        let plan = Arc::new(crate::plan::fixture(
+            &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        let run = run();
+        let mut manifest = Manifest::from_shards(plan.clone(), vec![]);
+        let mut working = Working::default();
+        let policy = crate::schedule::Policy {
+            max_workers: 2,
+            attempts: 3,
+            backoff_initial: std::time::Duration::from_secs(1),
+            backoff_max: std::time::Duration::from_secs(1),
+            force_rebuild: false,
+            suspend: false,
+            deadline: None,
+        };
+        let registry = vec![crate::schedule::Registry::Missing; plan.nodes.len()];
+        let decide = |frontier, changed: Option<&[NodeId]>, states: &[NodeState]| {
+            crate::schedule::decide_from(
+                frontier,
+                changed,
+                &plan,
+                &registry,
+                states,
+                &policy,
+                Utc::now(),
+            )
+        };
+
+        // Made whole: no frontier to keep up from.
+        let mut states = working.take(&mut manifest);
+        assert!(working.since_decided().is_none());
+        let (actions, frontier) = decide(None, None, &states);
+        assert!(frontier.is_some());
+        let made: Vec<NodeId> = actions.iter().map(Action::node).collect();
+        for action in &actions {
+            crate::schedule::apply(&mut states, action);
+        }
+        // Node 1 read from its Job; node 0's record written meanwhile.
+        working.keep(states, &[1], &actions, frontier);
+        manifest.stage(&run, built(&plan, &[0])).unwrap();
+
+        let states = working.take(&mut manifest);
+        let (frontier, mut changed) = working.since_decided().unwrap();
+        changed.sort_unstable();
+        changed.dedup();
+        let mut expected: Vec<NodeId> = made.iter().copied().chain([0, 1]).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(changed, expected);
+        // Taken once: a second ask, or a reconcile that gives no frontier back, has none.
+        assert!(working.since_decided().is_none());
+        working.keep(states, &[], &[], None);
+        let _ = working.take(&mut manifest);
+        assert!(working.since_decided().is_none());
+        drop(frontier);
+
+        // States made whole again (another manifest): the frontier does not come back.
+        let states = working.take(&mut manifest);
+        let (_, frontier) = decide(None, None, &states);
+        working.keep(states, &[], &[], frontier);
+        let mut other = Manifest::from_shards(plan.clone(), vec![]);
+        let _ = working.take(&mut other);
+        assert!(working.since_decided().is_none());
+    }
 }

@@ -1,7 +1,7 @@
 //! A discrete-event simulator that drives the scheduler the way the reconciler does (each
 //! decision kept up from the one before, [`decide_from`]), with Job durations and failures
-//! from an oracle. Property tests check the scheduler's rules on its
-//! traces; the benchmark measures makespans with it. No clock, no cluster.
+//! from an oracle. Property tests check the scheduler's rules on its traces; the benchmark
+//! measures makespans with it. No clock, no cluster.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
