@@ -211,24 +211,36 @@ fn ended(endpoint: Result<Result<(), std::io::Error>, tokio::task::JoinError>) -
     }
 }
 
+/// What every request of the operator says it comes from: the API server names the
+/// operator's writes after it (their managedFields entries, the field manager it infers
+/// from the agent's name) and its audit log shows it.
+pub const USER_AGENT: &str = concat!("imagebuild-operator/", env!("CARGO_PKG_VERSION"));
+
+fn unreachable(e: impl std::fmt::Display) -> Exit {
+    Exit::Start(format!("cannot reach the Kubernetes API: {e}"))
+}
+
+/// The client's configuration from the kubeconfig or the pod's service account, every
+/// request sent with [`USER_AGENT`].
+async fn config() -> Result<kube::Config, Exit> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = kube::Config::infer().await.map_err(unreachable)?;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+    Ok(config)
+}
+
 /// A client from the kubeconfig or the pod's service account.
 pub async fn plain_client() -> Result<kube::Client, Exit> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    kube::Client::try_default()
-        .await
-        .map_err(|e| Exit::Start(format!("cannot reach the Kubernetes API: {e}")))
+    kube::Client::try_from(config().await?).map_err(unreachable)
 }
 
 /// Like [`plain_client`], with every request counted in `metrics`, and writes refused
 /// past `fence`.
 async fn counted_client(metrics: &Arc<Metrics>, fence: &Arc<Fence>) -> Result<kube::Client, Exit> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let unreachable = |e: String| Exit::Start(format!("cannot reach the Kubernetes API: {e}"));
-    let config = kube::Config::infer()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let builder =
-        kube::client::ClientBuilder::try_from(config).map_err(|e| unreachable(e.to_string()))?;
+    let builder = kube::client::ClientBuilder::try_from(config().await?).map_err(unreachable)?;
     Ok(builder
         .with_layer(&CountRequests(metrics.clone()))
         .with_layer(&FenceLayer(fence.clone()))

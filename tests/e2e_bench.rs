@@ -673,6 +673,7 @@ fn timeline(t0: Instant, jobs: &[(&str, u64, u64)]) -> Seen {
             deleted: None,
             succeeded: Some(true),
             dispatched_by: None,
+            created_by: None,
         };
         seen.jobs.insert(name.into(), job);
     }

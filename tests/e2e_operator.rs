@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::cluster::{Env, Operator, TestNamespace, apply_crd, eventually};
@@ -131,6 +132,13 @@ async fn a_swebench_shaped_run_completes_then_reruns_as_all_skipped() {
             s.max_active
         );
         assert!(s.max_active >= 2, "the run never built two images at once");
+        // The operator says who it is: the API server names its creates after it.
+        let creators: BTreeSet<_> = s.jobs.values().map(|j| j.created_by.clone()).collect();
+        assert_eq!(
+            creators,
+            BTreeSet::from([Some("imagebuild-operator".to_string())]),
+            "the field managers of the Jobs' creates"
+        );
         let first_assembly = s
             .jobs
             .values()

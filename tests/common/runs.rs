@@ -53,6 +53,9 @@ pub struct SeenJob {
     pub succeeded: Option<bool>,
     /// The operator that created it (with leader election).
     pub dispatched_by: Option<String>,
+    /// The field manager of its create, as the API server recorded it: the manager of
+    /// its one managedFields entry of the whole object (others are of its status).
+    pub created_by: Option<String>,
 }
 
 /// What an independent watcher saw of a namespace's Jobs, by uid.
@@ -166,6 +169,13 @@ pub fn watch_jobs_pushing(jobs: Api<Job>, push: bool) -> Arc<Mutex<Seen>> {
                     deleted: None,
                     succeeded: None,
                     dispatched_by: job.annotations().get(ANNOTATION_DISPATCHED_BY).cloned(),
+                    created_by: job
+                        .managed_fields()
+                        .iter()
+                        .find(|f| {
+                            f.subresource.is_none() && f.operation.as_deref() == Some("Update")
+                        })
+                        .and_then(|f| f.manager.clone()),
                 });
                 if done.is_some() {
                     entry.succeeded = done;
